@@ -1,0 +1,17 @@
+"""One table of numeric tolerances: (rtol, atol) per comparison. Tests import, never inline, these."""
+
+TOLERANCES: dict[str, tuple[float, float]] = {
+    # compositor (native twins vs F.grid_sample reference), float output
+    "composite_fp32": (1e-5, 1e-5),
+    # fp16 texture / lf are widened to fp32 exactly; only the accumulation order differs
+    "composite_fp16": (1e-3, 1e-3),
+    # ONNX Runtime fp32 graph vs torch, every output (issue 4)
+    "onnx_fp32": (0.0, 1e-4),
+    # optimised CPU render path vs torch reference on [-1, 1] images (issue 4)
+    "fast_cpu_render": (0.0, 2e-3),
+    # network refactors that are exact algebra in fp32 (e.g. batch of N vs N singles)
+    "fp32_exact_algebra": (1e-5, 1e-5),
+}
+
+# uint8 frames may differ by one least significant bit (rounding at .5 after different summation order)
+UINT8_MAX_LSB = 1

@@ -1,0 +1,59 @@
+"""Marks that turn into skips (with the reason) where the hardware or library is absent."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+
+def _cuda_reason() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    try:
+        from pybilayer import native
+    except ImportError as exc:  # pragma: no cover - the package itself is broken
+        return f"pybilayer.native failed to import: {exc}"
+    caps = native.capabilities()
+    if not caps.cuda:
+        return f"pybilayer._C has no usable CUDA: {caps.cuda_reason}"
+    return None
+
+
+def _tensorrt_reason() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed (see README: TensorRT)"
+    return _cuda_reason()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_cuda: needs an NVIDIA GPU and the CUDA twin of pybilayer._C")
+    config.addinivalue_line("markers", "needs_tensorrt: needs TensorRT 10 or 11 and a GPU")
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on the 2-core CI machine")
+
+
+def pytest_collection_modifyitems(config, items):
+    reasons = {}
+    for item in items:
+        for mark, probe in (("needs_cuda", _cuda_reason), ("needs_tensorrt", _tensorrt_reason)):
+            if mark in item.keywords:
+                if mark not in reasons:
+                    reasons[mark] = probe()
+                if reasons[mark]:
+                    item.add_marker(pytest.mark.skip(reason=reasons[mark]))
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Fresh but reproducible randomness per test; tests draw their own inputs from it."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    torch.manual_seed(1234)
+    yield
