@@ -1,0 +1,35 @@
+// Zero-copy views of Python arrays: anything exposing __cuda_array_interface__ (torch CUDA tensors,
+// CuPy, DeviceBuffer) or __array_interface__ (numpy). Errors name the argument.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../compositor/compositor.h"
+
+namespace pybilayer {
+namespace bindings {
+
+enum class Residence { kHost, kCuda };
+
+struct ArrayView {
+  std::string name;
+  void* data = nullptr;
+  ScalarType type = ScalarType::kFloat32;
+  std::vector<int64_t> shape;
+  Residence residence = Residence::kHost;
+  bool readonly = false;
+
+  std::string shape_string() const;
+  std::string type_string() const;
+  std::string residence_string() const;
+};
+
+// Reads the array interface of `obj`; requires a C-contiguous float32, float16 or uint8 array.
+ArrayView view_array(pybind11::handle obj, const char* name);
+
+}  // namespace bindings
+}  // namespace pybilayer

@@ -1,0 +1,236 @@
+// The CPU twin of the compositor (convention in compositor.h).
+//
+// Work is split into output rows. Each row runs three short passes over row-sized fp32 buffers that
+// stay in L1: (1) sample + lf, the gather loop; (2) mask compositing; (3) conversion to the output
+// layout. Passes 2 and 3 are plain loops the compiler vectorises; pass 1 shares its sampling math with
+// the CUDA twin (sampling.h).
+//
+// The row kernels are compiled twice: for x86-64 CPUs with AVX2+FMA (where fmaf is one instruction and
+// the compiler may use wide registers) and portably (fmaf from libm), picked once at run time.
+//
+// Threads: std::thread workers over contiguous row ranges, not OpenMP. torch ships its own OpenMP
+// runtime; a second one in the process oversubscribes cores and can clash, while a handful of plain
+// threads per call costs ~10 us each and is only used when every thread gets enough pixels.
+#include <algorithm>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "../compositor.h"
+#include "../sampling.h"
+
+namespace pybilayer {
+namespace {
+
+constexpr int64_t kMinPixelsPerThread = 32 * 1024;
+
+#if defined(__GNUC__)
+#define PYBILAYER_INLINE __attribute__((always_inline)) inline
+#else
+#define PYBILAYER_INLINE inline
+#endif
+#if defined(__GNUC__) && defined(__x86_64__)
+#define PYBILAYER_X86_FMA_CLONE 1
+#endif
+// The row arrays never overlap; after inlining GCC loses the restrict qualifiers and would give up on
+// run-time alias checks, so say it per loop.
+#if defined(__clang__)
+#define PYBILAYER_NO_ALIAS _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define PYBILAYER_NO_ALIAS _Pragma("GCC ivdep")
+#else
+#define PYBILAYER_NO_ALIAS
+#endif
+
+// Row `offset..offset+n` of an fp32/fp16 array as fp32: a view for fp32, a widened copy for fp16.
+const float* row_as_float(const void* base, ScalarType type, int64_t offset, int64_t n, float* scratch) {
+  if (type == ScalarType::kFloat32) return static_cast<const float*>(base) + offset;
+  const Half* src = static_cast<const Half*>(base) + offset;
+  for (int64_t i = 0; i < n; ++i) scratch[i] = to_float(src[i]);
+  return scratch;
+}
+
+// Taps of one output row, as four offset and four weight arrays of W (nw, ne, sw, se): an arithmetic
+// loop the compiler vectorises. Separate restrict arrays, because one array indexed k * W + x defeats
+// GCC's dependence analysis.
+PYBILAYER_INLINE void row_taps(const float* __restrict__ grid_x, const float* __restrict__ du_x,
+                               const float* __restrict__ du_y, float grid_y, int64_t W, int32_t texture_width,
+                               int32_t texture_height, int32_t* __restrict__ offset, float* __restrict__ weight) {
+  int32_t* __restrict__ nw_offset = offset;
+  int32_t* __restrict__ ne_offset = offset + W;
+  int32_t* __restrict__ sw_offset = offset + 2 * W;
+  int32_t* __restrict__ se_offset = offset + 3 * W;
+  float* __restrict__ nw_weight = weight;
+  float* __restrict__ ne_weight = weight + W;
+  float* __restrict__ sw_weight = weight + 2 * W;
+  float* __restrict__ se_weight = weight + 3 * W;
+  PYBILAYER_NO_ALIAS
+  for (int64_t x = 0; x < W; ++x) {
+    const BilinearTaps taps = bilinear_taps(grid_x[x] + du_x[x], grid_y + du_y[x], texture_width, texture_height);
+    nw_offset[x] = taps.offset[0];
+    ne_offset[x] = taps.offset[1];
+    sw_offset[x] = taps.offset[2];
+    se_offset[x] = taps.offset[3];
+    nw_weight[x] = taps.weight[0];
+    ne_weight[x] = taps.weight[1];
+    sw_weight[x] = taps.weight[2];
+    se_weight[x] = taps.weight[3];
+  }
+}
+
+// value = bilinear(plane) + lf along one row, from the taps of row_taps (vectorised with gathers where the
+// CPU has them).
+template <typename TexT>
+PYBILAYER_INLINE void sample_row(const TexT* __restrict__ plane, const float* __restrict__ lf,
+                                 float* __restrict__ value, int64_t W, const int32_t* __restrict__ offset,
+                                 const float* __restrict__ weight) {
+  const int32_t* __restrict__ nw_offset = offset;
+  const int32_t* __restrict__ ne_offset = offset + W;
+  const int32_t* __restrict__ sw_offset = offset + 2 * W;
+  const int32_t* __restrict__ se_offset = offset + 3 * W;
+  const float* __restrict__ nw_weight = weight;
+  const float* __restrict__ ne_weight = weight + W;
+  const float* __restrict__ sw_weight = weight + 2 * W;
+  const float* __restrict__ se_weight = weight + 3 * W;
+  PYBILAYER_NO_ALIAS
+  for (int64_t x = 0; x < W; ++x) {
+    const BilinearTaps taps = {{nw_offset[x], ne_offset[x], sw_offset[x], se_offset[x]},
+                               {nw_weight[x], ne_weight[x], sw_weight[x], se_weight[x]}};
+    value[x] = sample_plane(plane, taps) + lf[x];
+  }
+}
+
+PYBILAYER_INLINE void to_uint8_row(const float* __restrict__ value, uint8_t* __restrict__ out, int64_t W) {
+  PYBILAYER_NO_ALIAS
+  for (int64_t x = 0; x < W; ++x) out[x] = to_uint8(value[x]);
+}
+
+// kChannels: the channel count when known at compile time (3, the common case), or 0.
+template <typename TexT, int kChannels>
+PYBILAYER_INLINE void composite_rows(const CompositeParams& p, int64_t row_begin, int64_t row_end) {
+  const int64_t H = p.height, W = p.width;
+  const int C = kChannels > 0 ? kChannels : static_cast<int>(p.channels);
+  const int32_t texture_width = static_cast<int32_t>(p.texture_width);
+  const int32_t texture_height = static_cast<int32_t>(p.texture_height);
+  const int64_t texture_plane = p.texture_height * p.texture_width;
+  const bool float_out = p.out_layout == OutputLayout::kFloat32CHW;
+
+  std::vector<float> grid_x(W);
+  for (int64_t x = 0; x < W; ++x) grid_x[x] = identity_coordinate(x, W);
+  // Per row: du_x, du_y, mask, then C value rows, C lf rows and C background rows (fp16 inputs only).
+  std::vector<float> scratch((3 + 3 * kMaxChannels) * W);
+  float* du_x_buf = scratch.data();
+  float* du_y_buf = du_x_buf + W;
+  float* mask_buf = du_y_buf + W;
+  float* value_buf = mask_buf + W;
+  float* lf_buf = value_buf + kMaxChannels * W;
+  float* bg_buf = lf_buf + kMaxChannels * W;
+  std::vector<int32_t> tap_offsets(4 * W);
+  std::vector<float> tap_weights(4 * W);
+  std::vector<uint8_t> bytes(kMaxChannels * W);
+  uint8_t* const byte_buf = bytes.data();
+  int32_t* const tap_offset = tap_offsets.data();
+  float* const tap_weight = tap_weights.data();
+
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t b = row / H, y = row - b * H;
+    const TexT* __restrict__ texture = static_cast<const TexT*>(p.texture) + b * p.texture_batch_stride;
+    const float* __restrict__ du_x = row_as_float(p.delta_uv, p.delta_uv_type, ((b * 2 + 0) * H + y) * W, W, du_x_buf);
+    const float* __restrict__ du_y = row_as_float(p.delta_uv, p.delta_uv_type, ((b * 2 + 1) * H + y) * W, W, du_y_buf);
+    const float grid_y = identity_coordinate(y, H);
+
+    // Pass 1: value = lf + bilinear(texture). Float output is written in place, in its final layout.
+    float* value[kMaxChannels];
+    const float* lf[kMaxChannels];
+    for (int c = 0; c < C; ++c) {
+      const int64_t plane_row = ((b * C + c) * H + y) * W;
+      value[c] = float_out ? static_cast<float*>(p.out) + plane_row : value_buf + c * W;
+      lf[c] = row_as_float(p.lf, p.lf_type, plane_row, W, lf_buf + c * W);
+    }
+    // 1a: the taps of the whole row, one array per tap; 1b: gather, one channel plane at a time.
+    row_taps(grid_x.data(), du_x, du_y, grid_y, W, texture_width, texture_height, tap_offset, tap_weight);
+    for (int c = 0; c < C; ++c) sample_row(texture + c * texture_plane, lf[c], value[c], W, tap_offset, tap_weight);
+
+    // Pass 2: value * m + background * (1 - m).
+    if (p.mask != nullptr) {
+      const float* mask = row_as_float(p.mask, p.mask_type, (b * H + y) * W, W, mask_buf);
+      if (p.mask_is_logits) {
+        for (int64_t x = 0; x < W; ++x) mask_buf[x] = sigmoid(mask[x]);
+        mask = mask_buf;
+      }
+      for (int c = 0; c < C; ++c) {
+        float* __restrict__ v = value[c];
+        const float* __restrict__ m = mask;
+        if (p.background != nullptr) {
+          const float* __restrict__ bg =
+              row_as_float(p.background, p.background_type, ((b * C + c) * H + y) * W, W, bg_buf + c * W);
+          for (int64_t x = 0; x < W; ++x) v[x] = v[x] * m[x] + bg[x] * (1.f - m[x]);
+        } else {
+          const float bg = p.background_color[c];
+          for (int64_t x = 0; x < W; ++x) v[x] = v[x] * m[x] + bg * (1.f - m[x]);
+        }
+      }
+    }
+
+    // Pass 3: the displayable frame: convert each channel row (vectorised), then interleave the bytes.
+    if (!float_out) {
+      for (int c = 0; c < C; ++c) to_uint8_row(value[c], byte_buf + c * W, W);
+      uint8_t* __restrict__ out = static_cast<uint8_t*>(p.out) + (b * H + y) * W * C;
+      for (int64_t x = 0; x < W; ++x)
+        for (int c = 0; c < C; ++c) out[x * C + c] = byte_buf[c * W + x];
+    }
+  }
+}
+
+template <typename TexT>
+PYBILAYER_INLINE void composite_range(const CompositeParams& p, int64_t row_begin, int64_t row_end) {
+  if (p.channels == 3)
+    composite_rows<TexT, 3>(p, row_begin, row_end);
+  else
+    composite_rows<TexT, 0>(p, row_begin, row_end);
+}
+
+PYBILAYER_INLINE void composite_range_any(const CompositeParams& p, int64_t row_begin, int64_t row_end) {
+  if (p.texture_type == ScalarType::kFloat16)
+    composite_range<Half>(p, row_begin, row_end);
+  else
+    composite_range<float>(p, row_begin, row_end);
+}
+
+void composite_range_portable(const CompositeParams& p, int64_t row_begin, int64_t row_end) {
+  composite_range_any(p, row_begin, row_end);
+}
+
+#ifdef PYBILAYER_X86_FMA_CLONE
+__attribute__((target("avx2,fma"))) void composite_range_fma(const CompositeParams& p, int64_t row_begin,
+                                                              int64_t row_end) {
+  composite_range_any(p, row_begin, row_end);
+}
+#endif
+
+void run_rows(const CompositeParams& p, int64_t row_begin, int64_t row_end) {
+#ifdef PYBILAYER_X86_FMA_CLONE
+  static const bool has_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (has_fma) return composite_range_fma(p, row_begin, row_end);
+#endif
+  composite_range_portable(p, row_begin, row_end);
+}
+
+}  // namespace
+
+void composite_cpu(const CompositeParams& params, int num_threads) {
+  const int64_t rows = params.batch * params.height;
+  if (rows == 0 || params.width == 0) return;
+  if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int64_t by_work = std::max<int64_t>(1, rows * params.width / kMinPixelsPerThread);
+  const int64_t workers = std::min<int64_t>({static_cast<int64_t>(num_threads), by_work, rows});
+
+  std::vector<std::thread> threads;
+  threads.reserve(workers - 1);
+  for (int64_t i = 1; i < workers; ++i)
+    threads.emplace_back(run_rows, std::cref(params), rows * i / workers, rows * (i + 1) / workers);
+  run_rows(params, 0, rows / workers);  // the calling thread takes the first range
+  for (std::thread& t : threads) t.join();
+}
+
+}  // namespace pybilayer

@@ -1,0 +1,160 @@
+"""Avatar: everything per-frame rendering needs from one identity, and its file format.
+
+    avatar = renderer.create_avatar(photo)      # once per identity
+    avatar.save("me.avatar")                   # atomic
+    avatar = renderer.load_avatar("me.avatar")  # checks it was made by this renderer's model
+
+File format (version 1): one safetensors file.
+  tensors   ``texture`` (3, S, S) float32 in [-1, 1]; ``params.<name>`` for every tensor of
+            ``InferenceParams.flatten()`` (batch dimension 1), float32.
+  metadata  ``format`` = "pybilayer.avatar", ``format_version`` = "1", ``model_fingerprint``,
+            ``image_size``, ``crop_box`` (JSON [left, top, right, bottom] in source pixels or null),
+            ``enhanced`` ("true"/"false").
+
+The model fingerprint covers exactly what rendering an avatar depends on: the configuration and the
+weights of the per-frame networks (keypoints embedder, inference generator). An avatar made by a
+model whose per-frame networks differ is refused with a CheckpointError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import CheckpointError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .models import InferenceParams
+
+FORMAT_NAME = "pybilayer.avatar"
+FORMAT_VERSION = 1
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the model's configuration and its per-frame networks' state (names, dtypes, shapes, bytes)."""
+    import torch
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for prefix, module in (("keypoints_embedder", model.keypoints_embedder), ("inference_generator", model.inference_generator)):
+        for name, tensor in sorted(module.state_dict().items()):
+            if name.endswith("num_batches_tracked") or name == "identity_grid":  # training counter; recomputable
+                continue
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{prefix}.{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(eq=False)  # identity semantics: avatars are cache keys of per-backend prepared state
+class Avatar:
+    """One identity: texture (3, S, S) and inference parameters (batch 1), plus metadata."""
+
+    texture: "torch.Tensor"  # (3, S, S) float32, CPU
+    params: "InferenceParams"  # batch 1, float32, CPU
+    model_fingerprint: str
+    crop_box: tuple[int, int, int, int] | None = None  # source-photo pixels of the crop it was made from
+    enhanced: bool = False
+    format_version: int = FORMAT_VERSION
+    _flat_params: dict | None = field(default=None, repr=False)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.texture.shape[-1])
+
+    def flat_params(self) -> dict[str, np.ndarray]:
+        """``InferenceParams.flatten()`` as float32 numpy arrays (batch dim 1), cached."""
+        if self._flat_params is None:
+            self._flat_params = {k: v.detach().cpu().float().numpy() for k, v in self.params.flatten().items()}
+        return self._flat_params
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the avatar (see the module docstring); atomic: a reader sees the old file or the new one."""
+        import torch
+        from safetensors.torch import save_file
+
+        tensors = {"texture": self.texture.detach().to("cpu", torch.float32).contiguous()}
+        for name, tensor in self.params.flatten().items():
+            tensors[f"params.{name}"] = tensor.detach().to("cpu", torch.float32).contiguous()
+        metadata = {
+            "format": FORMAT_NAME,
+            "format_version": str(self.format_version),
+            "model_fingerprint": self.model_fingerprint,
+            "image_size": str(self.image_size),
+            "crop_box": json.dumps(None if self.crop_box is None else [int(v) for v in self.crop_box]),
+            "enhanced": "true" if self.enhanced else "false",
+        }
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".avatar", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None) -> "Avatar":
+        """Read an avatar file; CheckpointError names what is wrong (missing, truncated, foreign, other model)."""
+        from safetensors import SafetensorError, safe_open
+
+        from .models import InferenceParams
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"avatar file not found: {path}")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                if metadata.get("format") != FORMAT_NAME:
+                    raise CheckpointError(f"{path} is not a pybilayer avatar file (metadata format={metadata.get('format')!r})")
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read avatar file {path} (truncated or not safetensors): {exc}") from exc
+        version = metadata.get("format_version")
+        if version != str(FORMAT_VERSION):
+            raise CheckpointError(f"{path}: avatar format version {version!r} is not supported (this pybilayer reads {FORMAT_VERSION})")
+        fingerprint = metadata.get("model_fingerprint", "")
+        if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+            raise CheckpointError(
+                f"{path} was made by a different model (fingerprint {fingerprint[:12]}..., this model "
+                f"{expected_fingerprint[:12]}...); create the avatar again with this model"
+            )
+        if "texture" not in tensors:
+            raise CheckpointError(f"{path}: no 'texture' tensor")
+        try:
+            params = InferenceParams.unflatten({k[len("params."):]: v for k, v in tensors.items() if k.startswith("params.")})
+            crop = json.loads(metadata.get("crop_box", "null"))
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: invalid avatar contents: {exc}") from exc
+        texture = tensors["texture"]
+        if texture.dim() != 3 or texture.shape[0] != 3 or texture.shape[1] != texture.shape[2]:
+            raise CheckpointError(f"{path}: texture must be (3, S, S), got {tuple(texture.shape)}")
+        if params.batch_size != 1:
+            raise CheckpointError(f"{path}: parameters hold {params.batch_size} identities, expected 1")
+        return cls(
+            texture=texture,
+            params=params,
+            model_fingerprint=fingerprint,
+            crop_box=None if crop is None else tuple(int(v) for v in crop),
+            enhanced=metadata.get("enhanced") == "true",
+        )
+
+    def __repr__(self) -> str:
+        return (f"Avatar(image_size={self.image_size}, model={self.model_fingerprint[:12]}, "
+                f"crop_box={self.crop_box}, enhanced={self.enhanced})")
+
+
+__all__ = ["Avatar", "FORMAT_NAME", "FORMAT_VERSION", "model_fingerprint"]

@@ -1,0 +1,69 @@
+"""The contract every per-frame backend fulfils.
+
+A backend runs the per-frame network (keypoint MLP + inference generator + heads) and nothing else:
+the Renderer hands its outputs to ``pybilayer.ops.composite`` (native CPU or CUDA twin) for the warp,
+the add, the mask and the uint8 conversion.
+
+    prepared = backend.prepare(avatar)                 # once per avatar (folding, uploads, sessions)
+    outputs = backend.run([(prepared, keypoints)])     # keypoints (n, 68, 2) float32 in [-1, 1]
+    outputs[0].delta_uv, outputs[0].lf, outputs[0].mask_logits   # (n, 2|3|1, S, S) float32
+
+``run`` takes several (avatar, keypoints) groups at once so that backends whose graph takes the
+identity parameters as inputs can run every avatar of a call in one batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class PreparedAvatar:
+    """A backend's per-avatar state. ``texture`` lives where the compositor will read it."""
+
+    texture: Any  # numpy (3, S, S) float32 for CPU backends; torch tensor on the device for GPU ones
+    state: Any  # backend-specific (a session, device tensors, ...)
+
+
+@dataclass
+class FrameOutputs:
+    """Per-frame network outputs, float32, (n, C, S, S): numpy on CPU, torch tensors on a GPU."""
+
+    delta_uv: Any
+    lf: Any
+    mask_logits: Any
+
+
+class FrameBackend(ABC):
+    """Base class of the per-frame backends; see the module docstring."""
+
+    name: str = ""
+    device: str = "cpu"
+    # True when run() may be called from several threads at once. The Renderer serialises calls anyway.
+    thread_safe: bool = False
+
+    @abstractmethod
+    def prepare(self, avatar) -> PreparedAvatar:
+        """Per-avatar work, done once (counted as part of avatar creation)."""
+
+    @abstractmethod
+    def run(self, groups: Sequence[tuple[PreparedAvatar, np.ndarray]]) -> list[FrameOutputs]:
+        """One FrameOutputs per group, in order; keypoints are (n, 68, 2) float32 in [-1, 1]."""
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}"
+
+
+def split_outputs(outputs: FrameOutputs, sizes: Sequence[int]) -> list[FrameOutputs]:
+    """Cut a batched FrameOutputs into consecutive groups of ``sizes`` frames (views, no copies)."""
+    result, start = [], 0
+    for n in sizes:
+        result.append(FrameOutputs(outputs.delta_uv[start:start + n], outputs.lf[start:start + n],
+                                   outputs.mask_logits[start:start + n]))
+        start += n
+    return result

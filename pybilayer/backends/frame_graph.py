@@ -1,0 +1,474 @@
+"""ONNX graphs of the per-frame network (keypoint MLP + inference generator + heads), built from weights.
+
+Two graphs come from the same weights (`FrameWeights`, read once from a Bilayer):
+
+* `build_generic_graph`: the per-identity parameters (``InferenceParams.flatten()`` names, one row per
+  frame) are graph inputs, so one graph (and one TensorRT engine) serves every avatar. fp32 or fp16;
+  its layout follows the torch modules (conv, nearest up-sampling, conv; 1x1 skip before the
+  up-sampling, which is exact).
+* `build_folded_graph`: one avatar's parameters are folded into the weights (the fast CPU path). Exact
+  rewrites, each verified against the torch reference in tests:
+
+  1. AdaBN after a convolution (norm2) scales that convolution's output channels.
+  2. AdaBN + LeakyReLU before a convolution (norm1 of the next block, the final norm):
+     ``lrelu(a*x + c) = g * prelu_s(x + c/a)`` per channel, with ``g = a, s = 0.2`` for ``a > 0`` and
+     ``g = 0.2*a, s = 5`` for ``a < 0``; ``g`` scales the next convolution's input channels (zero
+     padding stays zero) and the shift ``c/a`` moves into the biases of whatever produced ``x``
+     (the skip convolution, which reads ``x`` itself, takes ``-W c/a`` into its bias). Channels with
+     ``|a|`` too small for the shift to be well conditioned keep an explicit affine.
+  3. Nearest 2x up-sampling + 3x3 convolution = four 2x2 convolutions at the low resolution (one per
+     output phase, asymmetric padding) and a depth-to-space: 16 instead of 36 taps per 2x2 outputs.
+  4. The 1x1 skip convolution runs before the up-sampling and is added to every phase.
+  5. The first norm (a fixed affine BatchNorm) and the first block's skip fold into the last Linear of
+     the keypoint MLP.
+  6. The three heads are one convolution with 6 output channels.
+
+Graph I/O (both): input ``keypoints`` (N, 68, 2) float32 in [-1, 1] crop coordinates; outputs
+``delta_uv`` (N, 2, S, S), ``lf`` (N, 3, S, S), ``mask_logits`` (N, 1, S, S), float32. Only the batch
+dimension N is dynamic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+NEGATIVE_SLOPE = 0.2
+OPSET = 17
+IR_VERSION = 8  # opset 17; readable by onnxruntime >= 1.13 and TensorRT 10/11
+OUTPUT_NAMES = ("delta_uv", "lf", "mask_logits")
+KEYPOINTS_INPUT = "keypoints"
+HEAD_CHANNELS = (2, 3, 1)
+# A norm1 channel whose shift c/a exceeds this (in units of its BN standard deviation) keeps an explicit
+# affine: folding it would cost the skip path ~1e-7 * |c/a| of absolute precision.
+MAX_FOLDED_SHIFT = 1e3
+
+Precision = Literal["fp32", "fp16"]
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@dataclass
+class BlockWeights:
+    conv1_weight: np.ndarray  # (C, Cin, 3, 3), at the block's input resolution
+    conv1_bias: np.ndarray
+    norm2_mean: np.ndarray  # running statistics of the adaptive BN after conv1
+    norm2_var: np.ndarray
+    conv2_weight: np.ndarray  # (C, C, 3, 3), after the nearest up-sampling
+    conv2_bias: np.ndarray
+    norm1_mean: np.ndarray | None  # adaptive BN at the block input (None for block 0)
+    norm1_var: np.ndarray | None
+
+    @property
+    def channels(self) -> tuple[int, int]:
+        return int(self.conv1_weight.shape[1]), int(self.conv1_weight.shape[0])
+
+
+@dataclass
+class FrameWeights:
+    """Identity-independent weights of the per-frame network, float64 numpy (folding is done in float64)."""
+
+    mlp: list[tuple[np.ndarray, np.ndarray]]  # Linear (out, in) weights and biases; LeakyReLU between them
+    frequencies: np.ndarray | None  # harmonic encoding (None: raw 136 inputs)
+    input_channels: int  # C of the (C, s, s) pose embedding
+    input_size: int  # s
+    first_norm_scale: np.ndarray  # block 0's plain BatchNorm as an affine: y = x * scale + shift
+    first_norm_shift: np.ndarray
+    blocks: list[BlockWeights]
+    final_norm_mean: np.ndarray
+    final_norm_var: np.ndarray
+    heads_weight: np.ndarray  # (6, C_last, 3, 3): delta_uv (2), lf (3), mask logits (1)
+    heads_bias: np.ndarray
+    eps: float
+
+    @property
+    def image_size(self) -> int:
+        return self.input_size * 2 ** len(self.blocks)
+
+    @classmethod
+    def from_model(cls, model) -> "FrameWeights":
+        """Read the weights from a Bilayer (its keypoints_embedder and inference_generator.gen_inf)."""
+        import torch
+
+        def arr(t) -> np.ndarray:
+            return t.detach().to(device="cpu", dtype=torch.float64).numpy().copy()
+
+        kp = model.keypoints_embedder
+        linears = [m for m in kp.net.mlp if isinstance(m, torch.nn.Linear)]
+        freq = getattr(kp, "frequencies", None)
+        gen = model.inference_generator.gen_inf
+        n = model.inference_generator.num_blocks
+        blocks = []
+        first = gen.blocks[0].block_feats[0]
+        eps = float(first.eps)
+        first_scale = arr(first.weight) / np.sqrt(arr(first.running_var) + eps)
+        first_shift = arr(first.bias) - arr(first.running_mean) * first_scale
+        for j in range(n):
+            block = gen.blocks[j]
+            conv1, norm2, conv2 = block.block_feats[2], block.block_feats[3].norm_layer, block.block[1]
+            norm1 = None if j == 0 else block.block_feats[0].norm_layer
+            blocks.append(
+                BlockWeights(
+                    conv1_weight=arr(conv1.weight),
+                    conv1_bias=arr(conv1.bias),
+                    norm2_mean=arr(norm2.running_mean),
+                    norm2_var=arr(norm2.running_var),
+                    conv2_weight=arr(conv2.weight),
+                    conv2_bias=arr(conv2.bias),
+                    norm1_mean=None if norm1 is None else arr(norm1.running_mean),
+                    norm1_var=None if norm1 is None else arr(norm1.running_var),
+                )
+            )
+        final = gen.blocks[n].norm_layer
+        heads = [head[0] for head in gen.heads]
+        return cls(
+            mlp=[(arr(m.weight), arr(m.bias)) for m in linears],
+            frequencies=None if freq is None else arr(freq).reshape(-1),
+            input_channels=int(kp.output_channels),
+            input_size=int(kp.output_size),
+            first_norm_scale=first_scale,
+            first_norm_shift=first_shift,
+            blocks=blocks,
+            final_norm_mean=arr(final.running_mean),
+            final_norm_var=arr(final.running_var),
+            heads_weight=np.concatenate([arr(h.weight) for h in heads]),
+            heads_bias=np.concatenate([arr(h.bias) for h in heads]),
+            eps=eps,
+        )
+
+
+def avatar_affines(weights: FrameWeights, flat_params: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (a, c) of every adaptive BN of one identity: ``BN(x)*scale + bias = a*x + c``."""
+
+    def affine(mean, var, prefix):
+        scale, bias = flat_params[prefix + ".scale"].reshape(-1), flat_params[prefix + ".bias"].reshape(-1)
+        a = scale / np.sqrt(var + weights.eps)
+        return a, bias - mean * a
+
+    out = {}
+    for j, b in enumerate(weights.blocks):
+        out[f"blocks.{j}.norm2"] = affine(b.norm2_mean, b.norm2_var, f"blocks.{j}.norm2")
+        if j:
+            out[f"blocks.{j}.norm1"] = affine(b.norm1_mean, b.norm1_var, f"blocks.{j}.norm1")
+    out["final_norm"] = affine(weights.final_norm_mean, weights.final_norm_var, "final_norm")
+    return out
+
+
+# --------------------------------------------------------------------------- a small graph builder
+
+
+class _Builder:
+    def __init__(self, dtype: np.dtype):
+        import onnx  # noqa: F401  (fail here, not half-way)
+
+        self.dtype = np.dtype(dtype)
+        self.nodes = []
+        self.initializers = []
+        self.inputs = []
+        self.outputs = []
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def const(self, value, hint: str = "c", dtype=None) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(hint)
+        array = np.asarray(value, dtype=self.dtype if dtype is None else dtype)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def ints(self, values, hint: str = "shape") -> str:
+        return self.const(np.asarray(values, dtype=np.int64), hint, dtype=np.int64)
+
+    def op(self, op_type: str, inputs, hint: str | None = None, outputs: int = 1, **attrs):
+        from onnx import helper
+
+        names = [self.name(hint or op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def add_input(self, name: str, shape, elem_type) -> str:
+        from onnx import helper
+
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def add_output(self, source: str, name: str, shape, elem_type) -> None:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node("Identity", [source], [name]))
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+
+    def model(self, graph_name: str, doc: str = ""):
+        from onnx import helper
+
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers, doc_string=doc)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="pybilayer")
+        model.ir_version = IR_VERSION
+        return model
+
+    # layers
+    def lrelu(self, x: str) -> str:
+        return self.op("LeakyRelu", [x], alpha=NEGATIVE_SLOPE)
+
+    def conv(self, x: str, weight: np.ndarray, bias: np.ndarray | None, pads=(1, 1, 1, 1), hint="conv") -> str:
+        inputs = [x, self.const(weight, hint + "_w")]
+        if bias is not None:
+            inputs.append(self.const(bias, hint + "_b"))
+        return self.op("Conv", inputs, hint=hint, pads=list(pads), kernel_shape=list(weight.shape[2:]))
+
+    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray, hint="fc") -> str:
+        return self.op("Gemm", [x, self.const(weight, hint + "_w"), self.const(bias, hint + "_b")], hint=hint, transB=1)
+
+    def upsample2(self, x: str) -> str:
+        scales = self.const(np.array([1, 1, 2, 2], dtype=np.float32), "scales", dtype=np.float32)
+        return self.op(
+            "Resize", [x, "", scales], mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"
+        )
+
+
+def _onnx_type(dtype: np.dtype) -> int:
+    from onnx import TensorProto
+
+    return TensorProto.FLOAT16 if np.dtype(dtype) == np.float16 else TensorProto.FLOAT
+
+
+def _pose_embedding(b: _Builder, weights: FrameWeights, keypoints: str, without_last: bool = False) -> str:
+    """The keypoint MLP; with ``without_last``, up to the activation before its last Linear."""
+    x = b.op("Reshape", [keypoints, b.ints([-1, weights.mlp[0][0].shape[1] if weights.frequencies is None else 136])])
+    if weights.frequencies is not None:
+        # [sin(x * f_k), cos(x * f_k)] with x-major, frequency-minor order, as the torch module.
+        scaled = b.op("Mul", [b.op("Unsqueeze", [x, b.ints([2])]), b.const(weights.frequencies)])
+        scaled = b.op("Reshape", [scaled, b.ints([0, -1])])
+        x = b.op("Concat", [b.op("Sin", [scaled]), b.op("Cos", [scaled])], axis=1)
+    layers = weights.mlp[:-1] if without_last else weights.mlp
+    for i, (w, bias) in enumerate(layers):
+        x = b.linear(x, w, bias, hint=f"mlp{i}")
+        if i < len(weights.mlp) - 1:
+            x = b.lrelu(x)
+    return x
+
+
+def _cast_in(b: _Builder, name: str) -> str:
+    return b.op("Cast", [name], to=_onnx_type(b.dtype)) if b.dtype == np.float16 else name
+
+
+def _heads(b: _Builder, x: str, weight: np.ndarray, bias: np.ndarray, size: int) -> None:
+    from onnx import TensorProto
+
+    y = b.conv(x, weight, bias, hint="heads")
+    parts = b.op("Split", [y, b.ints(list(HEAD_CHANNELS))], outputs=3, axis=1)
+    parts = [b.op("Tanh", [parts[0]]), b.op("Tanh", [parts[1]]), parts[2]]
+    for part, name, c in zip(parts, OUTPUT_NAMES, HEAD_CHANNELS):
+        if b.dtype == np.float16:
+            part = b.op("Cast", [part], to=TensorProto.FLOAT)
+        b.add_output(part, name, ["N", c, size, size], TensorProto.FLOAT)
+
+
+# --------------------------------------------------------------------------- the generic graph
+
+
+def param_input_shapes(weights: FrameWeights) -> dict[str, list]:
+    """Name -> shape (batch dim "N") of every per-identity graph input, in InferenceParams.flatten() order."""
+    shapes: dict[str, list] = {}
+    for j, block in enumerate(weights.blocks):
+        c_in, c_out = block.channels
+        if j:
+            shapes[f"blocks.{j}.norm1.scale"] = ["N", c_in]
+            shapes[f"blocks.{j}.norm1.bias"] = ["N", c_in]
+        shapes[f"blocks.{j}.norm2.scale"] = ["N", c_out]
+        shapes[f"blocks.{j}.norm2.bias"] = ["N", c_out]
+        shapes[f"blocks.{j}.skip.weight"] = ["N", c_out, c_in]
+        shapes[f"blocks.{j}.skip.bias"] = ["N", c_out]
+    c_last = weights.blocks[-1].channels[1]
+    shapes["final_norm.scale"] = ["N", c_last]
+    shapes["final_norm.bias"] = ["N", c_last]
+    return shapes
+
+
+def build_generic_graph(weights: FrameWeights, precision: Precision = "fp32"):
+    """The per-frame network with per-identity parameters as inputs (see the module docstring)."""
+    from onnx import TensorProto
+
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    b = _Builder(np.float16 if precision == "fp16" else np.float32)
+    kp = _cast_in(b, b.add_input(KEYPOINTS_INPUT, ["N", 68, 2], TensorProto.FLOAT))
+    params = {
+        name: _cast_in(b, b.add_input(name, shape, TensorProto.FLOAT))
+        for name, shape in param_input_shapes(weights).items()
+    }
+
+    def ada_bn(x: str, mean: np.ndarray, var: np.ndarray, prefix: str) -> str:
+        # (x - mean) * (scale / std) + bias: the centred form keeps fp16 free of cancellation.
+        c = mean.shape[0]
+        a = b.op("Mul", [params[prefix + ".scale"], b.const(1.0 / np.sqrt(var + weights.eps))])
+        a = b.op("Reshape", [a, b.ints([-1, c, 1, 1])])
+        bias = b.op("Reshape", [params[prefix + ".bias"], b.ints([-1, c, 1, 1])])
+        centred = b.op("Sub", [x, b.const(mean.reshape(1, c, 1, 1))])
+        return b.op("Add", [b.op("Mul", [centred, a]), bias])
+
+    x = _pose_embedding(b, weights, kp)
+    s, c0 = weights.input_size, weights.input_channels
+    x = b.op("Reshape", [x, b.ints([-1, c0, s, s])])
+    for j, blk in enumerate(weights.blocks):
+        c_in, c_out = blk.channels
+        if j == 0:
+            h = b.op("Add", [b.op("Mul", [x, b.const(weights.first_norm_scale.reshape(1, -1, 1, 1))]),
+                             b.const(weights.first_norm_shift.reshape(1, -1, 1, 1))])
+        else:
+            h = ada_bn(x, blk.norm1_mean, blk.norm1_var, f"blocks.{j}.norm1")
+        h = b.conv(b.lrelu(h), blk.conv1_weight, blk.conv1_bias, hint=f"b{j}_conv1")
+        h = b.lrelu(ada_bn(h, blk.norm2_mean, blk.norm2_var, f"blocks.{j}.norm2"))
+        h = b.conv(b.upsample2(h), blk.conv2_weight, blk.conv2_bias, hint=f"b{j}_conv2")
+        # per-frame 1x1 skip as a batched MatMul at the low resolution, then up-sampled
+        flat = b.op("Reshape", [x, b.ints([0, c_in, s * s])])
+        skip = b.op("MatMul", [params[f"blocks.{j}.skip.weight"], flat])
+        skip = b.op("Add", [skip, b.op("Unsqueeze", [params[f"blocks.{j}.skip.bias"], b.ints([2])])])
+        skip = b.upsample2(b.op("Reshape", [skip, b.ints([0, c_out, s, s])]))
+        x = b.op("Add", [h, skip])
+        s *= 2
+    x = b.lrelu(ada_bn(x, weights.final_norm_mean, weights.final_norm_var, "final_norm"))
+    _heads(b, x, weights.heads_weight, weights.heads_bias, s)
+    return b.model("bilayer_frame_generic", doc=f"pybilayer per-frame network, {precision}, params as inputs")
+
+
+# --------------------------------------------------------------------------- the folded graph
+
+
+def subpixel_kernels(weight: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
+    """Nearest 2x up-sampling + 3x3 conv (padding 1) as four 2x2 convs at the low resolution.
+
+    Returns, for output phases (py, px) in order (0,0), (0,1), (1,0), (1,1), the 2x2 kernel and its
+    ONNX pads (top, left, bottom, right). Phase py=0 reads low-res rows (i-1, i) with taps
+    (w0, w1+w2); py=1 reads (i, i+1) with (w0+w1, w2); the same along columns.
+    """
+    rows = {0: ([0], [1, 2]), 1: ([0, 1], [2])}
+    out = []
+    for py in (0, 1):
+        for px in (0, 1):
+            k = np.zeros(weight.shape[:2] + (2, 2), dtype=weight.dtype)
+            for a, taps_y in enumerate(rows[py]):
+                for c, taps_x in enumerate(rows[px]):
+                    k[:, :, a, c] = weight[:, :, taps_y][:, :, :, taps_x].sum(axis=(2, 3))
+            out.append((k, (1 - py, 1 - px, py, px)))
+    return out
+
+
+@dataclass
+class _InputNorm:
+    """How a block input x (pre-activation) becomes lrelu(a*x + c): ``g * prelu_s(x' )`` (see docstring)."""
+
+    shift: np.ndarray  # added to x by its producer: x' = x + shift
+    gain: np.ndarray  # g, folded into the consumer conv's input channels
+    slope: np.ndarray  # per-channel negative slope of the PRelu
+    explicit: np.ndarray  # bool: channels kept as an explicit affine (a, c) instead
+    a: np.ndarray
+    c: np.ndarray
+
+    @classmethod
+    def of(cls, a: np.ndarray, c: np.ndarray, std: np.ndarray) -> "_InputNorm":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shift = c / a
+        explicit = ~np.isfinite(shift) | (np.abs(shift) > MAX_FOLDED_SHIFT * std)
+        shift = np.where(explicit, 0.0, shift)
+        negative = a < 0
+        gain = np.where(explicit, 1.0, np.where(negative, NEGATIVE_SLOPE * a, a))
+        slope = np.where(negative & ~explicit, 1.0 / NEGATIVE_SLOPE, NEGATIVE_SLOPE)
+        return cls(shift, gain, slope, explicit, a, c)
+
+    def apply(self, b: _Builder, x: str) -> str:
+        """Graph ops from x' to prelu_s(x') (the gain is folded into the consumer)."""
+        c = self.shift.shape[0]
+        if self.explicit.any():
+            # explicit channels: x' = x there, and a*x + c with g = 1, slope 0.2 gives lrelu(a x + c)
+            a = np.where(self.explicit, self.a, 1.0).reshape(1, c, 1, 1)
+            cc = np.where(self.explicit, self.c, 0.0).reshape(1, c, 1, 1)
+            x = b.op("Add", [b.op("Mul", [x, b.const(a)]), b.const(cc)])
+        if np.all(self.slope == NEGATIVE_SLOPE):
+            return b.lrelu(x)
+        return b.op("PRelu", [x, b.const(self.slope.reshape(1, c, 1, 1))])
+
+
+def fold_inputs(x_norm: _InputNorm, weight: np.ndarray) -> np.ndarray:
+    """The consumer conv's weights with the input gain folded in."""
+    return weight * x_norm.gain[None, :, None, None]
+
+
+def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray], subpixel_blocks=None):
+    """One identity's per-frame network with its parameters folded into the weights (fp32).
+
+    ``flat_params``: ``InferenceParams.flatten()`` of one identity as numpy arrays (batch dim 1).
+    ``subpixel_blocks``: indices of blocks whose up-sampling + conv uses the sub-pixel form (default all).
+    """
+    from onnx import TensorProto
+
+    p = {k: np.asarray(v, dtype=np.float64).reshape(np.asarray(v).shape[1:]) for k, v in flat_params.items()}
+    affines = avatar_affines(weights, {k: v[None] for k, v in p.items()})
+    n = len(weights.blocks)
+    subpixel_blocks = set(range(n)) if subpixel_blocks is None else set(subpixel_blocks)
+    b = _Builder(np.float32)
+    kp = b.add_input(KEYPOINTS_INPUT, ["N", 68, 2], TensorProto.FLOAT)
+
+    def input_norm(j: int) -> _InputNorm:
+        if j < n:
+            a, c = affines[f"blocks.{j}.norm1"]
+            var = weights.blocks[j].norm1_var
+        else:
+            a, c = affines["final_norm"]
+            var = weights.final_norm_var
+        # std of x under the norm's running statistics: the scale at which the shift is judged
+        return _InputNorm.of(a, c, np.sqrt(var + weights.eps))
+
+    # Block 0: its first norm is a fixed affine (a0, c0); fold it and block 0's skip into the last Linear.
+    s, c0 = weights.input_size, weights.input_channels
+    w_last, b_last = weights.mlp[-1]  # (c0*s*s, hidden)
+    a0 = np.repeat(weights.first_norm_scale, s * s)
+    c0_shift = np.repeat(weights.first_norm_shift, s * s)
+    skip_w, skip_b = p["blocks.0.skip.weight"], p["blocks.0.skip.bias"]  # (C, c0), (C,)
+    c_out0 = skip_w.shape[0]
+    # skip(x0)[o, pix] = sum_i W[o, i] x0[i, pix] + b[o], with x0[i, pix] = row i*s*s + pix of the Linear
+    w3 = w_last.reshape(c0, s * s, -1)
+    b3 = b_last.reshape(c0, s * s)
+    skip_rows_w = np.einsum("oi,ipk->opk", skip_w, w3).reshape(c_out0 * s * s, -1)
+    skip_rows_b = (np.einsum("oi,ip->op", skip_w, b3) + skip_b[:, None]).reshape(-1)
+    fused_w = np.concatenate([w_last * a0[:, None], skip_rows_w])
+    fused_b = np.concatenate([b_last * a0 + c0_shift, skip_rows_b])
+    h = _pose_embedding(b, weights, kp, without_last=True)
+    h = b.linear(h, fused_w, fused_b, hint="mlp_last_fused")
+    x_act_in, skip = b.op("Split", [h, b.ints([c0 * s * s, c_out0 * s * s])], outputs=2, axis=1)
+    t = b.lrelu(b.op("Reshape", [x_act_in, b.ints([-1, c0, s, s])]))  # lrelu(norm1(x0)), gain 1
+    skip = b.op("Reshape", [skip, b.ints([-1, c_out0, s, s])])
+    gain = np.ones(c0)
+
+    for j, blk in enumerate(weights.blocks):
+        c_in, c_out = blk.channels
+        a2, c2 = affines[f"blocks.{j}.norm2"]
+        w1 = blk.conv1_weight * gain[None, :, None, None] * a2[:, None, None, None]
+        b1 = blk.conv1_bias * a2 + c2
+        h = b.lrelu(b.conv(t, w1, b1, hint=f"b{j}_conv1"))  # conv + norm2 + lrelu (fused by ORT)
+        nxt = input_norm(j + 1)
+        b2 = blk.conv2_bias + nxt.shift  # the next norm's shift moves into this block's output
+        if j in subpixel_blocks:
+            phases = []
+            for k, pads in subpixel_kernels(blk.conv2_weight):
+                phases.append(b.op("Add", [b.conv(h, k, b2, pads=pads, hint=f"b{j}_conv2"), skip]))
+            x = b.op("DepthToSpace", [b.op("Concat", phases, axis=1)], blocksize=2, mode="DCR")
+        else:
+            up = b.conv(b.upsample2(h), blk.conv2_weight, b2, hint=f"b{j}_conv2")
+            x = b.op("Add", [up, b.upsample2(skip)])
+        s *= 2
+        # x here is x' = x + shift of the next norm
+        if j + 1 < n:
+            sw, sb = p[f"blocks.{j + 1}.skip.weight"], p[f"blocks.{j + 1}.skip.bias"]
+            skip = b.conv(x, sw[:, :, None, None], sb - sw @ nxt.shift, pads=(0, 0, 0, 0), hint=f"b{j + 1}_skip")
+        t = nxt.apply(b, x)
+        gain = nxt.gain
+    _heads(b, t, weights.heads_weight * gain[None, :, None, None], weights.heads_bias, s)
+    return b.model("bilayer_frame_folded", doc="pybilayer per-frame network with one avatar folded in")

@@ -1,0 +1,101 @@
+"""The ``onnxruntime`` backend: the embedded CPU default.
+
+Two graph modes (see ``frame_graph``):
+
+* ``"folded"`` (default): at ``prepare`` each avatar's parameters are folded into the weights of its own
+  graph (AdaBN into the convolutions, sub-pixel up-sampling convolutions, skips at low resolution,
+  the first norm and skip inside the keypoint MLP) and given its own session. Session creation
+  counts toward avatar creation; rendering is the fastest CPU path.
+* ``"generic"``: one session over the exported graph whose inputs include the per-identity parameters
+  (the graph TensorRT builds from), shared by all avatars; several avatars run in one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from ..errors import BackendUnavailableError
+from .base import FrameBackend, FrameOutputs, PreparedAvatar, split_outputs
+from .frame_graph import KEYPOINTS_INPUT, OUTPUT_NAMES, FrameWeights, build_folded_graph, build_generic_graph
+
+GraphMode = Literal["folded", "generic"]
+
+
+def onnxruntime_unavailable_reason() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        return f"onnxruntime is not installed ({exc}); `pip install onnxruntime`"
+    if "CPUExecutionProvider" not in onnxruntime.get_available_providers():
+        return "onnxruntime has no CPUExecutionProvider"
+    return None
+
+
+def session_options(threads: int | None):
+    """Session options of every pybilayer ORT session: all graph optimisations, one inter-op thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    options.log_severity_level = 3  # errors only: ORT warns about harmless initializer handling
+    return options
+
+
+def create_session(model_proto, threads: int | None):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model_proto.SerializeToString(), session_options(threads),
+                                providers=["CPUExecutionProvider"])
+
+
+class OnnxRuntimeBackend(FrameBackend):
+    """Per-frame network in onnxruntime on the CPU (fp32). ``threads``: intra-op threads (None: ORT's default)."""
+
+    name = "onnxruntime"
+    device = "cpu"
+    thread_safe = True  # InferenceSession.run is safe to call concurrently
+
+    def __init__(self, model, threads: int | None = None, graph: GraphMode = "folded"):
+        reason = onnxruntime_unavailable_reason()
+        if reason:
+            raise BackendUnavailableError(reason)
+        if graph not in ("folded", "generic"):
+            raise ValueError(f"graph must be 'folded' or 'generic', got {graph!r}")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.threads = threads
+        self.graph = graph
+        self.weights = FrameWeights.from_model(model)
+        self._shared = create_session(build_generic_graph(self.weights), threads) if graph == "generic" else None
+
+    def describe(self) -> str:
+        return f"onnxruntime on cpu ({self.graph} graph, {self.threads or 'default'} threads)"
+
+    def prepare(self, avatar) -> PreparedAvatar:
+        texture = avatar.texture.detach().float().numpy()
+        flat = avatar.flat_params()
+        if self.graph == "folded":
+            return PreparedAvatar(texture, create_session(build_folded_graph(self.weights, flat), self.threads))
+        return PreparedAvatar(texture, flat)
+
+    def run(self, groups: Sequence[tuple[PreparedAvatar, np.ndarray]]) -> list[FrameOutputs]:
+        if self.graph == "folded":
+            results = []
+            for prepared, keypoints in groups:
+                delta_uv, lf, mask_logits = prepared.state.run(OUTPUT_NAMES, {KEYPOINTS_INPUT: keypoints})
+                results.append(FrameOutputs(delta_uv, lf, mask_logits))
+            return results
+        sizes = [len(kp) for _, kp in groups]
+        feeds = {KEYPOINTS_INPUT: np.concatenate([kp for _, kp in groups])}
+        for name in groups[0][0].state:
+            feeds[name] = np.concatenate([np.repeat(prepared.state[name], n, axis=0)
+                                          for (prepared, _), n in zip(groups, sizes)])
+        delta_uv, lf, mask_logits = self._shared.run(OUTPUT_NAMES, feeds)
+        return split_outputs(FrameOutputs(delta_uv, lf, mask_logits), sizes)

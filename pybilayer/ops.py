@@ -1,0 +1,248 @@
+"""The compositor: ``out = lf + bilinear(texture, identity_grid + delta_uv)``, masked, as a frame.
+
+``composite`` runs the native kernel (CPU twin, or CUDA twin for GPU arrays) in one fused pass;
+``composite_reference`` is the same computation in plain PyTorch, the oracle the tests compare with.
+
+Convention:
+    - Per item b and output pixel (y, x) of an H x W frame, the sampling point is
+      ``identity_grid + delta_uv[b]`` with the identity grid at pixel centres,
+      ``((x + 0.5) / W * 2 - 1, (y + 0.5) / H * 2 - 1)``; ``delta_uv`` channel 0 is x, channel 1 is y.
+    - Bilinear sampling, zeros padding, ``align_corners=False``, in the texture's own size
+      (``F.grid_sample`` semantics), so the texture size may differ from the output size.
+    - ``v = lf + sample`` is not clamped. With a mask, ``v = v * m + bg * (1 - m)``, where
+      ``m = sigmoid(mask)`` if ``mask_is_logits``, and bg is ``background`` or -1 (black) when absent.
+    - ``out="uint8"``: ``round(clamp((v + 1) * 127.5, 0, 255))``, ties to even, as (B, H, W, C).
+      ``out="float32"``: ``v`` as (B, C, H, W).
+    - Coordinates and weights are fp32; fp16 inputs are widened exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import native
+
+__all__ = ["composite", "composite_reference", "identity_grid"]
+
+_OUT_KINDS = {"uint8": np.uint8, "float32": np.float32}
+_TYPESTR_NAMES = {"<f4": "float32", "<f2": "float16", "|u1": "uint8"}
+
+
+def composite(
+    texture: Any,
+    delta_uv: Any,
+    lf: Any,
+    mask: Any = None,
+    background: Any = None,
+    mask_is_logits: bool = False,
+    out: str = "uint8",
+    *,
+    out_buffer: Any = None,
+    num_threads: int | None = None,
+    stream: int | None = None,
+) -> Any:
+    """Composite a batch of frames in one fused pass (see the module docstring for the convention).
+
+    Args:
+        texture: (C, Ht, Wt) shared by every item, or (B, C, Ht, Wt) one per item; fp32 or fp16.
+        delta_uv: (B, 2, H, W) offsets of the sampling grid, in normalised [-1, 1] units.
+        lf: (B, C, H, W) low-frequency layer, 1 <= C <= 4; its type and device decide the output's.
+        mask: (B, 1, H, W) foreground probability, or logits when ``mask_is_logits``; None: no compositing.
+        background: with a mask, a colour (C floats in [-1, 1]) or a (B, C, H, W) image; None: -1.
+        mask_is_logits: apply a sigmoid to ``mask`` inside the kernel.
+        out: "uint8" for (B, H, W, C) frames or "float32" for (B, C, H, W) values.
+        out_buffer: optional preallocated, C-contiguous output of that shape and dtype, written in full
+            and returned (lets a per-frame loop avoid allocations).
+        num_threads: CPU threads; None uses all cores (fewer for small frames).
+        stream: CUDA stream handle (int) to launch on; None: torch's current stream for torch tensors,
+            the legacy default stream (0) for other CUDA arrays. The launch is asynchronous.
+
+    Arrays may be numpy arrays, torch tensors (CPU or CUDA), objects exposing
+    ``__array_interface__`` / ``__cuda_array_interface__`` (e.g. ``native.DeviceBuffer``, CuPy) or
+    DLPack capsules' producers; none is copied. All must be C-contiguous and on one device.
+    numpy in -> numpy out; torch in -> torch out on lf's device.
+
+    Raises:
+        ValueError: a wrong shape, dtype, device or layout, naming the argument.
+        BackendUnavailableError: CUDA arrays where the CUDA twin or a GPU is unavailable.
+    """
+    if out not in _OUT_KINDS:
+        raise ValueError(f"out: expected 'uint8' or 'float32', got {out!r}")
+    texture, delta_uv, lf, mask = (_as_array(a) for a in (texture, delta_uv, lf, mask))
+    background_image, background_color = _split_background(background)
+
+    caps = native.capabilities()
+    on_cuda = _is_cuda(lf)
+    if isinstance(lf, (np.ndarray, torch.Tensor)) and not (caps.cuda if on_cuda else caps.native):
+        # Still correct, only slower: the extension (or its CUDA twin) is missing, torch is not.
+        _warn_fallback(caps.cuda_reason if on_cuda else caps.native_reason)
+        result = composite_reference(texture, delta_uv, lf, mask, background, mask_is_logits, out)
+        if out_buffer is None:
+            return result
+        if isinstance(out_buffer, np.ndarray):
+            np.copyto(out_buffer, result)
+        else:
+            out_buffer.copy_(torch.as_tensor(result))
+        return out_buffer
+    module = native.load()
+
+    if out_buffer is None:
+        out_buffer = _allocate_output(lf, out)
+    elif _dtype_name(out_buffer) != out:
+        raise ValueError(f"out_buffer: expected dtype {out} for out={out!r}, got {_dtype_name(out_buffer)}")
+    if on_cuda and stream is None:
+        stream = torch.cuda.current_stream(lf.device).cuda_stream if isinstance(lf, torch.Tensor) else 0
+
+    module.composite(
+        _interface(texture),
+        _interface(delta_uv),
+        _interface(lf),
+        _interface(out_buffer),
+        mask=_interface(mask),
+        background=_interface(background_image),
+        background_color=background_color,
+        mask_is_logits=bool(mask_is_logits),
+        num_threads=0 if num_threads is None else int(num_threads),
+        stream=0 if stream is None else int(stream),
+    )
+    return out_buffer
+
+
+def composite_reference(
+    texture: Any,
+    delta_uv: Any,
+    lf: Any,
+    mask: Any = None,
+    background: Any = None,
+    mask_is_logits: bool = False,
+    out: str = "uint8",
+) -> Any:
+    """The compositor in plain PyTorch (F.grid_sample), in fp32. Same arguments and result types as
+    ``composite`` (numpy in -> numpy out), without its fused pass or zero-copy guarantees."""
+    if out not in _OUT_KINDS:
+        raise ValueError(f"out: expected 'uint8' or 'float32', got {out!r}")
+    numpy_in = isinstance(lf, np.ndarray)
+    texture, delta_uv, lf, mask = (_as_tensor(a) for a in (texture, delta_uv, lf, mask))
+    batch, channels, height, width = lf.shape
+    if texture.dim() == 3:
+        texture = texture.unsqueeze(0).expand(batch, -1, -1, -1)
+    grid = _cached_identity_grid(height, width, str(lf.device)) + delta_uv.float().permute(0, 2, 3, 1)
+    sample = F.grid_sample(texture.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    value = sample + lf.float()
+    if mask is not None:
+        m = torch.sigmoid(mask.float()) if mask_is_logits else mask.float()
+        background_image, background_color = _split_background(background)
+        if background_image is not None:
+            bg = _as_tensor(background_image).float()
+        else:
+            color = background_color if background_color is not None else [-1.0] * channels
+            bg = torch.tensor(color, dtype=torch.float32, device=lf.device).view(1, channels, 1, 1)
+        value = value * m + bg * (1 - m)
+    if out == "uint8":
+        value = ((value + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return value.cpu().numpy() if numpy_in else value
+
+
+def identity_grid(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(1, H, W, 2) pixel-centre grid in [-1, 1], x first; computed in float64 and rounded once, exactly as
+    the native kernels compute it."""
+    xs = ((torch.arange(width, dtype=torch.float64) + 0.5) / width * 2 - 1).float()
+    ys = ((torch.arange(height, dtype=torch.float64) + 0.5) / height * 2 - 1).float()
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
+    return grid.unsqueeze(0).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_identity_grid(height: int, width: int, device: str) -> torch.Tensor:
+    return identity_grid(height, width, device)  # never mutated: callers add to it
+
+
+# --- argument plumbing -------------------------------------------------------------------------------
+
+
+def _as_array(a: Any) -> Any:
+    """numpy arrays, torch tensors and array-interface objects pass through; DLPack producers become
+    torch tensors (zero-copy)."""
+    if a is None or isinstance(a, (np.ndarray, torch.Tensor)):
+        return a
+    if hasattr(a, "__cuda_array_interface__"):
+        return a
+    if hasattr(a, "__array_interface__"):
+        return np.asarray(a)  # a view, so results come back as numpy
+    if hasattr(a, "__dlpack__"):
+        return torch.from_dlpack(a)
+    return a  # the native layer names it in its error
+
+
+def _as_tensor(a: Any) -> torch.Tensor | None:
+    if a is None or isinstance(a, torch.Tensor):
+        return a
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a)
+    return torch.as_tensor(a)
+
+
+def _is_cuda(a: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.is_cuda
+    return hasattr(a, "__cuda_array_interface__")
+
+
+def _interface(a: Any) -> Any:
+    """What the native layer reads: an object exposing __array_interface__ / __cuda_array_interface__."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach()
+        return a if a.is_cuda else a.numpy()
+    return a
+
+
+def _split_background(background: Any) -> tuple[Any, list[float] | None]:
+    """(image, None) for a 4-D array, (None, colour) for a sequence or 1-D array, (None, None) for None."""
+    if background is None:
+        return None, None
+    if isinstance(background, Sequence) and not isinstance(background, (str, bytes)):
+        return None, [float(v) for v in background]
+    background = _as_array(background)
+    if getattr(background, "ndim", None) == 1:
+        values = background.tolist() if isinstance(background, (np.ndarray, torch.Tensor)) else background
+        return None, [float(v) for v in values]
+    return background, None
+
+
+def _dtype_name(a: Any) -> str:
+    if isinstance(a, (np.ndarray, torch.Tensor)):
+        return str(a.dtype).removeprefix("torch.")
+    interface = getattr(a, "__cuda_array_interface__", None) or getattr(a, "__array_interface__", None)
+    typestr = interface.get("typestr") if isinstance(interface, dict) else None
+    return _TYPESTR_NAMES.get(typestr, str(typestr))
+
+
+def _allocate_output(lf: Any, out: str) -> Any:
+    shape = getattr(lf, "shape", None)
+    if shape is None and hasattr(lf, "__cuda_array_interface__"):
+        shape = tuple(lf.__cuda_array_interface__["shape"])
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"lf: expected (B, C, H, W), got {'shape ' + str(tuple(shape)) if shape else type(lf)}")
+    batch, channels, height, width = (int(s) for s in shape)
+    frame_shape = (batch, height, width, channels) if out == "uint8" else (batch, channels, height, width)
+    if isinstance(lf, torch.Tensor):
+        return torch.empty(frame_shape, dtype=getattr(torch, out), device=lf.device)
+    if hasattr(lf, "__cuda_array_interface__"):
+        if not torch.cuda.is_available():
+            raise ValueError("out_buffer: required for CUDA arrays that are not torch tensors when torch has no CUDA")
+        return torch.empty(frame_shape, dtype=getattr(torch, out), device="cuda")
+    return np.empty(frame_shape, dtype=_OUT_KINDS[out])
+
+
+@functools.cache
+def _warn_fallback(reason: str | None) -> None:
+    warnings.warn(
+        f"pybilayer.ops.composite falls back to the PyTorch reference: {reason}", RuntimeWarning, stacklevel=3
+    )

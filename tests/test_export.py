@@ -1,0 +1,227 @@
+"""ONNX export of the per-frame network and the folded CPU graph, against the torch modules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _tolerances import TOLERANCES
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from pybilayer.backends.frame_graph import (  # noqa: E402
+    MAX_FOLDED_SHIFT,
+    OUTPUT_NAMES,
+    FrameWeights,
+    build_folded_graph,
+    subpixel_kernels,
+)
+from pybilayer.backends.onnxruntime import create_session  # noqa: E402
+from pybilayer.export import build_onnx, export_onnx, fp16_quality, psnr  # noqa: E402
+from pybilayer.models import Bilayer, BilayerConfig, InferenceParams  # noqa: E402
+from pybilayer.synthetic import random_landmarks  # noqa: E402
+
+
+def _model(config: BilayerConfig, spread: float) -> Bilayer:
+    model = Bilayer(config)
+    # Non-trivial BatchNorm statistics, so that folding them is actually exercised; ``spread`` keeps the
+    # 6-block released-size generator in the output range a trained one has (logits of order 1, not 100).
+    for m in model.inference_generator.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-spread, spread)
+            m.running_var.uniform_(1 - spread, 1 + spread)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.3, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(7)
+    return _model(BilayerConfig.tiny(64, texture_enhancer=False, discriminator=False), spread=0.5)
+
+
+@pytest.fixture(scope="module")
+def full():
+    torch.manual_seed(8)
+    return _model(BilayerConfig(texture_enhancer=False, discriminator=False), spread=0.1)
+
+
+def _params(model: Bilayer, n: int) -> InferenceParams:
+    """Per-identity parameters of n random identities, from the model's own projector."""
+    embeds = [torch.randn(n, c, 8, 8) for c in model.config.embedding_channels()]
+    with torch.no_grad():
+        return model.inference_generator.project(embeds)
+
+
+def _reference(model: Bilayer, keypoints: np.ndarray, params: InferenceParams):
+    with torch.no_grad():
+        pose = model.keypoints_embedder(torch.from_numpy(keypoints))
+        return [t.numpy() for t in model.inference_generator.generate(pose, params)]
+
+
+def _keypoints(model: Bilayer, n: int, seed: int) -> np.ndarray:
+    from pybilayer.geometry import crop_box, normalize_keypoints
+
+    return np.stack([normalize_keypoints(p, crop_box(p)) for p in random_landmarks(n, 256, seed=seed)])
+
+
+def _feeds(keypoints, params: InferenceParams) -> dict:
+    return {"keypoints": keypoints, **{k: v.numpy() for k, v in params.flatten().items()}}
+
+
+def _max_abs(a, b) -> list[float]:
+    return [float(np.abs(x - y).max()) for x, y in zip(a, b)]
+
+
+@pytest.mark.parametrize("which", ["tiny", "full"])
+def test_generic_fp32_graph_passes_checker_and_matches_torch(which, request, tmp_path):
+    model = request.getfixturevalue(which)
+    path = export_onnx(model, tmp_path / "frame.onnx")
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input][0] == "keypoints"
+    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
+    session = create_session(proto, threads=1)
+    n = 3  # three frames of three different identities in one batch
+    keypoints, params = _keypoints(model, n, seed=1), _params(model, n)
+    ref = _reference(model, keypoints, params)
+    out = session.run(OUTPUT_NAMES, _feeds(keypoints, params))
+    _, atol = TOLERANCES["onnx_fp32"]
+    assert max(_max_abs(out, ref)) <= atol, _max_abs(out, ref)
+    assert all(np.abs(r).max() > 1e-3 for r in ref)  # the comparison is not between near-zero outputs
+
+
+def test_generic_graph_has_dynamic_batch(tiny):
+    session = create_session(build_onnx(tiny), threads=1)
+    keypoints, params = _keypoints(tiny, 4, seed=2), _params(tiny, 4)
+    together = session.run(OUTPUT_NAMES, _feeds(keypoints, params))
+    for i in range(4):
+        single = session.run(OUTPUT_NAMES, _feeds(keypoints[i:i + 1], params.select(i)))
+        rtol, atol = TOLERANCES["fp32_exact_algebra"]
+        for a, b in zip(single, together):
+            np.testing.assert_allclose(a[0], b[i], rtol=rtol, atol=atol)
+
+
+def test_subpixel_kernels_equal_upsample_then_conv():
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 7, 9)  # odd, non-square
+    w = torch.randn(4, 5, 3, 3)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, padding=1)
+    out = torch.empty_like(ref).fill_(float("nan"))
+    for (k, (top, left, bottom, right)), (py, px) in zip(subpixel_kernels(w.double().numpy()), [(0, 0), (0, 1), (1, 0), (1, 1)]):
+        padded = F.pad(x.double(), (left, right, top, bottom))
+        out[:, :, py::2, px::2] = F.conv2d(padded, torch.from_numpy(k)).float()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _with_edge_cases(params: InferenceParams) -> InferenceParams:
+    """Negative scales (PReLU with slope 5), a zero scale and a tiny one (kept explicit) in every norm1."""
+    flat = {k: v.clone() for k, v in params.flatten().items()}
+    for name in flat:
+        if name.endswith("norm1.scale") or name == "final_norm.scale":
+            scale = flat[name]
+            scale[:, 0::4] = -scale[:, 0::4].abs() - 0.1
+            scale[:, 1] = 0.0
+            scale[:, 2] = 1e-9
+            flat[name.replace("scale", "bias")][:, 1:3] = 0.7
+    return InferenceParams.unflatten(flat)
+
+
+@pytest.mark.parametrize("which", ["tiny", "full"])
+@pytest.mark.parametrize("subpixel", [True, False])
+def test_folded_graph_matches_reference(which, subpixel, request):
+    model = request.getfixturevalue(which)
+    if which == "full" and not subpixel:
+        pytest.skip("the direct form is checked on the tiny model; the full one checks the fast path")
+    weights = FrameWeights.from_model(model)
+    params = _with_edge_cases(_params(model, 1))
+    flat = {k: v.numpy() for k, v in params.flatten().items()}
+    proto = build_folded_graph(weights, flat, subpixel_blocks=None if subpixel else [])
+    session = create_session(proto, threads=1)
+    keypoints = _keypoints(model, 3, seed=4)
+    ref = _reference(model, keypoints, params.repeat_frames(3))
+    out = session.run(OUTPUT_NAMES, {"keypoints": keypoints})
+    _, atol = TOLERANCES["onnx_fp32"]
+    assert max(_max_abs(out, ref)) <= atol, _max_abs(out, ref)
+
+
+def test_folded_shift_threshold_is_relative_to_the_norm_scale():
+    from pybilayer.backends.frame_graph import _InputNorm
+
+    a = np.array([1.0, -2.0, 1e-12, 0.0, 1.0])
+    c = np.array([0.5, 1.0, 1.0, 1.0, 2 * MAX_FOLDED_SHIFT])
+    norm = _InputNorm.of(a, c, std=np.ones(5))
+    assert norm.explicit.tolist() == [False, False, True, True, True]
+    assert norm.slope.tolist() == [0.2, 5.0, 0.2, 0.2, 0.2]
+    np.testing.assert_allclose(norm.gain, [1.0, -0.4, 1.0, 1.0, 1.0])
+
+
+def test_fp16_graph_quality_on_realistic_poses():
+    """fp16 graph vs fp32 graph in onnxruntime: PSNR >= 40 dB, no NaN/Inf (full config; the 1000-pose run
+    is `python -m pybilayer.export --fp16-check 1000`).
+
+    Realistic means: BatchNorm statistics measured on realistic poses (a trained model's standing
+    statistics; the random init's unit statistics let activations drift through six blocks) and a smooth
+    texture (a white-noise texture turns any sub-pixel offset into full-scale pixel errors)."""
+    from pybilayer.avatar import Avatar
+    from pybilayer.export import standing_statistics
+
+    torch.manual_seed(9)
+    model = Bilayer(BilayerConfig(texture_enhancer=False, discriminator=False))
+    standing_statistics(model, _keypoints(model, 8, seed=11), _params(model, 8))
+    texture = F.interpolate(torch.rand(1, 3, 16, 16) * 2 - 1, size=(256, 256), mode="bicubic", align_corners=False)
+    avatar = Avatar(texture=texture[0].clamp(-1, 1), params=_params(model, 1), model_fingerprint="test")
+    stats = fp16_quality(model, avatar, _keypoints(model, 24, seed=6), batch=12, threads=1)
+    assert stats["fp16_nonfinite"] == 0
+    assert stats["psnr_min_db"] >= 40.0, stats
+
+
+def test_fp16_graph_is_fp16_inside(tiny):
+    proto = build_onnx(tiny, "fp16")
+    onnx.checker.check_model(proto, full_check=True)
+    float_kinds = {t.data_type for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    assert float_kinds == {onnx.TensorProto.FLOAT16} or float_kinds == {onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT}
+    conv_weights = {n.input[1] for n in proto.graph.node if n.op_type == "Conv"}
+    assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer if t.name in conv_weights)
+    # inputs and outputs stay fp32 for the callers
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in list(proto.graph.input) + list(proto.graph.output))
+
+
+def test_psnr_helper():
+    a = np.zeros((2, 4))
+    b = a.copy()
+    b[1] += 0.02  # mse 4e-4 -> 10 log10(4 / 4e-4) = 40 dB
+    values = psnr(a, b)
+    assert np.isinf(values[0]) and values[1] == pytest.approx(40.0)
+
+
+def test_export_is_atomic_and_validates(tiny, tmp_path):
+    path = tmp_path / "frame.onnx"
+    path.write_bytes(b"previous")
+    with pytest.raises(ValueError, match="precision"):
+        export_onnx(tiny, path, precision="int4")
+    assert path.read_bytes() == b"previous"
+    export_onnx(tiny, path, precision="fp16")
+    assert onnx.load(str(path)).graph.name == "bilayer_frame_generic"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_export_with_avatar_folds_it_in(tiny, tmp_path):
+    from pybilayer.avatar import Avatar
+
+    params = _params(tiny, 1)
+    avatar = Avatar(texture=torch.zeros(3, 64, 64), params=params, model_fingerprint="x")
+    path = export_onnx(tiny, tmp_path / "me.onnx", avatar=avatar)
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["keypoints"]
+    keypoints = _keypoints(tiny, 2, seed=9)
+    out = create_session(proto, threads=1).run(OUTPUT_NAMES, {"keypoints": keypoints})
+    ref = _reference(tiny, keypoints, params.repeat_frames(2))
+    assert max(_max_abs(out, ref)) <= TOLERANCES["onnx_fp32"][1]
+    with pytest.raises(ValueError, match="fp32 only"):
+        export_onnx(tiny, tmp_path / "me16.onnx", precision="fp16", avatar=avatar)

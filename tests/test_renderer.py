@@ -1,0 +1,346 @@
+"""Renderer and Avatar: API round trips, every CPU backend against the reference, errors, memory, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from _tolerances import TOLERANCES, UINT8_MAX_LSB
+from pybilayer import Avatar, Renderer
+from pybilayer.errors import BackendUnavailableError, CheckpointError
+from pybilayer.models import Bilayer, BilayerAvatar, BilayerConfig
+from pybilayer.synthetic import random_landmarks
+
+SIZE = 64
+
+
+def _tiny_model(seed: int) -> Bilayer:
+    torch.manual_seed(seed)
+    model = Bilayer(BilayerConfig.tiny(SIZE, discriminator=False))
+    for m in model.inference_generator.modules():  # non-trivial statistics: folding must handle them
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny_model(11)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return Renderer(model, backend="torch", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fast(model):
+    return Renderer(model, backend="onnxruntime", device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def generic(model):
+    return Renderer(model, backend="onnxruntime", device="cpu", threads=1,
+                    backend_options={"onnxruntime": {"graph": "generic"}})
+
+
+def _photo(seed: int, size: int = 200):
+    rng = np.random.default_rng(seed)
+    photo = rng.integers(0, 256, (size, size + 17, 3), dtype=np.uint8)
+    return photo, random_landmarks(1, size, seed=seed)[0]
+
+
+@pytest.fixture(scope="module")
+def avatar(reference):
+    return reference.create_avatar(*_photo(1))
+
+
+@pytest.fixture(scope="module")
+def avatar2(reference):
+    return reference.create_avatar(*_photo(2))
+
+
+def _drivers(n: int, seed: int = 3) -> np.ndarray:
+    return random_landmarks(n, 300, seed=seed)
+
+
+# ------------------------------------------------------------------ API
+
+
+def test_render_shapes_and_types(reference, avatar):
+    drivers = _drivers(3)
+    frame = reference.render(avatar, drivers[0])
+    assert frame.shape == (SIZE, SIZE, 3) and frame.dtype == np.uint8
+    frames = reference.render(avatar, drivers)
+    assert frames.shape == (3, SIZE, SIZE, 3)
+    layers = reference.render(avatar, drivers, output="layers")
+    assert layers.image.shape == layers.lf.shape == layers.hf.shape == (3, 3, SIZE, SIZE)
+    assert layers.mask.shape == (3, 1, SIZE, SIZE) and 0 <= layers.mask.min() and layers.mask.max() <= 1
+    single = reference.render(avatar, drivers[0], output="layers")
+    assert single.image.shape == (3, SIZE, SIZE)
+    np.testing.assert_allclose(layers.image, layers.lf + layers.hf, atol=1e-6)
+    assert reference.backend == "torch" and "explicitly" in reference.backend_reason
+
+
+def test_torch_backend_is_the_model_itself(model, reference, avatar):
+    """The Renderer's torch path equals Bilayer.render on the same normalised keypoints."""
+    drivers = _drivers(2)
+    layers = reference.render(avatar, drivers, output="layers")
+    keypoints = torch.from_numpy(reference.normalize_landmarks(drivers))
+    with torch.no_grad():
+        out = model.render(BilayerAvatar(avatar.texture[None], avatar.params), keypoints)
+    rtol, atol = TOLERANCES["composite_fp32"]
+    np.testing.assert_allclose(layers.image, out.image.numpy(), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(layers.mask, out.mask.numpy(), rtol=rtol, atol=atol)
+
+
+def test_driver_landmarks_are_normalised_to_their_own_crop(reference, avatar):
+    drivers = _drivers(1)[0]
+    moved = drivers * 1.7 + np.array([40.0, -25.0])  # same face, bigger and elsewhere in the frame
+    a = reference.render(avatar, drivers, output="layers").image
+    b = reference.render(avatar, moved, output="layers").image
+    np.testing.assert_allclose(a, b, atol=2e-3)  # equal up to the crop's integer rounding
+
+
+@pytest.mark.parametrize("backend", ["fast", "generic"])
+def test_cpu_backends_match_the_reference(backend, request, reference, avatar):
+    renderer = request.getfixturevalue(backend)
+    drivers = _drivers(4, seed=5)
+    ref = reference.render(avatar, drivers, output="layers")
+    got = renderer.render(avatar, drivers, output="layers")
+    _, atol = TOLERANCES["fast_cpu_render"]
+    for name in ("image", "lf", "hf", "mask"):
+        diff = np.abs(getattr(got, name) - getattr(ref, name)).max()
+        assert diff <= atol, (name, diff)
+    frames_ref, frames = reference.render(avatar, drivers), renderer.render(avatar, drivers)
+    assert np.abs(frames.astype(int) - frames_ref).max() <= UINT8_MAX_LSB
+
+
+def test_auto_backend_on_cpu_is_onnxruntime_and_says_why(model):
+    renderer = Renderer(model, backend="auto", device="auto")
+    assert renderer.backend == "onnxruntime"
+    if not torch.cuda.is_available():
+        assert "skipped" in renderer.backend_reason and "tensorrt" in renderer.backend_reason
+
+
+@pytest.mark.parametrize("backend", ["fast", "generic", "reference"])
+def test_batch_of_n_equals_n_singles(backend, request, avatar):
+    renderer = request.getfixturevalue(backend)
+    drivers = _drivers(5, seed=6)
+    together = renderer.render(avatar, drivers, output="layers").image
+    singles = np.stack([renderer.render(avatar, d, output="layers").image for d in drivers])
+    rtol, atol = TOLERANCES["fp32_exact_algebra"]
+    np.testing.assert_allclose(together, singles, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", ["fast", "generic", "reference"])
+def test_many_avatars_in_one_call(backend, request, avatar, avatar2):
+    renderer = request.getfixturevalue(backend)
+    drivers = _drivers(4, seed=7)
+    order = [avatar, avatar2, avatar2, avatar]
+    mixed = renderer.render(order, drivers, output="layers").image
+    separate = np.stack([renderer.render(a, d, output="layers").image for a, d in zip(order, drivers)])
+    rtol, atol = TOLERANCES["fp32_exact_algebra"]
+    np.testing.assert_allclose(mixed, separate, rtol=rtol, atol=atol)
+    assert np.abs(mixed[0] - mixed[1]).max() > 1e-3  # the two avatars really differ
+    one_pose = renderer.render([avatar, avatar2], drivers[0])
+    assert one_pose.shape == (2, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(one_pose[1], renderer.render(avatar2, drivers[0]))
+
+
+def test_background_composites_with_the_mask(reference, avatar):
+    drivers = _drivers(2, seed=8)
+    layers = reference.render(avatar, drivers, output="layers", background=(255, 255, 255))
+    expected = (layers.lf + layers.hf) * layers.mask + 1.0 * (1 - layers.mask)
+    np.testing.assert_allclose(layers.image, expected, atol=1e-5)
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    frame = reference.render(avatar, drivers[0], background=image)
+    assert frame.shape == (SIZE, SIZE, 3)
+
+
+# ------------------------------------------------------------------ avatars
+
+
+def test_avatar_save_load_round_trip(reference, fast, avatar, tmp_path):
+    path = tmp_path / "me.avatar"
+    avatar.save(path)
+    loaded = fast.load_avatar(path)
+    assert loaded.crop_box == avatar.crop_box and loaded.model_fingerprint == avatar.model_fingerprint
+    assert not loaded.enhanced and loaded.image_size == SIZE
+    torch.testing.assert_close(loaded.texture, avatar.texture, rtol=0, atol=0)
+    for name, tensor in avatar.params.flatten().items():
+        torch.testing.assert_close(loaded.params.flatten()[name], tensor, rtol=0, atol=0)
+    drivers = _drivers(2, seed=9)
+    np.testing.assert_array_equal(fast.render(loaded, drivers), fast.render(avatar, drivers))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_avatar_save_is_atomic(avatar, tmp_path, monkeypatch):
+    path = tmp_path / "me.avatar"
+    avatar.save(path)
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        avatar.save(path)
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_avatar_of_another_model_is_refused(avatar, tmp_path):
+    other = Renderer(_tiny_model(99), backend="torch", device="cpu")
+    path = tmp_path / "me.avatar"
+    avatar.save(path)
+    with pytest.raises(CheckpointError, match="different model"):
+        other.load_avatar(path)
+    with pytest.raises(CheckpointError, match="different model"):
+        other.render(avatar, _drivers(1)[0])
+
+
+def test_truncated_or_foreign_files(reference, avatar, tmp_path):
+    path = tmp_path / "me.avatar"
+    avatar.save(path)
+    data = path.read_bytes()
+    (tmp_path / "cut.avatar").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated|cannot read"):
+        reference.load_avatar(tmp_path / "cut.avatar")
+    with pytest.raises(CheckpointError, match="not found"):
+        reference.load_avatar(tmp_path / "missing.avatar")
+    (tmp_path / "junk.avatar").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError):
+        reference.load_avatar(tmp_path / "junk.avatar")
+
+
+def test_truncated_model_file(model, tmp_path):
+    path = tmp_path / "model.safetensors"
+    model.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError):
+        Renderer(path, backend="torch", device="cpu")
+    with pytest.raises(CheckpointError, match="not found"):
+        Renderer(tmp_path / "nothing.safetensors", backend="torch", device="cpu")
+
+
+def test_create_avatar_detects_landmarks_lazily(reference, monkeypatch):
+    photo, landmarks = _photo(4)
+    calls = []
+
+    def fake_detect_one(image, detector=None, index=0):
+        calls.append(image.shape)
+        return landmarks
+
+    monkeypatch.setattr("pybilayer.landmarks.detect_one", fake_detect_one)
+    detected = reference.create_avatar(photo)
+    given = reference.create_avatar(photo, landmarks)
+    assert calls == [photo.shape]
+    torch.testing.assert_close(detected.texture, given.texture)
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "landmarks, match",
+    [
+        (np.zeros((68, 3)), "shape"),
+        (np.zeros((2, 67, 2)), "shape"),
+        (np.zeros((0, 68, 2)), "shape"),
+        (np.zeros(136), "shape"),
+        (np.full((68, 2), np.nan), "NaN"),
+        (np.full((3, 68, 2), np.inf), "NaN or infinite"),
+        (np.full((68, 2), 1e30), "beyond"),
+        (np.ones((68, 2), dtype=bool), "dtype bool"),
+        (np.array([["a", "b"]] * 68), "dtype"),
+        (np.full((68, 2), 5.0), "span less than one pixel"),
+        ("landmarks", "dtype"),
+    ],
+)
+def test_bad_driver_landmarks_are_named(reference, avatar, landmarks, match):
+    with pytest.raises(ValueError, match=match):
+        reference.render(avatar, landmarks)
+
+
+def test_bad_arguments_are_named(model, reference, avatar):
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'magic'"):
+        Renderer(model, backend="magic")
+    with pytest.raises(BackendUnavailableError, match="unknown device"):
+        Renderer(model, backend="torch", device="tpu")
+    with pytest.raises(ValueError, match="output"):
+        reference.render(avatar, _drivers(1)[0], output="png")
+    with pytest.raises(ValueError, match="2 avatars but 3 landmark sets"):
+        reference.render([avatar, avatar], _drivers(3))
+    with pytest.raises(TypeError, match="Avatar"):
+        reference.render("me.avatar", _drivers(1)[0])
+    with pytest.raises(ValueError, match="photo must be a uint8"):
+        reference.create_avatar(np.zeros((50, 50, 3), np.float32), _drivers(1)[0])
+    with pytest.raises(ValueError, match="background"):
+        reference.render(avatar, _drivers(1)[0], background=(1.5, 0, 0))
+    with pytest.raises(TypeError, match="checkpoint"):
+        Renderer(42)
+
+
+@pytest.mark.needs_cuda
+def test_cuda_backend_matches_reference_in_fp16(model, avatar):
+    cuda = Renderer(model, backend="cuda", device="cuda")
+    reference = Renderer(model, backend="torch", device="cuda")
+    drivers = _drivers(3, seed=10)
+    ref = reference.render(avatar, drivers, output="layers")
+    for _ in range(2):  # first call captures the CUDA graph, the second replays it
+        got = cuda.render(avatar, drivers, output="layers")
+        assert np.abs(got.image - ref.image).max() <= 2e-2
+    mixed = cuda.render([avatar, avatar], drivers[:2], output="layers")
+    np.testing.assert_allclose(mixed.image, got.image[:2], atol=1e-5)
+
+
+# ------------------------------------------------------------------ memory and threads
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_memory_stays_flat_over_many_frames(fast, avatar):
+    drivers = _drivers(20, seed=12)
+    for i in range(30):  # warm-up: arenas and caches reach their steady size
+        fast.render(avatar, drivers[i % 20])
+    start = _rss_bytes()
+    for i in range(300):
+        fast.render(avatar, drivers[i % 20])
+    growth = _rss_bytes() - start
+    assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 300 frames"
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_one_renderer_shared_by_threads(backend, request, avatar, avatar2):
+    renderer = request.getfixturevalue(backend)
+    drivers = _drivers(6, seed=13)
+    avatars = [avatar, avatar2]
+    expected = [renderer.render(avatars[i % 2], drivers[i]) for i in range(6)]
+    results: dict[int, np.ndarray] = {}
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                results[i] = renderer.render(avatars[i % 2], drivers[i])
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(6):
+        np.testing.assert_array_equal(results[i], expected[i])
