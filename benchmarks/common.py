@@ -76,7 +76,11 @@ def _git_sha() -> str | None:
         )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT, capture_output=True, text=True, timeout=5, check=False,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -120,8 +124,12 @@ def run_metadata() -> dict:
         from pybilayer import native
 
         caps = native.capabilities()
-        meta["pybilayer_native"] = {"native": caps.native, "cuda": caps.cuda, "cuda_reason": caps.cuda_reason,
-                                    "cuda_architectures": caps.cuda_architectures}
+        meta["pybilayer_native"] = {
+            "native": caps.native,
+            "cuda": caps.cuda,
+            "cuda_reason": caps.cuda_reason,
+            "cuda_architectures": caps.cuda_architectures,
+        }
         if caps.cuda and meta["gpu"] is None:
             meta["gpu"] = caps.cuda_device_name
     except ImportError:

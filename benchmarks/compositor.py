@@ -57,20 +57,33 @@ def cpu_rows(sizes, batches, threads, min_time_s) -> list[dict]:
                 )
                 reference_t = measure(lambda: ops.composite_reference(**x, mask_is_logits=True), min_time_s=min_time_s)
                 pixels = batch * size * size
-                rows.append(dict(
-                    device="cpu", size=f"{size}x{size}", batch=batch, threads=n,
-                    native_ms=native_t.median_s * 1e3, native_p90_ms=native_t.p90_s * 1e3,
-                    reference_ms=reference_t.median_s * 1e3, reference_p90_ms=reference_t.p90_s * 1e3,
-                    speedup=reference_t.median_s / native_t.median_s,
-                    native_mpix_s=pixels / native_t.median_s / 1e6,
-                ))
+                rows.append(
+                    dict(
+                        device="cpu",
+                        size=f"{size}x{size}",
+                        batch=batch,
+                        threads=n,
+                        native_ms=native_t.median_s * 1e3,
+                        native_p90_ms=native_t.p90_s * 1e3,
+                        reference_ms=reference_t.median_s * 1e3,
+                        reference_p90_ms=reference_t.p90_s * 1e3,
+                        speedup=reference_t.median_s / native_t.median_s,
+                        native_mpix_s=pixels / native_t.median_s / 1e6,
+                    )
+                )
     return rows
 
 
 CPU_COLUMNS = [
-    ("size", "size"), ("batch", "batch"), ("threads", "threads"),
-    ("native_ms", "native ms"), ("native_p90_ms", "p90"), ("reference_ms", "torch chain ms"),
-    ("reference_p90_ms", "p90"), ("speedup", "speed-up"), ("native_mpix_s", "native Mpix/s"),
+    ("size", "size"),
+    ("batch", "batch"),
+    ("threads", "threads"),
+    ("native_ms", "native ms"),
+    ("native_p90_ms", "p90"),
+    ("reference_ms", "torch chain ms"),
+    ("reference_p90_ms", "p90"),
+    ("speedup", "speed-up"),
+    ("native_mpix_s", "native Mpix/s"),
 ]
 
 
@@ -89,27 +102,49 @@ def cuda_rows(batch: int, sizes, min_time_s) -> list[dict]:
         for dtype in (torch.float32, torch.float16):
             x = make_inputs(batch, size, device="cuda", dtype=dtype)
             frames = torch.empty(batch, size, size, 3, dtype=torch.uint8, device="cuda")
-            t = measure(lambda: ops.composite(**x, mask_is_logits=True, out_buffer=frames),
-                        sync=torch.cuda.synchronize, min_time_s=min_time_s)
-            reference = measure(lambda: ops.composite_reference(**x, mask_is_logits=True),
-                                sync=torch.cuda.synchronize, min_time_s=min_time_s)
+            t = measure(
+                lambda: ops.composite(**x, mask_is_logits=True, out_buffer=frames),
+                sync=torch.cuda.synchronize,
+                min_time_s=min_time_s,
+            )
+            reference = measure(
+                lambda: ops.composite_reference(**x, mask_is_logits=True),
+                sync=torch.cuda.synchronize,
+                min_time_s=min_time_s,
+            )
             # Bytes that must move: per-frame inputs read once, the shared texture once, frames written.
             moved = sum(x[k].numel() * x[k].element_size() for k in ("delta_uv", "lf", "mask", "texture"))
             moved += frames.numel()
             achieved = moved / t.median_s / 1e9
-            rows.append(dict(
-                device=torch.cuda.get_device_name(), size=f"{size}x{size}", batch=batch,
-                dtype=str(dtype).removeprefix("torch."), native_ms=t.median_s * 1e3, native_p90_ms=t.p90_s * 1e3,
-                reference_ms=reference.median_s * 1e3, speedup=reference.median_s / t.median_s,
-                achieved_gb_s=achieved, copy_gb_s=copy, copy_fraction=achieved / copy,
-            ))
+            rows.append(
+                dict(
+                    device=torch.cuda.get_device_name(),
+                    size=f"{size}x{size}",
+                    batch=batch,
+                    dtype=str(dtype).removeprefix("torch."),
+                    native_ms=t.median_s * 1e3,
+                    native_p90_ms=t.p90_s * 1e3,
+                    reference_ms=reference.median_s * 1e3,
+                    speedup=reference.median_s / t.median_s,
+                    achieved_gb_s=achieved,
+                    copy_gb_s=copy,
+                    copy_fraction=achieved / copy,
+                )
+            )
     return rows
 
 
 CUDA_COLUMNS = [
-    ("size", "size"), ("batch", "batch"), ("dtype", "inputs"), ("native_ms", "native ms"),
-    ("native_p90_ms", "p90"), ("reference_ms", "torch chain ms"), ("speedup", "speed-up"),
-    ("achieved_gb_s", "GB/s"), ("copy_gb_s", "copy GB/s"), ("copy_fraction", "of copy"),
+    ("size", "size"),
+    ("batch", "batch"),
+    ("dtype", "inputs"),
+    ("native_ms", "native ms"),
+    ("native_p90_ms", "p90"),
+    ("reference_ms", "torch chain ms"),
+    ("speedup", "speed-up"),
+    ("achieved_gb_s", "GB/s"),
+    ("copy_gb_s", "copy GB/s"),
+    ("copy_fraction", "of copy"),
 ]
 
 
@@ -128,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
 
     caps = native.capabilities()
     metadata = run_metadata()
-    print(f"# compositor benchmark  cpu: {metadata['cpu']}  load: {metadata['load_average']}  "
-          f"torch {metadata['versions']['torch']}  git {metadata['git_sha']}")
+    print(
+        f"# compositor benchmark  cpu: {metadata['cpu']}  load: {metadata['load_average']}  "
+        f"torch {metadata['versions']['torch']}  git {metadata['git_sha']}"
+    )
     if not caps.native:
         print(f"native extension unavailable: {caps.native_reason}", file=sys.stderr)
         return 1

@@ -82,7 +82,7 @@ def fsth_paths(config=None, backends: Sequence[str] = BACKENDS, threads: Optiona
     torch.manual_seed(seed)
     config = FSTHConfig() if config is None else config
     size = config.image_size
-    model = FSTH(config)  # inference form: spectral norm already folded
+    model = FSTH(config)  # the serving form: no spectral norm
     shots = 2
     source_kp = torch.from_numpy(np.stack([_normalise(p) for p in random_landmarks(shots, size, seed=seed)]))
     with torch.no_grad():

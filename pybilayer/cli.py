@@ -36,7 +36,6 @@ log = logging.getLogger("pybilayer")
 
 RANDOM_WEIGHTS_NOTE = "random weights: this shows the engine, not a trained model"
 DEMO_FPS = 25.0
-BACKENDS = ("auto", "torch", "onnxruntime", "cuda", "tensorrt")
 DETECTORS = ("auto", "face-alignment", "dlib", "mediapipe")
 
 
@@ -89,6 +88,7 @@ class AnimateOptions:
     enhance: bool
     demo: bool
     progress: bool
+    still: str | None = None  # also save the middle frame as an image (e.g. for a README)
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,17 @@ def _progress(iterable: Iterable, total: int | None, desc: str, enabled: bool) -
         return iterable
     # disable=None: tqdm stays silent when stderr is not a terminal (logs, CI, captured output).
     return tqdm(iterable, total=total, desc=desc, unit="frame", file=sys.stderr, disable=None, leave=False)
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar to ``update(n)`` by hand, or None (disabled, not a terminal, or tqdm missing)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="frame", file=sys.stderr, disable=None, leave=False)
 
 
 def _require_file(path: str, what: str) -> None:
@@ -221,7 +232,6 @@ class Driver:
     landmarks: np.ndarray  # (N, 68, 2) float32 pixels of the driver's frames
     fps: float
     video_path: str | None  # the video they came from (for side-by-side frames and its audio)
-    missing: int  # frames where the face was not found (filled from their neighbours)
 
 
 def video_landmarks(
@@ -247,8 +257,9 @@ def video_landmarks(
     filled = fill_missing(per_frame)
     missing = int((~filled.found).sum())
     if missing:
-        log.warning("%s: no face in %d of %d frames; they reuse the nearest frame's landmarks", path, missing, len(per_frame))
-    return Driver(filled.landmarks, fps, path, missing)
+        log.warning("%s: no face in %d of %d frames; they reuse the nearest frame's landmarks",
+                    path, missing, len(per_frame))
+    return Driver(filled.landmarks, fps, path)
 
 
 def load_driver(path: str, detection: DetectionOptions, fps: float, max_frames: int | None, progress: bool) -> Driver:
@@ -259,7 +270,7 @@ def load_driver(path: str, detection: DetectionOptions, fps: float, max_frames: 
         landmarks = load_landmarks(path)
         if max_frames is not None:
             landmarks = landmarks[:max_frames]
-        return Driver(landmarks, fps, None, 0)
+        return Driver(landmarks, fps, None)
     return video_landmarks(path, detection, max_frames, progress)
 
 
@@ -320,7 +331,8 @@ def stickman_frame(landmarks: np.ndarray, box, size: int) -> np.ndarray:
 
 def animate(options: AnimateOptions) -> str:
     """Render ``options.driver``'s motion on ``options.source``'s face into ``options.out``."""
-    from .video import VideoReader, VideoWriter, add_caption, container_for, side_by_side
+    from .geometry import crop_box
+    from .video import IMAGE_SUFFIXES, VideoReader, VideoWriter, add_caption, container_for, side_by_side, write_image
 
     # Everything that can be checked cheaply is checked before the model loads.
     _require_file(options.source, "--source")
@@ -329,6 +341,8 @@ def animate(options: AnimateOptions) -> str:
         _require_file(options.source_landmarks, "--source-landmarks")
     container_for(options.out)
     _check_output(options.out, "--out", (".mp4", ".mov", ".mkv"))
+    if options.still is not None:
+        _check_output(options.still, "--still", sorted(IMAGE_SUFFIXES))
     label = weights_label(options.engine.checkpoint)
     # Random weights are never passed off as a result: such videos carry the label on every frame.
     caption = label if (options.engine.checkpoint is None or options.demo) else None
@@ -344,6 +358,8 @@ def animate(options: AnimateOptions) -> str:
     landmarks, boxes = driver_keypoints(driver, options.smoothing)
     n_frames = len(landmarks)
     stable = options.smoothing.stable_crop and _stable_crops_possible(renderer)
+    if options.smoothing.stable_crop and not stable:
+        boxes = [crop_box(lm) for lm in landmarks]  # what the renderer does itself (shown side by side)
 
     metadata = {"comment": f"made by pybilayer {__version__}; {label}", "title": os.path.basename(options.out)}
     driver_frames: Iterator[np.ndarray] | None = None
@@ -353,11 +369,12 @@ def animate(options: AnimateOptions) -> str:
         driver_frames = iter(reader)
     render_seconds = 0.0
     started = time.perf_counter()
+    bar = None
+    middle_frame = None
     try:
         with VideoWriter(options.out, driver.fps, audio_from=driver.video_path, metadata=metadata) as writer:
-            batches = range(0, n_frames, options.batch_size)
-            bar = _progress(batches, len(batches), "render", options.progress)
-            for start in bar:
+            bar = _progress_bar(n_frames, "render", options.progress)
+            for start in range(0, n_frames, options.batch_size):
                 stop = min(start + options.batch_size, n_frames)
                 tick = time.perf_counter()
                 frames = render_batch(renderer, avatar, landmarks[start:stop], boxes[start:stop] if stable else None)
@@ -372,10 +389,19 @@ def animate(options: AnimateOptions) -> str:
                     if caption:
                         frame = add_caption(frame, caption)
                     writer.write(frame)
+                    if i == n_frames // 2:
+                        middle_frame = frame
+                if bar is not None:
+                    bar.update(stop - start)
     finally:
+        if bar is not None:
+            bar.close()
         if reader is not None:
             reader.close()
     total = time.perf_counter() - started
+    if options.still is not None:
+        write_image(options.still, middle_frame)
+        log.info("wrote %s (frame %d of %d)", options.still, n_frames // 2, n_frames)
     log.info(
         "wrote %s: %d frames in %.1f s (%.1f fps overall, %.1f fps rendering)%s",
         options.out, n_frames, total, n_frames / max(total, 1e-9), n_frames / max(render_seconds, 1e-9),
@@ -426,6 +452,7 @@ def cmd_animate(args) -> int:
         enhance=args.enhance,
         demo=demo,
         progress=not args.quiet,
+        still=args.still,
     )
     animate(options)
     return 0
@@ -439,6 +466,7 @@ def cmd_landmarks(args) -> int:
     _require_file(args.input, "input")
     _check_output(args.output, "-o", (".npy",))
     detection = _detection_options(args)
+    fps_hint = ""
     if os.path.splitext(args.input)[1].lower() in IMAGE_SUFFIXES:
         landmarks = detect_one(read_image(args.input), _detector(detection), index=detection.face_index)[None]
     else:
@@ -446,8 +474,9 @@ def cmd_landmarks(args) -> int:
         landmarks = driver.landmarks
         if not args.no_smooth and len(landmarks) > 1:
             landmarks = smooth_landmarks(landmarks, driver.fps)
+        fps_hint = f" at {driver.fps:g} fps (animate --fps {driver.fps:g})"
     save_landmarks(args.output, landmarks)
-    log.info("wrote %s: %d frame(s) of 68 landmarks", args.output, len(landmarks))
+    log.info("wrote %s: %d frame(s) of 68 landmarks%s", args.output, len(landmarks), fps_hint)
     return 0
 
 
@@ -514,10 +543,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_build_engine(args) -> int:
-    from .trt import build_engine
+    from .trt import build_engine, import_tensorrt
 
     if args.max_batch < 1:
         raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
+    import_tensorrt()  # before any model is built: without TensorRT this says how to get it
     if args.checkpoint is None:
         log.warning(RANDOM_WEIGHTS_NOTE)
     else:
@@ -625,39 +655,56 @@ def camera_frames(camera: str) -> Iterator[np.ndarray]:
     return frames()
 
 
-def live_loop(frames: Iterable[np.ndarray], renderer, avatar, detector, sink, fps: float,
-              side_by_side: bool, max_frames: int | None) -> int:
+def live_loop(frames: Iterable[np.ndarray], renderer, avatar, detector, open_sink, fps: float,
+              side_by_side: bool, max_frames: int | None, caption: str | None = None) -> int:
     """camera frames -> landmarks (followed, One Euro smoothed, stable crop) -> rendered frames -> sink.
 
-    Frames where the face is lost repeat the last rendered pose. Returns the number of frames shown.
+    ``open_sink(width, height)`` is called once the first frame's size is known (a virtual camera needs
+    it); the sink returns False to stop. Frames where the face is lost repeat the last pose.
+    Returns the number of frames shown.
     """
     from .landmarks import FaceFollower
     from .smoothing import LandmarkSmoother, StableCrop
+    from .video import add_caption
     from .video import side_by_side as join
 
     follower = FaceFollower(detector)
     smoother, stable = LandmarkSmoother(fps), StableCrop(fps)
     use_boxes = _stable_crops_possible(renderer)
+    sink = None
     shown, last, started = 0, None, time.perf_counter()
-    for frame in frames:
-        if max_frames is not None and shown >= max_frames:
-            break
-        landmarks = follower(frame)
-        if landmarks is not None:
-            landmarks = smoother(landmarks)
-            last = (landmarks, stable(landmarks))
-        if last is None:
-            continue  # no face yet
-        image = render_batch(renderer, avatar, last[0][None], [last[1]] if use_boxes else None)[0]
-        if side_by_side:
-            image = join(frame, image)
-        shown += 1
-        if not sink(image):
-            break
+    try:
+        for frame in frames:
+            if max_frames is not None and shown >= max_frames:
+                break
+            landmarks = follower(frame)
+            if landmarks is not None:
+                now = time.perf_counter()  # a camera's frame rate varies: filter on real time
+                landmarks = smoother(landmarks, now)
+                last = (landmarks, stable(landmarks, now))
+            if last is None:
+                continue  # no face yet
+            image = render_batch(renderer, avatar, last[0][None], [last[1]] if use_boxes else None)[0]
+            if side_by_side:
+                image = join(frame, image)
+            if caption:
+                image = add_caption(image, caption)
+            if sink is None:
+                sink = open_sink(image.shape[1], image.shape[0])
+            shown += 1
+            if not sink(image):
+                break
+    finally:
+        if sink is not None:
+            sink.close()
     elapsed = time.perf_counter() - started
     if shown:
         log.info("%d frames in %.1f s (%.1f fps)", shown, elapsed, shown / max(elapsed, 1e-9))
     return shown
+
+
+def _virtual_camera_reason() -> str | None:
+    return None if _import_ok("pyvirtualcam") else "--virtual-camera needs pyvirtualcam (pip install pyvirtualcam)"
 
 
 def cmd_webcam(args) -> int:
@@ -676,7 +723,12 @@ def cmd_webcam(args) -> int:
     _require_file(options.source, "--source")
     if source_lm is not None:
         _require_file(source_lm, "--source-landmarks")
-    if not options.virtual_camera:
+    # Where the frames go, and where they come from, are checked before the model loads.
+    if options.virtual_camera:
+        reason = _virtual_camera_reason()
+        if reason:
+            raise BackendUnavailableError(reason)
+    else:
         reason = window_unavailable_reason()
         if reason:
             raise BackendUnavailableError(f"cannot open a window: {reason}; try --virtual-camera")
@@ -685,13 +737,14 @@ def cmd_webcam(args) -> int:
     renderer = load_renderer(options.engine)
     avatar = make_avatar(renderer, source, enhance=False)
     detector = _detector(options.detection, video=True)
-    size = avatar.image_size
-    sink = (VirtualCameraSink(size * (2 if options.side_by_side else 1), size, 30.0)
-            if options.virtual_camera else WindowSink())
-    try:
-        live_loop(frames, renderer, avatar, detector, sink, 30.0, options.side_by_side, options.max_frames)
-    finally:
-        sink.close()
+    if options.virtual_camera:
+        def open_sink(width, height):
+            return VirtualCameraSink(width, height, 30.0)
+    else:
+        def open_sink(width, height):
+            return WindowSink()
+    caption = weights_label(None) if options.engine.checkpoint is None else None
+    live_loop(frames, renderer, avatar, detector, open_sink, 30.0, options.side_by_side, options.max_frames, caption)
     return 0
 
 
@@ -699,42 +752,20 @@ def cmd_webcam(args) -> int:
 
 
 def _backend_reasons() -> list[tuple[str, str | None]]:
-    """(backend, None if usable else why not), probed without building a model."""
-    rows: list[tuple[str, str | None]] = []
+    """(backend, None if usable here else why not), from the backends' own cheap probes."""
+    names = ("torch", "onnxruntime", "cuda", "tensorrt")
     try:
-        import torch  # noqa: F401
-
-        rows.append(("torch", None))  # the fp32 reference runs wherever torch does
+        from .backends import unavailable_reason
     except ImportError as exc:
-        rows.append(("torch", f"torch does not import: {exc}"))
-    try:
-        import onnxruntime
-
-        rows.append(("onnxruntime", None if "CPUExecutionProvider" in onnxruntime.get_available_providers()
-                     else "onnxruntime has no CPUExecutionProvider"))
-    except ImportError:
-        rows.append(("onnxruntime", "onnxruntime is not installed (pip install onnxruntime)"))
-    rows.append(("cuda", _cuda_reason()))
-    try:
-        from .trt import tensorrt_unavailable_reason
-
-        rows.append(("tensorrt", tensorrt_unavailable_reason()))
-    except ImportError as exc:
-        rows.append(("tensorrt", f"pybilayer.trt does not import: {exc}"))
+        return [(name, f"pybilayer.backends does not import: {exc}") for name in names]
+    rows = []
+    for name in names:
+        device = "cpu" if name in ("torch", "onnxruntime") else "cuda"
+        try:
+            rows.append((name, unavailable_reason(name, device)))
+        except Exception as exc:  # noqa: BLE001 - a probe that fails is itself the reason
+            rows.append((name, f"{type(exc).__name__}: {exc}"))
     return rows
-
-
-def _cuda_reason() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return f"no CUDA GPU visible to torch {torch.__version__}"
-    caps = _native_capabilities()
-    if caps is not None and not caps.cuda:
-        return f"pybilayer._C has no usable CUDA: {caps.cuda_reason}"
-    return None
 
 
 def _devices() -> str:
@@ -816,7 +847,10 @@ def cmd_info(args) -> int:
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="MODEL",
                         help="model file (.safetensors); without it, random weights (said so on the output)")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="per-frame backend (default: auto)")
+    from .backends import BACKENDS
+
+    parser.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
+                        help="per-frame backend (default: auto: tensorrt > cuda > onnxruntime)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
@@ -851,6 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="frames per render call (default: 8)")
     p.add_argument("--enhance", action="store_true", help="run the texture enhancer when creating the avatar")
+    p.add_argument("--still", metavar="PNG", help="also save the middle frame as an image")
     p.set_defaults(handler=cmd_animate)
 
     p = commands.add_parser("landmarks", help="68 landmarks of a video (or photo) into a .npy file")

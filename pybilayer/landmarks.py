@@ -47,7 +47,7 @@ class LandmarkDetector(Protocol):
 class DetectorStatus:
     name: str
     available: bool
-    reason: str  # why it is unusable, or what it is when usable
+    reason: str  # why it is unusable; "usable" when it is
     licence: str
 
 
@@ -106,12 +106,12 @@ def _dlib_status() -> str | None:
 
 
 @lru_cache(maxsize=1)
-def _dlib_shape_predictor():
-    """The 68-point model (100 MB, ~1 s to load), shared by every DlibDetector, with the lock that
-    serialises its use (dlib objects are not documented as thread-safe)."""
+def _dlib_models():
+    """HOG face detector and 68-point model (each takes seconds to load), shared by every DlibDetector,
+    with the lock that serialises their use (dlib objects are not documented as thread-safe)."""
     import dlib
 
-    return dlib.shape_predictor(_dlib_model_path()), threading.Lock()
+    return dlib.get_frontal_face_detector(), dlib.shape_predictor(_dlib_model_path()), threading.Lock()
 
 
 class DlibDetector:
@@ -132,8 +132,7 @@ class DlibDetector:
         import dlib
 
         self._dlib = dlib
-        self._face_detector = dlib.get_frontal_face_detector()
-        self._predictor, self._lock = _dlib_shape_predictor()
+        self._face_detector, self._predictor, self._lock = _dlib_models()
         self._detect_max_side = detect_max_side
         self._upsample = upsample  # None: once for small images, else not at all
 

@@ -28,7 +28,7 @@ from types import ModuleType
 
 from .errors import BackendUnavailableError
 
-__all__ = ["Capabilities", "DeviceBuffer", "Stream", "capabilities", "load"]
+__all__ = ["Capabilities", "capabilities", "load"]  # plus DeviceBuffer and Stream, resolved on use
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import numpy as np
 
 from .avatar import Avatar, model_fingerprint
 from .backends import FrameOutputs, PreparedAvatar, resolve_device, select_backend
+from .backends.avatar_fast import FastAvatarCreator
 from .errors import CheckpointError
 
 log = logging.getLogger("pybilayer.renderer")
@@ -162,6 +163,11 @@ class Renderer:
         self._torch_device = torch.device(self.device)
         self._lock = threading.RLock()
         self._prepared: weakref.WeakKeyDictionary[Avatar, PreparedAvatar] = weakref.WeakKeyDictionary()
+        # Phase 1 with exact conv rewrites; on a CPU the identity embedder runs in onnxruntime.
+        from .backends.onnxruntime import onnxruntime_unavailable_reason
+
+        use_ort = self.device == "cpu" and onnxruntime_unavailable_reason() is None
+        self._fast_creator = FastAvatarCreator(self.model, threads=threads, use_onnxruntime=use_ort)
         log.info("pybilayer Renderer: backend %s", self.backend_reason)
 
     @property
@@ -175,8 +181,9 @@ class Renderer:
     def create_avatar(self, photo, landmarks=None, enhance: bool = False) -> Avatar:
         """An Avatar from one RGB uint8 (H, W, 3) photo. ``landmarks``: (68, 2) pixels, or None to detect
         them (``pybilayer.landmarks.detect_one``, the largest face). ``enhance`` runs the texture enhancer.
-        Runs the identity embedder, texture generator and projector once, then the backend's per-avatar
-        preparation. No background segmentation is applied to the source photo."""
+        Runs the identity embedder, texture generator and projector once (with exact convolution
+        rewrites, ``backends.avatar_fast``), then the backend's per-avatar preparation. No background
+        segmentation is applied to the source photo."""
         import torch
 
         from .geometry import preprocess
@@ -193,13 +200,15 @@ class Renderer:
             image, keypoints, box = preprocess(photo, points[0], size=self.image_size)
         except ValueError as exc:
             raise ValueError(f"landmarks: {exc}") from None
+        source_image = torch.from_numpy(image)[None].to(self._torch_device)
+        source_keypoints = torch.from_numpy(keypoints)[None].to(self._torch_device)
         with self._lock:
-            with torch.no_grad():  # not inference_mode: the texture enhancer needs autograd inside
-                created = self.model.create_avatar(
-                    torch.from_numpy(image)[None].to(self._torch_device),
-                    torch.from_numpy(keypoints)[None].to(self._torch_device),
-                    enhance=enhance,
-                )
+            if enhance:
+                with torch.no_grad():  # not inference_mode: the texture enhancer needs autograd inside
+                    created = self.model.create_avatar(source_image, source_keypoints, enhance=True)
+            else:
+                with torch.no_grad():
+                    created = self._fast_creator.create(source_image, source_keypoints)
             avatar = Avatar(
                 texture=created.texture[0].detach().to("cpu", torch.float32),
                 params=created.params.to("cpu", torch.float32),

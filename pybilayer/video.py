@@ -264,12 +264,15 @@ class VideoWriter:
             self._container.mux(packet)
         self._container.close()
         if self.audio_from is not None and _has_audio(self.audio_from):
+            av = _av()
             try:
                 with self._final as tmp:
                     _mux_audio(
                         self._video_tmp.tmp, self.audio_from, tmp, self._format, self.metadata,
                         max_seconds=self.frames_written / float(self.fps),
                     )
+            except (av.error.FFmpegError, ValueError) as exc:
+                raise MediaError(f"{self.path}: cannot add the audio of {self.audio_from} ({exc})") from exc
             finally:
                 self._video_tmp.discard()
         else:

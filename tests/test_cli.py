@@ -14,7 +14,7 @@ pytest.importorskip("av", reason="PyAV is not installed (pip install av==18.1.0)
 torch = pytest.importorskip("torch")
 
 from pybilayer import cli  # noqa: E402
-from pybilayer.landmarks import _dlib_status, detector_statuses  # noqa: E402
+from pybilayer.landmarks import detector_statuses  # noqa: E402
 from pybilayer.synthetic import talking_head_sequence  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,10 +166,15 @@ def test_demo_with_random_weights_says_so(tmp_path, capsys, monkeypatch, tiny_ch
 
     monkeypatch.setattr(renderer_module, "Renderer", tiny_random_renderer)
     out = tmp_path / "demo.mp4"
-    code, _, err = run_cli(capsys, "animate", "--out", out, "--max-frames", "4", "--backend", "torch")
+    still = tmp_path / "still.png"
+    code, _, err = run_cli(capsys, "animate", "--out", out, "--max-frames", "4", "--backend", "torch",
+                           "--still", still)
     assert code == 0, err
     assert cli.RANDOM_WEIGHTS_NOTE in err
     frames, _, metadata = _video(out)
+    from pybilayer.video import read_image
+
+    assert read_image(still).shape == frames[2].shape  # the middle frame, caption included
     assert len(frames) == 4
     height, width = frames[0].shape[:2]
     assert width == 128 and height > 64  # stickman | result, with a caption strip below
@@ -254,16 +259,21 @@ def test_info_lists_backends_devices_and_detectors(capsys):
     assert len([line for line in out.splitlines() if "unavailable" in line]) >= 1  # and says why
 
 
-def test_webcam_without_camera_or_display_fails_clearly(capsys, monkeypatch, tiny_checkpoint):
+def test_webcam_without_camera_or_display_fails_clearly(tmp_path, capsys, monkeypatch, tiny_checkpoint):
     code, _, err = run_cli(capsys, "-q", "webcam", "--checkpoint", tiny_checkpoint, "--camera", "9")
     assert_one_line_error(code, err, "")
     assert "window" in err or "camera" in err
     monkeypatch.setattr(cli, "window_unavailable_reason", lambda: None)
     code, _, err = run_cli(capsys, "-q", "webcam", "--checkpoint", tiny_checkpoint, "--camera", "9")
     assert_one_line_error(code, err, "camera 9 could not be opened")
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(os.urandom(2048))
+    code, _, err = run_cli(capsys, "-q", "webcam", "--checkpoint", tiny_checkpoint, "--camera", garbage)
+    assert_one_line_error(code, err, "garbage.mp4 could not be opened")
     code, _, err = run_cli(capsys, "-q", "webcam", "--checkpoint", tiny_checkpoint, "--virtual-camera",
                            "--camera", "9")
-    assert_one_line_error(code, err, "camera 9 could not be opened")
+    has_pyvirtualcam = cli._virtual_camera_reason() is None
+    assert_one_line_error(code, err, "camera 9 could not be opened" if has_pyvirtualcam else "pyvirtualcam")
 
 
 @needs_detector
@@ -370,9 +380,7 @@ def test_photo_without_a_face_is_one_line(tmp_path, capsys, bad_files, tiny_chec
         (["convert-official", "{root}", "--epoch", "1", "-o", "{root}/m.safetensors"], "not found", 1),
         (["export", "--checkpoint", "{root}/missing.safetensors", "-o", "{root}/x.onnx"], "no such file", 1),
         (["export", "--checkpoint", "{garbage_model}", "-o", "{root}/x.onnx"], "garbage.safetensors", 1),
-        (["webcam", "--source", "{root}/missing.jpg", "--virtual-camera", "--camera", "{garbage_video}"],
-         "no such file", 1),
-        (["webcam", "--virtual-camera", "--camera", "{garbage_video}"], "could not be opened", 1),
+        (["webcam", "--source", "{root}/missing.jpg", "--camera", "{garbage_video}"], "no such file", 1),
     ],
 )
 def test_other_bad_input_is_one_line(argv, fragment, status, capsys, bad_files):
@@ -415,3 +423,48 @@ def test_real_subprocess_error_is_one_line(tmp_path):
     assert result.returncode == 1
     assert_one_line_error(result.returncode, result.stderr, "missing.jpg: no such file")
     assert result.stdout == ""
+
+
+class _RecordingRenderer:
+    """Stands in for a Renderer whose render takes per-frame crop boxes; records what it is given."""
+
+    def __init__(self):
+        self.calls: list = []
+
+    def create_avatar(self, photo, landmarks=None, enhance=False):
+        return object()
+
+    def render(self, avatar, landmarks, crop_boxes=None):
+        self.calls.append((np.array(landmarks), crop_boxes))
+        return np.full((len(landmarks), 32, 32, 3), 100, np.uint8)
+
+
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_animate_passes_stable_crops_when_the_renderer_takes_them(per_frame, tmp_path, capsys, monkeypatch, photo):
+    from pybilayer.geometry import crop_box
+
+    still = np.repeat(talking_head_sequence(1, 256), 40, axis=0)
+    noisy = still + np.random.default_rng(0).normal(0.0, 1.5, still.shape).astype(np.float32)
+    driver = tmp_path / "noisy.npy"
+    np.save(driver, noisy)
+    renderer = _RecordingRenderer()
+    monkeypatch.setattr(cli, "load_renderer", lambda engine: renderer)
+    argv = ["animate", "--source", photo, "--source-landmarks", cli.demo_asset("demo_source_landmarks.npy"),
+            "--driver", driver, "--out", tmp_path / "out.mp4", "--smooth", "on"]
+    code, _, err = run_cli(capsys, *argv, *(["--per-frame-crop"] if per_frame else []))
+    assert code == 0, err
+    landmarks = np.concatenate([call[0] for call in renderer.calls])
+    assert len(landmarks) == 40
+    assert np.abs(np.diff(landmarks, axis=0)).mean() < 0.6 * np.abs(np.diff(noisy, axis=0)).mean()  # smoothed
+    if per_frame:
+        assert all(call[1] is None for call in renderer.calls)  # the renderer's own (official) crop
+        return
+    boxes = [box for call in renderer.calls for box in call[1]]
+    assert len(boxes) == 40 and len(set(boxes[20:])) == 1  # settled, then still
+    assert len({crop_box(lm) for lm in noisy[20:]}) > 5  # where per-frame crops would have jittered
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--debug", "landmarks", tmp_path / "missing.mp4", "-o", tmp_path / "x.npy")
+    assert code == 1
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("pybilayer: error: ")

@@ -305,7 +305,12 @@ def test_cuda_arrays_without_cuda_raise_backend_unavailable():
     class FakeCudaArray:  # claims device memory that does not exist; must never be dereferenced
         def __init__(self, shape):
             self.__cuda_array_interface__ = {
-                "shape": shape, "typestr": "<f4", "data": (0xDEAD0000, False), "strides": None, "version": 3}
+                "shape": shape,
+                "typestr": "<f4",
+                "data": (0xDEAD0000, False),
+                "strides": None,
+                "version": 3,
+            }
 
     fake = dict(texture=FakeCudaArray((3, 8, 8)), delta_uv=FakeCudaArray((1, 2, 8, 8)), lf=FakeCudaArray((1, 3, 8, 8)))
     out = FakeCudaArray((1, 3, 8, 8))
@@ -332,7 +337,9 @@ def test_cuda_matches_cpu_twin_and_reference(case, mask, background, dtype, out)
 
 @pytest.mark.needs_cuda
 def test_cuda_runs_on_the_callers_stream():
-    args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(batch=8, size=(256, 256)).items()}
+    args = {
+        k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(batch=8, size=(256, 256)).items()
+    }
     expected = ops.composite(**args)
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -358,8 +365,7 @@ def test_cuda_device_buffers_round_trip():
         buffers[name] = native.DeviceBuffer(host.shape, "float32")
         buffers[name].copy_from_host(host)
     out = native.DeviceBuffer(expected.shape, "uint8")
-    ops.composite(**dict(args, **buffers), out_buffer=out, stream=0)
-    native.Stream().synchronize()
+    ops.composite(**dict(args, **buffers), out_buffer=out, stream=0)  # raw CUDA arrays: the default stream
     torch.cuda.synchronize()
     result = np.full(expected.shape, 0xAB, np.uint8)
     out.copy_to_host(result)

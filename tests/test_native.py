@@ -48,8 +48,11 @@ def test_build_info_agrees_with_capabilities():
 
 
 @pytest.mark.skipif(CAPS.cuda or not CAPS.native, reason="needs the extension and no usable GPU")
-@pytest.mark.parametrize("make", [lambda: native.DeviceBuffer(16), lambda: native.DeviceBuffer((2, 3), "float32"),
-                                  lambda: native.Stream()], ids=["buffer", "shaped_buffer", "stream"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: native.DeviceBuffer(16), lambda: native.DeviceBuffer((2, 3), "float32"), lambda: native.Stream()],
+    ids=["buffer", "shaped_buffer", "stream"],
+)
 def test_cuda_objects_without_gpu_raise_clearly(make):
     with pytest.raises(BackendUnavailableError) as raised:
         make()
@@ -110,9 +113,19 @@ def test_cpu_only_switch_configures_without_cuda(tmp_path):
     """PYBILAYER_WITH_CUDA=OFF (what PYBILAYER_NO_CUDA=1 passes) configures no CUDA language at all."""
     pybind11 = pytest.importorskip("pybind11")
     result = subprocess.run(
-        ["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DPYBILAYER_WITH_CUDA=OFF",
-         f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}"],
-        capture_output=True, text=True, timeout=300,
+        [
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(tmp_path),
+            "-DPYBILAYER_WITH_CUDA=OFF",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "CUDA twin OFF" in result.stdout

@@ -11,7 +11,7 @@ from _tolerances import TOLERANCES
 from test_models import NETWORKS, keypoints_batch, parse_official_state_dict, source_batch
 
 from pybilayer.errors import CheckpointError
-from pybilayer.models import Bilayer, BilayerConfig
+from pybilayer.models import Bilayer, BilayerAvatar, BilayerConfig
 from pybilayer.official import (
     convert_official,
     convert_official_to_file,
@@ -70,6 +70,10 @@ def test_synthetic_released_checkpoint_converts_to_part_b(tmp_path):
                 state[key] = torch.rand(shape, generator=generator) + 0.5
             else:
                 state[key] = torch.randn(shape, generator=generator)
+        for key in [k for k in state if k.endswith("weight_orig")]:
+            # u = W v / |W v| as after a power-iteration step: sigma > 0 and of the right scale.
+            base, w = key[: -len("orig")], state[key]
+            state[base + "u"] = torch.nn.functional.normalize(w.reshape(w.shape[0], -1) @ state[base + "v"], dim=0)
         originals[network] = state
         torch.save(state, tmp_path / f"{EPOCH}_{network}.pth")
     model = convert_official(tmp_path, EPOCH)
@@ -89,6 +93,14 @@ def test_synthetic_released_checkpoint_converts_to_part_b(tmp_path):
             elif key != "identity_grid":
                 assert torch.equal(ours[key], state[key]), key
     assert all(t.dtype == torch.float32 for k, t in model.state_dict().items() if "num_batches" not in k)
+    # ... and runs: per-identity params from (small) embeddings, one rendered frame.
+    embeds = [0.02 * torch.randn(1, c, 8, 8, generator=generator) for c in model.config.embedding_channels()]
+    with torch.no_grad():
+        avatar = BilayerAvatar(torch.rand(1, 3, 256, 256, generator=generator) * 2 - 1,
+                               model.inference_generator.project(embeds))
+        out = model.render(avatar, keypoints_batch(1))
+    assert out.image.shape == (1, 3, 256, 256)
+    assert all(torch.isfinite(t).all() for t in out)
 
 
 def test_conversion_equals_torch_remove_spectral_norm():
@@ -225,7 +237,7 @@ def test_corrupt_and_foreign_files_are_rejected(official_tiny, tmp_path):
         convert_official(target, EPOCH, config=config)
     for name, content in {
         "garbage": b"this is not a checkpoint",
-        "code": pickle.dumps({"net.enc.0.bias": _Payload()}),
+        "code": pickle.dumps({"net.enc.0.bias": _Payload()}, protocol=2),
     }.items():
         target = _copy_with(directory, tmp_path / name, "discriminator", lambda s: None)
         (target / f"{EPOCH}_texture_generator.pth").write_bytes(content)

@@ -229,6 +229,24 @@ def test_truncated_model_file(model, tmp_path):
         Renderer(tmp_path / "nothing.safetensors", backend="torch", device="cpu")
 
 
+@pytest.mark.parametrize("size", [SIZE, 128])
+def test_fast_avatar_creation_equals_the_model(size):
+    """Exact rewrites of phase 1 (stride-2 4x4 down convs, sub-pixel up convs) vs Bilayer.create_avatar."""
+    from pybilayer.backends.avatar_fast import FastAvatarCreator
+
+    torch.manual_seed(size)
+    model = Bilayer(BilayerConfig.tiny(size, discriminator=False, texture_enhancer=False))
+    image = torch.rand(2, 3, size, size) * 2 - 1
+    keypoints = torch.from_numpy(random_landmarks(2, size, seed=size)) / size * 2 - 1
+    with torch.no_grad():
+        ref = model.create_avatar(image, keypoints)
+        got = FastAvatarCreator(model).create(image, keypoints)
+    rtol, atol = TOLERANCES["fp32_exact_algebra"]
+    torch.testing.assert_close(got.texture, ref.texture, rtol=rtol, atol=atol)
+    for name, tensor in ref.params.flatten().items():
+        torch.testing.assert_close(got.params.flatten()[name], tensor, rtol=rtol, atol=atol * 10)
+
+
 def test_create_avatar_detects_landmarks_lazily(reference, monkeypatch):
     photo, landmarks = _photo(4)
     calls = []

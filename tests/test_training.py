@@ -28,6 +28,16 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine, two spinning OpenMP threads per process cost
+    several times the CPU time of one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
@@ -144,9 +154,10 @@ def test_corrupt_sample_is_skipped_with_warning(data_root, tmp_path, caplog):
         sample = dataset[0]
     assert sample["image"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert any("skipping corrupt sample" in r.message and "unreadable image" in r.message for r in caplog.records)
-    np.save(root / "keypoints" / "train" / item.name / f"{item.frames[0]}.npy", np.zeros((5, 2)))
-    with pytest.raises(ValueError, match="must be"):
-        dataset.load_frame(item, item.frames[0])
+    other = next(i for i in dataset.items if i != item)
+    np.save(root / "keypoints" / "train" / other.name / f"{other.frames[0]}.npy", np.zeros((5, 2)))
+    with pytest.raises(ValueError, match=r"keypoints must be \(>=68, >=2\), got shape \(5, 2\)"):
+        dataset.load_frame(other, other.frames[0])
 
 
 # ---------------------------------------------------------------------------- training

@@ -1,5 +1,12 @@
 """Meta-learning and fine-tuning of the few-shot talking-head model (Zakharov et al., ICCV 2019).
 
+    trainer, dataset = make_trainer(FSTHTrainConfig(), data_root, device="cuda")   # official data layout
+    for sample in DataLoader(dataset, batch_sampler=StreamBatchSampler(batch, rank, world)):
+        scalars, visuals = trainer.train_step(sample)      # state_dict() / load_state_dict() to resume
+    trainer.inference_copy().save("fsth.safetensors")
+    person = fine_tune(trainer.model, frames, landmark_images, FineTuneConfig(), trainer.content_loss)
+    images = person.model.render(person.avatar, driver_landmark_images)
+
 Meta-learning (`FSTHTrainer.step`), per batch of training videos i, each with K+1 frames:
 
     e_hat_i = mean_k E(x_i(s_k), y_i(s_k))           the first K frames
@@ -30,14 +37,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, Literal, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pybilayer.models.fsth import FSTH, FSTHAvatar
+from pybilayer.models.fsth import FSTH, FSTHAvatar, FSTHConfig
 from training.data import BilayerFrames
 from training.losses import feature_matching
 
@@ -68,6 +75,7 @@ class FSTHOptimConfig:
 
 @dataclass
 class FSTHTrainConfig:
+    preset: Literal["paper", "tiny"] = "paper"  # FSTHConfig() (256 px) or FSTHConfig.tiny() (64 px)
     shots: int = 8  # K: source frames per video; a sample holds K + 1 frames
     losses: FSTHLossWeights = field(default_factory=FSTHLossWeights)
     optim: FSTHOptimConfig = field(default_factory=FSTHOptimConfig)
@@ -339,6 +347,23 @@ class FSTHTrainer:
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
         self.step_count = int(state["step"])
+
+
+def make_trainer(config: FSTHTrainConfig, data_root: str | Path, split: str = "train", seed: int = 0,
+                 max_retries: int = 8, device: str | torch.device = "cpu", vgg19_weights: Optional[str] = None,
+                 vggface_weights: Optional[str] = None,
+                 vgg16_weights: Optional[str] = None) -> tuple[FSTHTrainer, FSTHFrames]:
+    """What ``train.py --model fsth`` sets up: the data set (its videos size W), the training-form model
+    (spectral norm applied) on ``device``, the content loss and the trainer. Feed the trainer with a
+    DataLoader over the returned data set (``train_step(sample)``)."""
+    image_size = FSTHConfig().image_size if config.preset == "paper" else FSTHConfig.tiny().image_size
+    dataset = FSTHFrames(data_root, split, image_size, config.shots, seed=seed, max_retries=max_retries)
+    torch.manual_seed(seed)
+    model_config = (FSTHConfig(num_videos=dataset.num_items) if config.preset == "paper"
+                    else FSTHConfig.tiny(num_videos=dataset.num_items))
+    model = FSTH(model_config, spectral_norm=True).to(device)
+    content = build_content_loss(config.losses, vgg19_weights, vggface_weights, vgg16_weights).to(device)
+    return FSTHTrainer(model, config, content), dataset
 
 
 # --------------------------------------------------------------------------------------------------------

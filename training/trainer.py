@@ -197,6 +197,7 @@ class Trainer:
         if config.amp and self.dtype == torch.float64:
             raise ValueError("amp=true and precision=float64 exclude each other")
         model.to(device=self.device, dtype=self.dtype)
+        refresh_spectral_weights(model)
         if ctx.distributed:
             convert_batchnorm(model, self.device)
         self.model = model
@@ -573,6 +574,18 @@ class Trainer:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def refresh_spectral_weights(model: nn.Module) -> None:
+    """Old-style spectral norm caches ``weight`` as a plain attribute, recomputed only in forward;
+    ``Module.to`` does not convert it. Recompute it so code that reads ``.weight`` before a forward
+    (e.g. for its dtype) sees the converted tensor."""
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_orig"):
+                w = module.weight_orig
+                sigma = torch.dot(module.weight_u, w.reshape(w.shape[0], -1) @ module.weight_v)
+                setattr(module, "weight", w / sigma)
 
 
 def folded_state_dict(source) -> dict[str, Tensor]:

@@ -1,5 +1,7 @@
 #include "arrays.h"
 
+#include <pybind11/numpy.h>
+
 #include <stdexcept>
 
 namespace py = pybind11;
@@ -25,7 +27,57 @@ std::string ArrayView::residence_string() const {
   return residence == Residence::kCuda ? "on a CUDA device" : "in host memory";
 }
 
+namespace {
+
+int64_t itemsize(ScalarType type) { return type == ScalarType::kFloat32 ? 4 : type == ScalarType::kFloat16 ? 2 : 1; }
+
+ScalarType scalar_type(const std::string& typestr, const char* name) {
+  if (typestr == "<f4") return ScalarType::kFloat32;
+  if (typestr == "<f2") return ScalarType::kFloat16;
+  if (typestr == "|u1") return ScalarType::kUInt8;
+  throw std::invalid_argument(std::string(name) + ": unsupported dtype (array typestr '" + typestr +
+                              "'); expected float32, float16 or uint8");
+}
+
+// Byte strides must be those of a C-contiguous array; extents of 1 may carry any stride.
+void require_contiguous(const ArrayView& view, const std::vector<int64_t>& strides) {
+  for (int64_t extent : view.shape)
+    if (extent == 0) return;  // an empty array has no layout to get wrong
+  int64_t expected = itemsize(view.type);
+  for (size_t i = view.shape.size(); i-- > 0;) {
+    if (view.shape[i] != 1 && strides[i] != expected) {
+      std::string got = "(";
+      for (size_t j = 0; j < strides.size(); ++j) got += (j ? ", " : "") + std::to_string(strides[j]);
+      throw std::invalid_argument(view.name + ": must be C-contiguous (got byte strides " + got + ") for shape " +
+                                  view.shape_string() + "); call .contiguous() / np.ascontiguousarray first");
+    }
+    expected *= view.shape[i];
+  }
+}
+
+// numpy arrays directly: no interface dict to build and parse on every call.
+ArrayView view_numpy(const py::array& array, const char* name) {
+  ArrayView view;
+  view.name = name;
+  const py::dtype dtype = array.dtype();
+  const std::string typestr = std::string(1, dtype.byteorder() == '=' ? '<' : dtype.byteorder()) + dtype.kind() +
+                              std::to_string(dtype.itemsize());
+  view.type = scalar_type(typestr == "<u1" ? "|u1" : typestr, name);
+  std::vector<int64_t> strides;
+  for (py::ssize_t i = 0; i < array.ndim(); ++i) {
+    view.shape.push_back(array.shape(i));
+    strides.push_back(array.strides(i));
+  }
+  require_contiguous(view, strides);
+  view.data = const_cast<void*>(array.data());
+  view.readonly = !array.writeable();
+  return view;
+}
+
+}  // namespace
+
 ArrayView view_array(py::handle obj, const char* name) {
+  if (py::isinstance<py::array>(obj)) return view_numpy(py::reinterpret_borrow<py::array>(obj), name);
   ArrayView view;
   view.name = name;
   py::dict interface;
@@ -40,17 +92,7 @@ ArrayView view_array(py::handle obj, const char* name) {
                                 "__cuda_array_interface__), got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
   }
 
-  const std::string typestr = py::str(interface["typestr"]);
-  if (typestr == "<f4")
-    view.type = ScalarType::kFloat32;
-  else if (typestr == "<f2")
-    view.type = ScalarType::kFloat16;
-  else if (typestr == "|u1")
-    view.type = ScalarType::kUInt8;
-  else
-    throw std::invalid_argument(std::string(name) + ": unsupported dtype (array typestr '" + typestr +
-                                "'); expected float32, float16 or uint8");
-
+  view.type = scalar_type(py::str(interface["typestr"]), name);
   for (py::handle extent : py::tuple(interface["shape"])) view.shape.push_back(extent.cast<int64_t>());
 
   py::object data = interface["data"];
@@ -63,17 +105,9 @@ ArrayView view_array(py::handle obj, const char* name) {
     throw std::invalid_argument(std::string(name) + ": masked arrays are not supported");
 
   if (interface.contains("strides") && !interface["strides"].is_none()) {
-    const py::tuple strides(interface["strides"]);
-    const int64_t itemsize = view.type == ScalarType::kFloat32 ? 4 : view.type == ScalarType::kFloat16 ? 2 : 1;
-    int64_t expected = itemsize;
-    for (size_t i = view.shape.size(); i-- > 0;) {
-      // Extents of 1 may carry any stride; they never move the pointer.
-      if (view.shape[i] != 1 && strides[i].cast<int64_t>() != expected)
-        throw std::invalid_argument(std::string(name) + ": must be C-contiguous (got strides " +
-                                    std::string(py::str(strides)) + " for shape " + view.shape_string() +
-                                    "); call .contiguous() / np.ascontiguousarray first");
-      expected *= view.shape[i];
-    }
+    std::vector<int64_t> strides;
+    for (py::handle stride : py::tuple(interface["strides"])) strides.push_back(stride.cast<int64_t>());
+    require_contiguous(view, strides);
   }
   return view;
 }

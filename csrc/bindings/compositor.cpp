@@ -42,6 +42,8 @@ CompositeParams make_params(const ArrayView& texture, const ArrayView& delta_uv,
   p.height = lf.shape[2];
   p.width = lf.shape[3];
   const int64_t B = p.batch, C = p.channels, H = p.height, W = p.width;
+  constexpr int64_t kMaxExtent = int64_t{1} << 24;  // pixel indices stay exact in fp32
+  if (H >= kMaxExtent || W >= kMaxExtent) reject(lf, "H and W below 2^24");
   const std::string bchw = "(" + std::to_string(B) + ", " + std::to_string(C) + ", " + std::to_string(H) + ", " +
                            std::to_string(W) + ") like lf";
 
@@ -55,8 +57,9 @@ CompositeParams make_params(const ArrayView& texture, const ArrayView& delta_uv,
                         ", C = " + std::to_string(C));
   p.texture_height = texture.shape[shared ? 1 : 2];
   p.texture_width = texture.shape[shared ? 2 : 3];
-  if (p.texture_height < 1 || p.texture_width < 1 || p.texture_height * p.texture_width >= (int64_t{1} << 31))
-    reject(texture, "a texture with 1 <= Ht * Wt < 2^31");
+  if (p.texture_height < 1 || p.texture_width < 1 || p.texture_height >= kMaxExtent ||
+      p.texture_width >= kMaxExtent || p.texture_height * p.texture_width >= (int64_t{1} << 31))
+    reject(texture, "a texture with Ht, Wt >= 1 and Ht * Wt < 2^31");
   p.texture_batch_stride = shared ? 0 : C * p.texture_height * p.texture_width;
 
   for (const ArrayView* a : {&texture, &delta_uv, &lf}) require_float(*a);

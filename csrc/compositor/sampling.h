@@ -56,10 +56,11 @@ PYBILAYER_HD float clamp(float v, float lo, float hi) {
   return v < hi ? v : hi;
 }
 
-// Identity grid at pixel centres, in [-1, 1]. Computed in double and rounded once, so that the
-// reference (which builds its grid the same way) sees bit-identical coordinates.
+// Identity grid at pixel centres, in [-1, 1]: (i + 0.5) / size * 2 - 1, as the correctly rounded fp32
+// quotient (2i + 1 - size) / size (exact integers for size < 2^24; no fp64, which consumer GPUs run
+// slowly). The reference builds its grid in fp64 and rounds once, which gives the same bits.
 PYBILAYER_HD float identity_coordinate(int64_t i, int64_t size) {
-  return static_cast<float>((static_cast<double>(i) + 0.5) / static_cast<double>(size) * 2.0 - 1.0);
+  return static_cast<float>(2 * i + 1 - size) / static_cast<float>(size);
 }
 
 // The four taps of one bilinear sample, in the order nw, ne, sw, se. Taps outside the texture get

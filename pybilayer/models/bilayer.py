@@ -203,7 +203,8 @@ class Bilayer(nn.Module):
             raise ValueError(f"target_keypoints batch {b} does not match the avatar batch {avatar.batch_size}")
         n = b * frames
         repeats = n // avatar.batch_size
-        keypoints = target_keypoints.reshape(n, NUM_KEYPOINTS, 2).to(avatar.texture.dtype)
+        weight = self.keypoints_embedder.net.mlp[0].weight
+        keypoints = target_keypoints.reshape(n, NUM_KEYPOINTS, 2).to(weight.device, weight.dtype)
         pose = self.keypoints_embedder(keypoints)
         delta_uv, lf, mask_logits = self.inference_generator.generate(pose, avatar.params.repeat_frames(repeats))
         texture = avatar.texture.repeat_interleave(repeats, dim=0) if repeats > 1 else avatar.texture

@@ -83,6 +83,16 @@ def _flatten(obj, prefix: str, out: dict[str, Tensor]) -> None:
             _flatten(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name, out)
 
 
+def _first_tensor(obj) -> Tensor:
+    """The first tensor in field order, without building ``flatten()`` (called once per frame)."""
+    while not isinstance(obj, Tensor):
+        if isinstance(obj, (tuple, list)):
+            obj = obj[0]
+        else:
+            obj = next(v for v in (getattr(obj, f.name) for f in dataclasses.fields(obj)) if v is not None)
+    return obj
+
+
 class _ParamsMixin:
     """Tensor plumbing shared by the per-identity parameter sets."""
 
@@ -96,7 +106,7 @@ class _ParamsMixin:
 
     @property
     def batch_size(self) -> int:
-        return next(iter(self.flatten().values())).shape[0]
+        return _first_tensor(self).shape[0]
 
     def to(self, *args, **kwargs):
         return self.map(lambda t: t.to(*args, **kwargs))

@@ -47,10 +47,12 @@ def remove_spectral_norm(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _power_iteration(matrix: torch.Tensor, u: torch.Tensor, iterations: int, eps: float):
+def _top_singular_pair(matrix: torch.Tensor, u: torch.Tensor, iterations: int, eps: float):
+    """(u, v) of the largest singular value by plain power iteration (as spectral norm does)."""
+    v = F.normalize(matrix.t() @ u, dim=0, eps=eps)
     for _ in range(iterations):
-        v = F.normalize(matrix.t() @ u, dim=0, eps=eps)
         u = F.normalize(matrix @ v, dim=0, eps=eps)
+        v = F.normalize(matrix.t() @ u, dim=0, eps=eps)
     return u, v
 
 
@@ -65,11 +67,10 @@ def normalize_random_init_(module: nn.Module, iterations: int = 30, eps: float =
             continue
         matrix = weight.reshape(weight.shape[0], -1)
         if hasattr(m, "weight_u"):
-            u = m.weight_u
+            start = m.weight_u
         else:
-            u = F.normalize(torch.randn(matrix.shape[0], generator=generator, dtype=matrix.dtype).to(matrix.device),
-                            dim=0, eps=eps)
-        u, v = _power_iteration(matrix, u, iterations, eps)
+            start = torch.randn(matrix.shape[0], generator=generator, dtype=matrix.dtype).to(matrix.device)
+        u, v = _top_singular_pair(matrix, F.normalize(start, dim=0, eps=eps), iterations, eps)
         sigma = torch.dot(u, matrix @ v)
         weight.div_(sigma)
         if hasattr(m, "weight_u"):

@@ -23,5 +23,7 @@ def sample_texture(texture: Tensor, delta_uv: Tensor, grid: Tensor | None = None
     texture (N, C, Ht, Wt); delta_uv (N, 2, H, W); grid (1, H, W, 2) or None for ``identity_grid(H)``."""
     if grid is None:
         grid = identity_grid(delta_uv.shape[-1], device=delta_uv.device, dtype=delta_uv.dtype)
-    uv = grid + delta_uv.permute(0, 2, 3, 1)
-    return F.grid_sample(texture, uv.to(texture.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    uv = grid.to(delta_uv.dtype) + delta_uv.permute(0, 2, 3, 1)
+    # Sampling coordinates are never rounded to a half-precision texture's dtype (DESIGN: fp32 warp).
+    dtype = torch.promote_types(texture.dtype, uv.dtype)
+    return F.grid_sample(texture.to(dtype), uv.to(dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
