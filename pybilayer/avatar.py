@@ -145,8 +145,8 @@ class Avatar:
         if params.batch_size != 1:
             raise CheckpointError(f"{path}: parameters hold {params.batch_size} identities, expected 1")
         return cls(
-            texture=texture,
-            params=params,
+            texture=texture.float().contiguous(),
+            params=params.map(lambda t: t.float().contiguous()),
             model_fingerprint=fingerprint,
             crop_box=None if crop is None else tuple(int(v) for v in crop),
             enhanced=metadata.get("enhanced") == "true",

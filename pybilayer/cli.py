@@ -361,6 +361,12 @@ def animate(options: AnimateOptions) -> str:
     if options.smoothing.stable_crop and not stable:
         boxes = [crop_box(lm) for lm in landmarks]  # what the renderer does itself (shown side by side)
 
+    # The demo also shows whose face it is: source crop | driver | result.
+    source_panel = None
+    if options.demo and options.side_by_side and source.photo is not None:
+        from .geometry import crop_image
+
+        source_panel = crop_image(source.photo, crop_box(source.landmarks), avatar.image_size)
     metadata = {"comment": f"made by pybilayer {__version__}; {label}", "title": os.path.basename(options.out)}
     driver_frames: Iterator[np.ndarray] | None = None
     reader = None
@@ -386,6 +392,8 @@ def animate(options: AnimateOptions) -> str:
                         if left is None:
                             left = stickman_frame(landmarks[i], boxes[i], frame.shape[0])
                         frame = side_by_side(left, frame)
+                        if source_panel is not None:
+                            frame = side_by_side(source_panel, frame)
                     if caption:
                         frame = add_caption(frame, caption)
                     writer.write(frame)
@@ -431,6 +439,8 @@ def cmd_animate(args) -> int:
     if args.source is None and source_lm is None:
         source_lm = demo_asset("demo_source_landmarks.npy")
     driver = args.driver or demo_asset("demo_driver_landmarks.npy")
+    if args.out is None and not demo:
+        raise UsageError("--out is required (it defaults to pybilayer_demo.mp4 only for the demo)")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_frames is not None and args.max_frames < 1:
@@ -869,11 +879,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     p = commands.add_parser("animate", help="drive a photo with a video or landmark file; writes a video",
-                            description="Without --source and --driver: the bundled demo.")
+                            description="Without --source and --driver: the bundled demo "
+                                        "(source | driver | result, random weights unless --checkpoint).")
     p.add_argument("--source", metavar="PHOTO", help="source photo, or an .avatar file")
     p.add_argument("--source-landmarks", metavar="NPY", help="68 landmarks of the source photo (skip detection)")
     p.add_argument("--driver", metavar="VIDEO|NPY", help="driving video, or (N, 68, 2) landmarks (.npy)")
-    p.add_argument("--out", "-o", metavar="VIDEO", help="output .mp4/.mov/.mkv (written atomically)")
+    p.add_argument("--out", "-o", metavar="VIDEO",
+                   help="output .mp4/.mov/.mkv, written atomically (demo default: pybilayer_demo.mp4)")
     _add_engine_arguments(p)
     _add_detection_arguments(p)
     p.add_argument("--side-by-side", action="store_true", help="write driver | result")

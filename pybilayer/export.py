@@ -161,6 +161,16 @@ def main(argv=None) -> int:
         standing_statistics(model, calibration, params)
     photo = rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)
     avatar = renderer.create_avatar(photo, random_landmarks(1, 320, seed=args.seed)[0])
+    if args.checkpoint is None:
+        # A random texture generator's output is nearly flat, which would hide warp errors; a smooth
+        # random texture (bicubic 16x16 noise) has the gradients of a face texture.
+        import torch
+        import torch.nn.functional as F
+
+        generator = torch.Generator().manual_seed(args.seed)
+        noise = torch.rand(1, 3, 16, 16, generator=generator) * 2 - 1
+        size = renderer.image_size
+        avatar.texture = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)[0].clamp(-1, 1)
     poses = renderer.normalize_landmarks(random_landmarks(args.fp16_check, renderer.image_size, seed=args.seed + 1))
     print(json.dumps(fp16_quality(renderer.model, avatar, poses), indent=2))
     return 0

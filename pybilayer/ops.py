@@ -66,8 +66,9 @@ def composite(
 
     Arrays may be numpy arrays, torch tensors (CPU or CUDA), objects exposing
     ``__array_interface__`` / ``__cuda_array_interface__`` (e.g. ``native.DeviceBuffer``, CuPy) or
-    DLPack capsules' producers; none is copied. All must be C-contiguous and on one device.
-    numpy in -> numpy out; torch in -> torch out on lf's device.
+    DLPack producers; none is copied. All must be C-contiguous and on one device.
+    numpy in -> numpy out; torch in -> torch out on lf's device; other CUDA arrays -> a torch CUDA tensor,
+    or give ``out_buffer``. Inference only: no gradients flow through the native kernels.
 
     Raises:
         ValueError: a wrong shape, dtype, device or layout, naming the argument.

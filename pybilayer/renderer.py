@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .avatar import Avatar, model_fingerprint
-from .backends import FrameOutputs, PreparedAvatar, resolve_device, select_backend
+from .backends import FrameOutputs, PreparedAvatar, select_backend
 from .backends.avatar_fast import FastAvatarCreator
 from .errors import CheckpointError
 
@@ -134,11 +134,13 @@ class Renderer:
     """One model, one per-frame backend; see the module docstring.
 
     Args:
-        checkpoint: a pybilayer model file, a loaded ``Bilayer``, or None for a random released-size model
-            (``config`` chooses another architecture then).
+        checkpoint: a pybilayer model file, a loaded ``Bilayer`` (moved to ``device`` and used in place, not
+            copied), or None for a random released-size model (``config`` chooses another architecture then).
         backend: "auto" (tensorrt > cuda > onnxruntime, skipping what cannot run here), "tensorrt",
             "cuda", "onnxruntime" or "torch" (the fp32 reference).
-        device: "auto", "cpu", "cuda" or "cuda:N". Avatar creation runs on it too.
+        device: "auto" (each backend where it runs: onnxruntime on the CPU, cuda/tensorrt on the GPU, torch
+            on the GPU if there is one), "cpu", "cuda" or "cuda:N". Avatar creation runs on the chosen
+            backend's device (``Renderer.device``).
         threads: intra-op threads of the onnxruntime backend (None: its default, all cores).
         backend_options: extra keyword arguments per backend name, e.g. {"onnxruntime": {"graph": "generic"}}.
 
@@ -152,14 +154,15 @@ class Renderer:
         model = _load_model(checkpoint, config)
         if model.spectral_norm:
             raise ValueError("the model still has spectral norm applied; call model.remove_spectral_norm() before serving")
-        self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
         self.image_size = int(model.config.image_size)
         self.fingerprint = model_fingerprint(model)
         options = {k: dict(v) for k, v in (backend_options or {}).items()}
         if threads is not None:
             options.setdefault("onnxruntime", {}).setdefault("threads", threads)
-        self._backend, self.backend_reason = select_backend(backend, self.model, device, options)
+        self._backend, self.backend_reason = select_backend(backend, model.eval(), device, options)
+        # The backend decides where things live: avatar creation runs on its device too.
+        self.device = self._backend.device
+        self.model = model.to(self.device)
         self._torch_device = torch.device(self.device)
         self._lock = threading.RLock()
         self._prepared: weakref.WeakKeyDictionary[Avatar, PreparedAvatar] = weakref.WeakKeyDictionary()
@@ -210,8 +213,8 @@ class Renderer:
                 with torch.no_grad():
                     created = self._fast_creator.create(source_image, source_keypoints)
             avatar = Avatar(
-                texture=created.texture[0].detach().to("cpu", torch.float32),
-                params=created.params.to("cpu", torch.float32),
+                texture=created.texture[0].detach().to("cpu", torch.float32).contiguous(),
+                params=created.params.map(lambda t: t.detach().to("cpu", torch.float32).contiguous()),
                 model_fingerprint=self.fingerprint,
                 crop_box=tuple(int(v) for v in box),
                 enhanced=bool(enhance),
@@ -240,20 +243,24 @@ class Renderer:
         return prepared
 
     # ------------------------------------------------------------------ frames
-    def normalize_landmarks(self, landmarks_px: np.ndarray) -> np.ndarray:
-        """(N, 68, 2) pixel landmarks -> (N, 68, 2) float32 in [-1, 1] of each frame's own crop."""
+    def normalize_landmarks(self, landmarks_px: np.ndarray, crop_boxes=None) -> np.ndarray:
+        """(N, 68, 2) pixel landmarks -> (N, 68, 2) float32 in [-1, 1] of each frame's crop: its own
+        (``geometry.crop_box``, the official behaviour) or ``crop_boxes[i]`` (e.g. smoothed over time)."""
         from .geometry import crop_box, normalize_keypoints
 
+        if crop_boxes is not None and len(crop_boxes) != len(landmarks_px):
+            raise ValueError(f"crop_boxes has {len(crop_boxes)} boxes for {len(landmarks_px)} landmark sets")
         out = np.empty(landmarks_px.shape, dtype=np.float32)
         for i, points in enumerate(landmarks_px):
             try:
-                out[i] = normalize_keypoints(points, crop_box(points))
-            except ValueError as exc:
+                box = crop_box(points) if crop_boxes is None else crop_boxes[i]
+                out[i] = normalize_keypoints(points, box)
+            except (ValueError, TypeError) as exc:
                 raise ValueError(f"driver_landmarks_px frame {i}: {exc}") from None
         return out
 
     def render(self, avatar: Avatar | Sequence[Avatar], driver_landmarks_px, output: str = "uint8",
-               background=None):
+               background=None, crop_boxes=None):
         """Render frames of one or several avatars.
 
         avatar: an Avatar, or a list of them. With a list and (N, 68, 2) landmarks, N must equal the
@@ -262,6 +269,8 @@ class Renderer:
         output: "uint8" -> (H, W, 3) or (N, H, W, 3) uint8 RGB; "layers" -> RenderLayers of float32.
         background: None (lf + hf, no mask), a uint8 RGB colour (3,), or a uint8 image (H, W, 3) or
             (N, H, W, 3): the predicted mask composites the avatar over it.
+        crop_boxes: None (each frame's own crop, the official behaviour), or one square box
+            (left, top, right, bottom) per frame in driver pixels, e.g. smoothed over time against jitter.
         """
         from . import ops
 
@@ -269,13 +278,16 @@ class Renderer:
             raise ValueError(f"output must be 'uint8' or 'layers', got {output!r}")
         points, single = check_landmarks(driver_landmarks_px)
         avatars = self._frame_avatars(avatar, len(points), single)
+        if crop_boxes is not None:
+            crop_boxes = [crop_boxes] if single and np.ndim(crop_boxes) == 1 else list(crop_boxes)
         if isinstance(avatar, Avatar):
             squeeze = single
         else:
             squeeze = False
             if single:  # one pose, every avatar
                 points = np.repeat(points, len(avatars), axis=0)
-        keypoints = self.normalize_landmarks(points)
+                crop_boxes = None if crop_boxes is None else crop_boxes * len(avatars)
+        keypoints = self.normalize_landmarks(points, crop_boxes)
         n = len(keypoints)
         bg = _background(background, n, self.image_size)
         # consecutive frames of the same avatar form one group

@@ -176,10 +176,6 @@ class VideoReader:
         self.close()
 
 
-def is_video_path(path: str | os.PathLike) -> bool:
-    return os.path.splitext(os.fspath(path))[1].lower() not in IMAGE_SUFFIXES | {".npy"}
-
-
 # --------------------------------------------------------------------------- writing
 
 

@@ -177,7 +177,7 @@ def test_demo_with_random_weights_says_so(tmp_path, capsys, monkeypatch, tiny_ch
     assert read_image(still).shape == frames[2].shape  # the middle frame, caption included
     assert len(frames) == 4
     height, width = frames[0].shape[:2]
-    assert width == 128 and height > 64  # stickman | result, with a caption strip below
+    assert width == 192 and height > 64  # source | stickman | result, with a caption strip below
     assert frames[0][64:].max() > 200  # white caption text
     assert "random weights" in metadata["comment"]
 
@@ -370,6 +370,7 @@ def test_photo_without_a_face_is_one_line(tmp_path, capsys, bad_files, tiny_chec
     [
         (["frobnicate"], "invalid choice", 2),
         (["animate", "--batch-size", "0"], "--batch-size must be >= 1", 2),
+        (["animate", "--source", "{blank_photo}", "--driver", "{wrong_landmarks}"], "--out is required", 2),
         (["animate", "--fps", "abc"], "invalid float value", 2),
         (["landmarks", "{root}/missing.mp4", "-o", "{root}/x.npy"], "no such file", 1),
         (["landmarks", "{garbage_video}", "-o", "{root}/x.npy"], "not a readable video", 1),

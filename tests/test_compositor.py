@@ -115,6 +115,14 @@ def test_cpu_matches_reference(case, mask, background, dtype, out):
     assert_matches(actual, expected, dtype)
 
 
+@pytest.mark.parametrize("texture_size", [(1, 1), (1, 6), (5, 1), (2, 2)])
+def test_tiny_textures(texture_size):
+    args = make_inputs(batch=2, size=(9, 11), texture_size=texture_size, mask="logits", background="color")
+    for out in ("uint8", "float32"):
+        actual, expected = run_poisoned(args, out)
+        assert_matches(actual, expected)
+
+
 def test_cpu_output_stays_inside_its_buffer():
     """Guard bands around the output: the kernel writes every pixel and nothing else."""
     args = make_inputs(batch=2, size=(37, 29), mask="logits", background="image")

@@ -138,12 +138,9 @@ def _with_edge_cases(params: InferenceParams) -> InferenceParams:
     return InferenceParams.unflatten(flat)
 
 
-@pytest.mark.parametrize("which", ["tiny", "full"])
-@pytest.mark.parametrize("subpixel", [True, False])
+@pytest.mark.parametrize("which, subpixel", [("tiny", True), ("tiny", False), ("full", True)])
 def test_folded_graph_matches_reference(which, subpixel, request):
     model = request.getfixturevalue(which)
-    if which == "full" and not subpixel:
-        pytest.skip("the direct form is checked on the tiny model; the full one checks the fast path")
     weights = FrameWeights.from_model(model)
     params = _with_edge_cases(_params(model, 1))
     flat = {k: v.numpy() for k, v in params.flatten().items()}

@@ -454,6 +454,9 @@ def test_bad_inputs_name_the_argument(tiny_model):
         tiny_model.create_avatar(images[:, :2], keypoints)
     with pytest.raises(ValueError, match="source_keypoints"):
         tiny_model.create_avatar(images, keypoints[:, :60])
+    with pytest.raises(ValueError, match="source_mask"):
+        tiny_model.create_avatar(torch.stack([images] * 2, 1), torch.stack([keypoints] * 2, 1),
+                                 torch.ones(1, 1, 64, 64))
     with pytest.raises(ValueError, match="pose embeddings"):
         tiny_model.inference_generator.generate(torch.zeros(2, 64, 4, 4), tiny_model.create_avatar(
             images, keypoints).params)

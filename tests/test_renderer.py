@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _tolerances import TOLERANCES, UINT8_MAX_LSB
-from pybilayer import Avatar, Renderer
+from pybilayer import Renderer
 from pybilayer.errors import BackendUnavailableError, CheckpointError
 from pybilayer.models import Bilayer, BilayerAvatar, BilayerConfig
 from pybilayer.synthetic import random_landmarks
@@ -104,6 +104,22 @@ def test_driver_landmarks_are_normalised_to_their_own_crop(reference, avatar):
     a = reference.render(avatar, drivers, output="layers").image
     b = reference.render(avatar, moved, output="layers").image
     np.testing.assert_allclose(a, b, atol=2e-3)  # equal up to the crop's integer rounding
+
+
+def test_explicit_crop_boxes(reference, avatar):
+    from pybilayer.geometry import crop_box
+
+    drivers = _drivers(3, seed=14)
+    own = [crop_box(d) for d in drivers]
+    np.testing.assert_array_equal(reference.render(avatar, drivers, crop_boxes=own), reference.render(avatar, drivers))
+    shifted = [(b.left + 9, b.top, b.right + 9, b.bottom) for b in own]
+    assert np.abs(reference.render(avatar, drivers, crop_boxes=shifted).astype(int) - reference.render(avatar, drivers)).max() > 0
+    single = reference.render(avatar, drivers[0], crop_boxes=own[0])
+    np.testing.assert_array_equal(single, reference.render(avatar, drivers[0]))
+    with pytest.raises(ValueError, match="crop_boxes has 2 boxes for 3"):
+        reference.render(avatar, drivers, crop_boxes=own[:2])
+    with pytest.raises(ValueError, match="frame 0"):
+        reference.render(avatar, drivers, crop_boxes=[(0, 0, 10, 20)] * 3)  # not square
 
 
 @pytest.mark.parametrize("backend", ["fast", "generic"])

@@ -158,6 +158,13 @@ def test_corrupt_sample_is_skipped_with_warning(data_root, tmp_path, caplog):
     np.save(root / "keypoints" / "train" / other.name / f"{other.frames[0]}.npy", np.zeros((5, 2)))
     with pytest.raises(ValueError, match=r"keypoints must be \(>=68, >=2\), got shape \(5, 2\)"):
         dataset.load_frame(other, other.frames[0])
+    from PIL import Image
+
+    colour = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    colour[..., 0] = 200  # a colour-coded parsing map (issue #10 of the official repository), not a mask
+    Image.fromarray(colour).save(root / "segs" / "train" / other.name / f"{other.frames[1]}.png")
+    with pytest.raises(ValueError, match="segmentation must be single-channel"):
+        dataset.load_frame(other, other.frames[1])
 
 
 # ---------------------------------------------------------------------------- training

@@ -90,7 +90,9 @@ def load_image(path: Path, size: int) -> tuple[torch.Tensor, int]:
             if width != size:
                 img = img.resize((size, size), Image.BICUBIC)
             array = np.asarray(img, dtype=np.float32)
-    except (OSError, SyntaxError) as exc:
+    except CorruptSampleError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL: UnidentifiedImageError is an OSError
         raise CorruptSampleError(f"{path}: unreadable image ({exc})") from exc
     return torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1).contiguous(), width
 
@@ -126,7 +128,9 @@ def load_mask(path: Path, size: int) -> torch.Tensor:
             if img.size != (size, size):
                 img = img.resize((size, size), Image.BICUBIC)
             array = np.asarray(img, dtype=np.float32) / 255.0
-    except (OSError, SyntaxError) as exc:
+    except CorruptSampleError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:
         raise CorruptSampleError(f"{path}: unreadable mask ({exc})") from exc
     return torch.from_numpy(np.clip(array, 0.0, 1.0))[None]
 

@@ -102,10 +102,11 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, (CrossProcessBatchNorm2d, nn.SyncBatchNorm)):
             cls = nn.SyncBatchNorm if device.type == "cuda" else CrossProcessBatchNorm2d
-            replacement = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            like = next(iter(child.state_dict().values()))
+            replacement = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
+                              device=device, dtype=like.dtype if like.is_floating_point() else None)
             replacement.load_state_dict(child.state_dict())
             replacement.train(child.training)
-            replacement.to(device)
             setattr(module, name, replacement)
         else:
             convert_batchnorm(child, device)

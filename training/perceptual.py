@@ -154,7 +154,7 @@ class VGGFeatures(nn.Module):
             if spec == "M":
                 modules.append(nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2))
                 continue
-            conv = nn.Conv2d(in_channels, spec, 3, padding=1)
+            conv = nn.Conv2d(in_channels, spec, 3, padding=1, device="meta")  # no wasted random init
             try:
                 weight, bias = next(conv_iter)
             except StopIteration as exc:
@@ -163,9 +163,8 @@ class VGGFeatures(nn.Module):
                 raise WeightFileError(
                     f"VGG conv {len(modules)}: weight {tuple(weight.shape)} does not fit {tuple(conv.weight.shape)}"
                 )
-            with torch.no_grad():
-                conv.weight.copy_(weight)
-                conv.bias.copy_(bias)
+            conv.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+            conv.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
             modules += [conv, nn.ReLU()]
             in_channels = spec
         self.features = nn.Sequential(*modules[: max(layers) + 1])

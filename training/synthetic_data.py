@@ -59,19 +59,38 @@ def _head_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
 
 def _piecewise_affine_coords(dst_points: np.ndarray, src_points: np.ndarray, size: int) -> np.ndarray:
     """For each output pixel (x, y), its position in the source: the affine map of the Delaunay
-    triangle of ``dst_points`` that holds it, onto the same triangle of ``src_points``. (size, size, 2)."""
+    triangle of ``dst_points`` that holds it, onto the same triangle of ``src_points``. (size, size, 2).
+
+    Triangles are rasterised here: scipy's ``find_simplex`` spends about a second per triangulation
+    building its barycentric transforms when the face has near-degenerate (closed-mouth) triangles."""
     from scipy.spatial import Delaunay
 
     tri = Delaunay(dst_points)
+    vertices = dst_points[tri.simplices]  # (T, 3, 2)
+    edges = np.stack([vertices[:, 0] - vertices[:, 2], vertices[:, 1] - vertices[:, 2]], axis=2)  # (T, 2, 2)
+    det = edges[:, 0, 0] * edges[:, 1, 1] - edges[:, 0, 1] * edges[:, 1, 0]
+    usable = np.abs(det) > 1e-9  # zero-area triangles cover no pixel
+    inverse = np.zeros_like(edges)
+    inverse[usable] = np.linalg.inv(edges[usable])
+    simplex = np.full((size, size), -1, dtype=np.int64)
+    bary = np.zeros((size, size, 3))
+    for t in np.flatnonzero(usable):
+        (x0, y0), (x1, y1) = np.floor(vertices[t].min(0)).astype(int), np.ceil(vertices[t].max(0)).astype(int)
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, size - 1), min(y1, size - 1)
+        if x1 < x0 or y1 < y0:
+            continue
+        yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1].astype(np.float64)
+        b2 = np.einsum("ij,hwj->hwi", inverse[t], np.stack([xx, yy], axis=-1) - vertices[t, 2])
+        b = np.concatenate([b2, 1 - b2.sum(-1, keepdims=True)], axis=-1)
+        inside = (b >= -1e-9).all(-1) & (simplex[y0:y1 + 1, x0:x1 + 1] < 0)
+        simplex[y0:y1 + 1, x0:x1 + 1][inside] = t
+        bary[y0:y1 + 1, x0:x1 + 1][inside] = b[inside]
+    missing = simplex < 0  # only possible through rounding at the frame border: keep those pixels in place
+    corners = src_points[tri.simplices[np.maximum(simplex, 0)]]  # (size, size, 3, 2)
+    coords = np.einsum("hwk,hwkd->hwd", bary, corners)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    pixels = np.stack([xx.ravel(), yy.ravel()], axis=1)
-    simplex = tri.find_simplex(pixels)
-    simplex = np.where(simplex < 0, 0, simplex)  # the border anchors make the hull cover the frame
-    transform = tri.transform[simplex]  # (P, 3, 2): inverse affine to barycentric
-    bary2 = np.einsum("pij,pj->pi", transform[:, :2], pixels - transform[:, 2])
-    bary = np.concatenate([bary2, 1 - bary2.sum(1, keepdims=True)], axis=1)
-    corners = src_points[tri.simplices[simplex]]  # (P, 3, 2)
-    return np.einsum("pk,pkd->pd", bary, corners).reshape(size, size, 2)
+    coords[missing] = np.stack([xx, yy], axis=-1)[missing]
+    return coords
 
 
 def _bilinear(image: np.ndarray, coords: np.ndarray) -> np.ndarray:

@@ -55,7 +55,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary = run(config, resume=args.resume)
     if rank == 0:
         logging.getLogger("pybilayer.training").info(
-            "done: step %d%s, %.2f samples/s", summary["step"], " (interrupted)" if summary["interrupted"] else "",
+            "done: step %d%s, %.3g samples/s", summary["step"], " (interrupted)" if summary["interrupted"] else "",
             summary["samples_per_s"])
     return 0
 

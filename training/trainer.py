@@ -84,7 +84,7 @@ class GeneratorStep(nn.Module):
     def forward(self, source_image: Tensor, source_keypoints: Tensor, source_mask: Optional[Tensor],
                 target_keypoints: Tensor):
         avatar = self.model.create_avatar(source_image, source_keypoints, source_mask, enhance=self.enhance)
-        return self.model.render(avatar, target_keypoints), avatar.texture
+        return self.model.render(avatar, target_keypoints)
 
 
 class DiscriminatorStep(nn.Module):
@@ -333,7 +333,7 @@ class Trainer:
         cfg, w = self.config, self.config.losses
         b = self._split(batch)
         with self._autocast():
-            out, texture = self.g_ddp(b["source_image"], b["source_keypoints"], b["source_mask"], b["target_keypoints"])
+            out = self.g_ddp(b["source_image"], b["source_keypoints"], b["source_mask"], b["target_keypoints"])
             fake, lf = out.image, out.lf
             fake_lf_detached = out.lf.detach() + out.hf
             target = b["target_image"]
@@ -521,7 +521,8 @@ class Trainer:
                         now = time.perf_counter()
                         rate = (self.step - last_log_step) * cfg.batch_size / max(now - last_log_time, 1e-9)
                         last_log_time, last_log_step = now, self.step
-                        log.info("step %d/%d  %.2f samples/s  %s", self.step, cfg.steps, rate,
+                        log.info("step %d/%d  %.3g samples/s (%.3g s/step)  %s", self.step, cfg.steps, rate,
+                                 cfg.batch_size / rate,
                                  "  ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()))
                         if self.writer is not None:
                             self.writer.add_scalar("throughput/samples_per_s", rate, self.step)
@@ -585,7 +586,7 @@ def refresh_spectral_weights(model: nn.Module) -> None:
             if hasattr(module, "weight_orig"):
                 w = module.weight_orig
                 sigma = torch.dot(module.weight_u, w.reshape(w.shape[0], -1) @ module.weight_v)
-                setattr(module, "weight", w / sigma)
+                module.weight = w / sigma
 
 
 def folded_state_dict(source) -> dict[str, Tensor]:

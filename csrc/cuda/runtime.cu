@@ -26,8 +26,14 @@ DeviceReport query_devices() noexcept {
 }
 
 void require_device() {
-  const DeviceReport report = query_devices();
-  if (report.count == 0) throw BackendUnavailable("no usable CUDA device: " + report.error);
+  int count = 0;  // cheap, unlike the device properties query_devices() reads
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status == cudaSuccess && count > 0) return;
+  cudaGetLastError();
+  throw BackendUnavailable(std::string("no usable CUDA device: cudaGetDeviceCount: ") +
+                           (status == cudaSuccess ? "no CUDA device"
+                                                  : std::string(cudaGetErrorName(status)) + ": " +
+                                                        cudaGetErrorString(status)));
 }
 
 void* malloc_device(std::size_t nbytes, int* device) {

@@ -79,24 +79,37 @@ def create_backend(name: str, model, device: str, options: dict[str, Any] | None
     return TensorRTFrameBackend(model, device=device, **options)
 
 
+def _device_for(name: str, device: str) -> str:
+    """The device backend ``name`` runs on when ``device`` was asked for ("auto": where it can run)."""
+    if device != "auto":
+        return resolve_device(device)
+    if name == "onnxruntime":
+        return "cpu"
+    if name in ("cuda", "tensorrt"):
+        return "cuda"
+    return resolve_device("auto")
+
+
 def select_backend(name: str, model, device: str = "auto",
                    options: dict[str, dict[str, Any]] | None = None) -> tuple[FrameBackend, str]:
-    """(backend, why it was chosen). ``options``: per-backend keyword arguments, by backend name."""
+    """(backend, why it was chosen). ``options``: per-backend keyword arguments, by backend name.
+
+    With ``device="auto"`` each backend runs where it can (onnxruntime on the CPU, cuda and tensorrt on
+    the GPU); the chosen backend's ``device`` is then the renderer's device."""
     if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
         raise BackendUnavailableError(f"unknown backend {name!r}: choose one of {('auto',) + BACKENDS}")
-    device = resolve_device(device)
+    if not isinstance(device, str):
+        device = str(device)
+    if device != "auto":
+        resolve_device(device)  # an unknown or unusable device is an error even when auto would skip it
     options = options or {}
     if name != "auto":
-        backend = create_backend(name, model, device, options.get(name))
+        backend = create_backend(name, model, _device_for(name, device), options.get(name))
         return backend, f"{backend.describe()}: asked for explicitly"
     skipped = []
     for candidate in AUTO_ORDER:
-        candidate_device = device
-        if candidate == "onnxruntime" and device != "cpu":
-            skipped.append(f"{candidate}: runs on the CPU, device is {device}")
-            continue
         try:
-            backend = create_backend(candidate, model, candidate_device, options.get(candidate))
+            backend = create_backend(candidate, model, _device_for(candidate, device), options.get(candidate))
         except BackendUnavailableError as exc:
             skipped.append(f"{candidate}: {exc}")
             continue
@@ -104,7 +117,7 @@ def select_backend(name: str, model, device: str = "auto",
         if skipped:
             why += "; skipped " + "; ".join(skipped)
         return backend, why
-    raise BackendUnavailableError("no backend is usable on device %r: %s" % (device, "; ".join(skipped)))
+    raise BackendUnavailableError(f"no backend is usable on device {device!r}: " + "; ".join(skipped))
 
 
 __all__ = [

@@ -42,7 +42,9 @@ class _Graph:
 
     def __init__(self, graph, keypoints, params, outputs):
         self.graph, self.keypoints, self.params, self.outputs = graph, keypoints, params, outputs
-        self.filled_with: tuple | None = None  # which (avatar, count) groups the params buffers hold
+        # The (prepared avatar, frame count) groups whose rows the params buffers hold; the references keep
+        # those avatars alive, so an identity check cannot be fooled by a recycled id().
+        self.filled_with: list[tuple[object, int]] | None = None
 
 
 class CudaBackend(FrameBackend):
@@ -122,7 +124,7 @@ class CudaBackend(FrameBackend):
         n = sum(sizes)
         keypoints = torch.from_numpy(np.concatenate([kp for _, kp in groups])).to(self.torch_device, non_blocking=True)
         keypoints = keypoints.half()
-        key = tuple((id(prepared), size) for (prepared, _), size in zip(groups, sizes))
+        key = [(prepared, size) for (prepared, _), size in zip(groups, sizes)]
 
         def frame_params():
             return InferenceParams.cat([prepared.state.repeat_frames(size) for (prepared, _), size in zip(groups, sizes)])
@@ -138,7 +140,9 @@ class CudaBackend(FrameBackend):
         if graph is None:
             return split_outputs(FrameOutputs(*self._forward(keypoints, frame_params())), sizes)
         graph.keypoints.copy_(keypoints)
-        if graph.filled_with != key:  # the same avatars as last time: their rows are already in place
+        same = graph.filled_with is not None and len(graph.filled_with) == len(key) and all(
+            a is b and m == n for (a, m), (b, n) in zip(graph.filled_with, key))
+        if not same:  # the same avatars as last time: their rows are already in place
             flat_static, flat_new = graph.params.flatten(), frame_params().flatten()
             for name, tensor in flat_static.items():
                 tensor.copy_(flat_new[name])

@@ -88,6 +88,13 @@ class FrameWeights:
     def image_size(self) -> int:
         return self.input_size * 2 ** len(self.blocks)
 
+    def subpixel_conv2(self, j: int):
+        """``subpixel_kernels`` of block j's second conv; identity-independent, so computed once."""
+        cache = self.__dict__.setdefault("_subpixel_cache", {})
+        if j not in cache:
+            cache[j] = subpixel_kernels(self.blocks[j].conv2_weight)
+        return cache[j]
+
     @classmethod
     def from_model(cls, model) -> "FrameWeights":
         """Read the weights from a Bilayer (its keypoints_embedder and inference_generator.gen_inf)."""
@@ -260,6 +267,7 @@ def _cast_in(b: _Builder, name: str) -> str:
 
 
 def _heads(b: _Builder, x: str, weight: np.ndarray, bias: np.ndarray, size: int) -> None:
+    """One conv for the three heads -> delta_uv (tanh), lf (tanh), mask_logits, as fp32 graph outputs."""
     from onnx import TensorProto
 
     y = b.conv(x, weight, bias, hint="heads")
@@ -436,8 +444,8 @@ def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray]
     # skip(x0)[o, pix] = sum_i W[o, i] x0[i, pix] + b[o], with x0[i, pix] = row i*s*s + pix of the Linear
     w3 = w_last.reshape(c0, s * s, -1)
     b3 = b_last.reshape(c0, s * s)
-    skip_rows_w = np.einsum("oi,ipk->opk", skip_w, w3).reshape(c_out0 * s * s, -1)
-    skip_rows_b = (np.einsum("oi,ip->op", skip_w, b3) + skip_b[:, None]).reshape(-1)
+    skip_rows_w = (skip_w @ w3.reshape(c0, -1)).reshape(c_out0 * s * s, -1)  # BLAS, not einsum: 0.27 GMAC
+    skip_rows_b = (skip_w @ b3 + skip_b[:, None]).reshape(-1)
     fused_w = np.concatenate([w_last * a0[:, None], skip_rows_w])
     fused_b = np.concatenate([b_last * a0 + c0_shift, skip_rows_b])
     h = _pose_embedding(b, weights, kp, without_last=True)
@@ -457,7 +465,7 @@ def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray]
         b2 = blk.conv2_bias + nxt.shift  # the next norm's shift moves into this block's output
         if j in subpixel_blocks:
             phases = []
-            for k, pads in subpixel_kernels(blk.conv2_weight):
+            for k, pads in weights.subpixel_conv2(j):
                 phases.append(b.op("Add", [b.conv(h, k, b2, pads=pads, hint=f"b{j}_conv2"), skip]))
             x = b.op("DepthToSpace", [b.op("Concat", phases, axis=1)], blocksize=2, mode="DCR")
         else:

@@ -8,6 +8,10 @@ Two graph modes (see ``frame_graph``):
   counts toward avatar creation; rendering is the fastest CPU path.
 * ``"generic"``: one session over the exported graph whose inputs include the per-identity parameters
   (the graph TensorRT builds from), shared by all avatars; several avatars run in one batch.
+
+Cost of "folded" per avatar (released size): ~0.2 s to fold plus the session creation, and ~100-120 MiB
+of resident memory (ORT keeps the weights in its blocked NCHWc layout, prepacked). For more than a
+handful of live avatars use "generic" (~1 MiB per avatar, one session).
 """
 
 from __future__ import annotations

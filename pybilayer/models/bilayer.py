@@ -152,9 +152,10 @@ class Bilayer(nn.Module):
         stickmen = draw_stickmen(keypoints.reshape(b * k, NUM_KEYPOINTS, 2), s).to(images.dtype)
         masks = None
         if source_mask is not None:
-            masks = _check_image_batch("source_mask", source_mask, 1, s).reshape(b * k, 1, s, s)
-            if masks.shape[0] != b * k:
-                raise ValueError(f"source_mask has {masks.shape[0]} frames, source_image {b * k}")
+            masks = _check_image_batch("source_mask", source_mask, 1, s)
+            if masks.shape[:2] != (b, k):
+                raise ValueError(f"source_mask has (B, K) = {tuple(masks.shape[:2])}, source_image ({b}, {k})")
+            masks = masks.reshape(b * k, 1, s, s)
         inputs = IdentityEmbedder.compose_input(images.reshape(b * k, 3, s, s), stickmen, masks)
         return self.identity_embedder(inputs.view(b, k, 6, s, s))
 

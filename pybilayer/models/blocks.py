@@ -38,7 +38,8 @@ def upsample() -> nn.Module:
 def adaptive_conv1x1(x: Tensor, params: AdaConvParams) -> Tensor:
     """Per-identity 1x1 convolution as one batched matmul (exportable as MatMul + Add)."""
     b, c, h, w = x.shape
-    y = torch.baddbmm(params.bias[:, :, None], params.weight, x.reshape(b, c, h * w))
+    y = torch.bmm(params.weight, x.reshape(b, c, h * w))
+    y += params.bias[:, :, None]  # in place: baddbmm would first materialise the broadcast bias
     return y.view(b, -1, h, w)
 
 

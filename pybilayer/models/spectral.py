@@ -6,8 +6,9 @@ exactly the official ``weight_orig`` / ``weight_u`` / ``weight_v``. Inference re
 
 A freshly initialised network with random ``u``/``v`` has an arbitrary sigma estimate, and the
 6-block generators overflow (official_bilayer.md 4.1.4). ``normalize_random_init_`` therefore runs
-power iterations until ``u``/``v`` converge and divides each weight by its spectral norm, which is the
-weight the trained-with-SN model would use: a random model stays finite and unsaturated.
+15 power iterations per layer and divides each weight by the resulting spectral norm (true norm
+within ~3% of 1 afterwards), which is the weight a model trained with SN would use; with SN applied
+it also stores the converged ``u``/``v``. A random model stays finite and unsaturated.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _top_singular_pair(matrix: torch.Tensor, u: torch.Tensor, iterations: int, e
 
 
 @torch.no_grad()
-def normalize_random_init_(module: nn.Module, iterations: int = 30, eps: float = SN_EPS,
+def normalize_random_init_(module: nn.Module, iterations: int = 15, eps: float = SN_EPS,
                            generator: torch.Generator | None = None) -> nn.Module:
     """Divide every Conv2d/Linear weight by its spectral norm (power iteration); with spectral norm
     applied, also store the converged u and v. Meant for randomly initialised models only."""
