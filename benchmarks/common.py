@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pybilayer.fileio import atomic_write_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -139,11 +141,8 @@ def run_metadata() -> dict:
 
 def write_json(path: str | os.PathLike, metadata: dict, results: list[dict]) -> None:
     """Write {"metadata", "results"} atomically (a crash never leaves a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"metadata": metadata, "results": results}, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps({"metadata": metadata, "results": results}, indent=2) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:

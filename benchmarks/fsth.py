@@ -5,8 +5,9 @@ paths start from driver landmarks in pixels and end with a uint8 RGB frame:
 
 - bi-layer: ``pybilayer.Renderer.render`` (crop-normalise, keypoint MLP + inference generator, native
   compositor), backend ``torch`` or ``onnxruntime``;
-- FSTH: crop-normalise, rasterise the stickman, generator G with the avatar's AdaIN parameters, uint8;
-  G runs in torch eager or in onnxruntime (``export_generator_onnx``, AdaIN parameters as graph inputs).
+- FSTH: ``pybilayer.Renderer.render`` too (crop-normalise, rasterise the stickman, generator G with the
+  avatar's AdaIN parameters, uint8); G runs in torch eager or in onnxruntime (``export_generator_onnx``,
+  AdaIN parameters as graph inputs), see ``pybilayer/backends/fsth.py``.
 
 Models are randomly initialised (timing does not depend on trained values). The paths are timed
 round-robin, one frame per call, so load drifting during the run affects every row alike.
@@ -15,7 +16,8 @@ round-robin, one frame per call, so load drifting during the run affects every r
     python benchmarks/fsth.py --quick    # tiny models, a few seconds
     python benchmarks/fsth.py --json out.json --threads 4   # metadata from benchmarks/common.py
 
-``compare(...)`` returns the rows for ``benchmarks/latency.py``.
+``compare(...)`` returns the rows; ``benchmarks/latency.py --model both`` prints the same table for the models
+it has just benchmarked (``renderer_paths`` + ``compare_paths``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class FramePath:
     backend: str
     render: Callable[[np.ndarray], np.ndarray]  # (68, 2) driver landmarks in pixels -> (S, S, 3) uint8
     gflop: float  # convolutions and matmuls of the per-frame network, one frame
+    image_size: int
 
 
 def _gflop(fn) -> float:
@@ -56,89 +59,53 @@ def _gflop(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def _to_uint8(images) -> np.ndarray:
-    """(N, 3, S, S) float in [-1, 1] (torch or numpy) -> (N, S, S, 3) uint8, clamped and rounded."""
-    images = np.asarray(images.detach().numpy() if hasattr(images, "detach") else images)
-    return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def _normalise(landmarks_px: np.ndarray) -> np.ndarray:
-    from pybilayer.geometry import crop_box, normalize_keypoints
-
-    return normalize_keypoints(landmarks_px, crop_box(landmarks_px))
-
-
-def fsth_paths(config=None, backends: Sequence[str] = BACKENDS, threads: Optional[int] = None,
-               seed: int = 0) -> list[FramePath]:
-    """FSTH per-frame paths (torch eager and/or onnxruntime) for a random model of ``config``."""
-    import onnx
+def frame_gflop(model) -> float:
+    """Convolutions and matmuls of one frame of ``model``'s per-frame network (FLOP counter, batch 1)."""
     import torch
 
-    from pybilayer.backends.onnxruntime import create_session
-    from pybilayer.geometry import draw_stickman
-    from pybilayer.models.fsth import FSTH, FSTHConfig, export_generator_onnx
-    from pybilayer.synthetic import random_landmarks
+    from pybilayer.models.fsth import FSTH
 
-    torch.manual_seed(seed)
-    config = FSTHConfig() if config is None else config
-    size = config.image_size
-    model = FSTH(config)  # the serving form: no spectral norm
-    shots = 2
-    source_kp = torch.from_numpy(np.stack([_normalise(p) for p in random_landmarks(shots, size, seed=seed)]))
+    keypoints = torch.rand(1, 68, 2) * 1.2 - 0.6
     with torch.no_grad():
-        avatar = model.create_avatar(torch.rand(shots, 3, size, size) * 2 - 1, model.draw_landmarks(source_kp))
-
-    def stickman(landmarks_px: np.ndarray) -> np.ndarray:
-        return draw_stickman(_normalise(landmarks_px), size)[None]
-
-    paths = []
-    sample = torch.from_numpy(stickman(random_landmarks(1, size, seed=seed + 1)[0]))
-    gflop = _gflop(lambda: model.render(avatar, sample))
-    if "torch" in backends:
-        def render_torch(landmarks_px: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return _to_uint8(model.render(avatar, torch.from_numpy(stickman(landmarks_px))))[0]
-
-        paths.append(FramePath("fsth", "torch", render_torch, gflop))
-    if "onnxruntime" in backends:
-        session = create_session(onnx.load_from_string(export_generator_onnx(model)), threads)
-        adain_params = avatar.adain_params.detach().numpy()
-
-        def render_ort(landmarks_px: np.ndarray) -> np.ndarray:
-            feeds = {"landmark_images": stickman(landmarks_px), "adain_params": adain_params}
-            return _to_uint8(session.run(["image"], feeds)[0])[0]
-
-        paths.append(FramePath("fsth", "onnxruntime", render_ort, gflop))
-    return paths
+        if isinstance(model, FSTH):
+            adain_params = torch.randn(1, model.adain_layout.size) * 0.1
+            landmark_images = model.draw_landmarks(keypoints)
+            return _gflop(lambda: model.generator(landmark_images, adain_params))
+        params = model.inference_generator.project([torch.randn(1, c, 8, 8) for c in model.config.embedding_channels()])
+    return _gflop(lambda: model.inference_generator.generate(model.keypoints_embedder(keypoints), params))
 
 
-def bilayer_paths(config=None, backends: Sequence[str] = BACKENDS, threads: Optional[int] = None,
-                  seed: int = 0) -> list[FramePath]:
-    """Bi-layer per-frame paths through ``pybilayer.Renderer`` for a random model of ``config``."""
-    import torch
-
+def renderer_paths(model, backends: Sequence[str] = BACKENDS, threads: Optional[int] = None,
+                   seed: int = 0) -> list[FramePath]:
+    """One ``pybilayer.Renderer`` per backend over ``model`` (bi-layer or FSTH), each with one avatar made
+    from a random photo: driver landmarks (px) -> uint8 frame, exactly what a user calls."""
     from pybilayer import Renderer
-    from pybilayer.models import Bilayer, BilayerConfig
+    from pybilayer.models.fsth import FSTH
     from pybilayer.synthetic import random_landmarks
 
-    torch.manual_seed(seed)
-    config = BilayerConfig() if config is None else config
-    model = Bilayer(config)
-    size = config.image_size
-    rng = np.random.default_rng(seed)
-    photo = rng.integers(0, 256, size=(2 * size, 2 * size, 3), dtype=np.uint8)
+    kind = "fsth" if isinstance(model, FSTH) else "bilayer"
+    size = model.config.image_size
+    photo = np.random.default_rng(seed).integers(0, 256, size=(2 * size, 2 * size, 3), dtype=np.uint8)
     photo_landmarks = random_landmarks(1, 2 * size, seed=seed)[0]
-    keypoints = torch.from_numpy(_normalise(random_landmarks(1, size, seed=seed + 1)[0]))[None]
-    with torch.no_grad():
-        avatar = model.create_avatar(torch.rand(1, 3, size, size) * 2 - 1, keypoints)
-    gflop = _gflop(lambda: model.inference_generator.generate(model.keypoints_embedder(keypoints), avatar.params))
+    gflop = frame_gflop(model)
     paths = []
     for backend in backends:
         renderer = Renderer(model, backend=backend, device="cpu", threads=threads if backend == "onnxruntime" else None)
-        bilayer_avatar = renderer.create_avatar(photo, photo_landmarks)
-        paths.append(FramePath("bilayer", backend,
-                               lambda lm, r=renderer, a=bilayer_avatar: r.render(a, lm), gflop))
+        avatar = renderer.create_avatar(photo, photo_landmarks)
+        paths.append(FramePath(kind, backend, lambda lm, r=renderer, a=avatar: r.render(a, lm), gflop, size))
     return paths
+
+
+def random_models(quick: bool, seed: int = 0) -> dict:
+    """{"bilayer": Bilayer, "fsth": FSTH}, randomly initialised: paper sizes, or tiny 64-px ones with ``quick``."""
+    import torch
+
+    from pybilayer.models import Bilayer, BilayerConfig
+    from pybilayer.models.fsth import FSTH, FSTHConfig
+
+    torch.manual_seed(seed)
+    bilayer = Bilayer(BilayerConfig.tiny(image_size=64) if quick else BilayerConfig())
+    return {"bilayer": bilayer, "fsth": FSTH(FSTHConfig.tiny() if quick else FSTHConfig())}
 
 
 def time_paths(paths: Sequence[FramePath], driver_landmarks: np.ndarray, repeats: int, warmup: int = 2
@@ -165,6 +132,24 @@ def time_paths(paths: Sequence[FramePath], driver_landmarks: np.ndarray, repeats
     return rows
 
 
+def compare_paths(paths: Sequence[FramePath], repeats: int) -> list[dict]:
+    """Time ``paths`` round-robin on one talking-head driver sequence; each row gets ``vs_bilayer``, its
+    per-frame time over the bi-layer path's on the same backend (None without one)."""
+    from pybilayer.synthetic import talking_head_sequence
+
+    sizes = {p.image_size for p in paths}
+    if len(sizes) != 1:
+        raise ValueError(f"all models must render the same size, got {sorted(sizes)}")
+    image_size = sizes.pop()
+    rows = time_paths(paths, talking_head_sequence(max(repeats, 8), image_size), repeats)
+    reference = {r["backend"]: r["ms_p50"] for r in rows if r["model"] == "bilayer"}
+    for row in rows:
+        base = reference.get(row["backend"])
+        row["vs_bilayer"] = row["ms_p50"] / base if base else None
+        row["image_size"] = image_size
+    return rows
+
+
 def compare(quick: bool = False, threads: Optional[int] = None, repeats: Optional[int] = None,
             backends: Sequence[str] = BACKENDS, models: Sequence[str] = ("bilayer", "fsth")) -> list[dict]:
     """Per-frame rows of both models (paper sizes, or tiny ones with ``quick``), timed in one run.
@@ -172,34 +157,14 @@ def compare(quick: bool = False, threads: Optional[int] = None, repeats: Optiona
     ``threads`` sets torch's intra-op threads and onnxruntime's (None: leave both at their defaults)."""
     import torch
 
-    from pybilayer.models import BilayerConfig
-    from pybilayer.models.fsth import FSTHConfig
-    from pybilayer.synthetic import talking_head_sequence
-
     unknown = sorted(set(backends) - set(BACKENDS)) + sorted(set(models) - {"bilayer", "fsth"})
     if unknown:
         raise ValueError(f"unknown backend(s)/model(s) {unknown}; backends: {BACKENDS}, models: bilayer, fsth")
     if threads is not None:
         torch.set_num_threads(threads)
-    fsth_config = FSTHConfig.tiny() if quick else FSTHConfig()
-    bilayer_config = BilayerConfig.tiny(image_size=64) if quick else BilayerConfig()
-    repeats = repeats or (5 if quick else 20)
-    paths = []
-    if "bilayer" in models:
-        paths += bilayer_paths(bilayer_config, backends, threads)
-    if "fsth" in models:
-        paths += fsth_paths(fsth_config, backends, threads)
-    sizes = {fsth_config.image_size, bilayer_config.image_size}
-    if len(sizes) != 1:
-        raise ValueError(f"both models must render the same size, got {sorted(sizes)}")
-    driver = talking_head_sequence(max(repeats, 8), sizes.pop())
-    rows = time_paths(paths, driver, repeats)
-    reference = {r["backend"]: r["ms_p50"] for r in rows if r["model"] == "bilayer"}
-    for row in rows:
-        base = reference.get(row["backend"])
-        row["vs_bilayer"] = row["ms_p50"] / base if base else None
-        row["image_size"] = fsth_config.image_size
-    return rows
+    built = random_models(quick)
+    paths = [p for name in models for p in renderer_paths(built[name], backends, threads)]
+    return compare_paths(paths, repeats or (5 if quick else 20))
 
 
 def format_table(rows: Sequence[dict]) -> str:

@@ -2,13 +2,18 @@
 
     python benchmarks/latency.py                      # random-weight released-size model, all backends
     python benchmarks/latency.py --checkpoint model.safetensors --json results.json
-    python benchmarks/latency.py --quick              # smoke test: few repetitions
+    python benchmarks/latency.py --quick              # smoke test: tiny random models, few repetitions
+    python benchmarks/latency.py --model fsth         # the few-shot talking-head baseline (paper sizes)
+    python benchmarks/latency.py --model both         # both, plus one table comparing their per-frame cost
 
-Per backend: avatar creation (embedder + texture generator + projector + the backend's per-avatar
-preparation), per-frame p50/p90 and fps at batch 1 and batch 8 (landmarks in, uint8 frames out,
-including landmark normalisation and the compositor), the compositor's share, and the peak RSS so far.
-In the same run it times the official-style eager PyTorch per-frame path (keypoint MLP + gen_inf with
-the projector output cached + grid_sample + add, fp32) and reports each backend's speed-up over it.
+Per model and backend: avatar creation (bi-layer: embedder + texture generator + projector; FSTH: embedder
++ AdaIN projection; plus the backend's per-avatar preparation), per-frame p50/p90 and fps at batch 1 and
+batch 8 (landmarks in, uint8 frames out, including landmark normalisation and the compositor or the
+stickman rasterisation), the compositor's share (bi-layer), and the peak RSS so far. In the same run it
+times each model's eager PyTorch per-frame path (bi-layer: the official-style keypoint MLP + gen_inf with
+the projector output cached + grid_sample + add; FSTH: stickman + generator) and reports each backend's
+speed-up over it. ``--model both`` then times both models' CPU paths round-robin, one frame each, in one
+table (``benchmarks/fsth.py``): the bi-layer paper's central comparison, on this machine in this run.
 Nothing is downloaded; tests never assert timings, this script only reports them.
 """
 
@@ -17,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -29,52 +33,16 @@ try:
     import pybilayer  # noqa: F401  (installed, or on PYTHONPATH)
 except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_metadata  # noqa: E402  (benchmarks/common.py)
+from fsth import BACKENDS as CPU_BACKENDS  # noqa: E402  (benchmarks/fsth.py: the comparison table)
+from fsth import compare_paths, format_table, renderer_paths  # noqa: E402
 
 
 def _metadata(threads: int) -> dict:
-    """Machine metadata: benchmarks/common.run_metadata() when present, else a minimal local version."""
-    try:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from common import run_metadata  # type: ignore[import-not-found]
-
-        meta = dict(run_metadata())
-    except ImportError:
-        meta = _minimal_metadata()
+    meta = dict(run_metadata())
     meta["threads"] = threads
     return meta
-
-
-def _minimal_metadata() -> dict:
-    import subprocess
-
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for name in ("onnxruntime", "onnx", "tensorrt"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "versions": versions,
-        "git_sha": sha,
-        "platform": platform.platform(),
-    }
 
 
 def _times(fn, repeats: int, warmup: int = 2) -> np.ndarray:
@@ -99,7 +67,32 @@ def _peak_rss_mib() -> float:
 
 
 def eager_reference(model, avatar, keypoints_1, repeats: int) -> dict:
-    """The official-style eager per-frame path at batch 1, fp32 (projector output cached)."""
+    """The model's eager per-frame path at batch 1, fp32 (per-identity parameters cached)."""
+    from pybilayer.models.fsth import FSTH
+
+    if isinstance(model, FSTH):
+        return _eager_fsth(model, avatar, keypoints_1, repeats)
+    return _eager_bilayer(model, avatar, keypoints_1, repeats)
+
+
+def _eager_fsth(model, avatar, keypoints_1, repeats: int) -> dict:
+    """Stickman + generator G, fp32."""
+    import torch
+
+    from pybilayer.models.fsth import FSTHAvatar
+
+    fsth_avatar = FSTHAvatar(avatar.embedding, avatar.adain_params)
+    keypoints = torch.from_numpy(keypoints_1)
+
+    def step():
+        with torch.no_grad():
+            return model.render(fsth_avatar, model.draw_landmarks(keypoints))
+
+    return _stats(_times(step, repeats))
+
+
+def _eager_bilayer(model, avatar, keypoints_1, repeats: int) -> dict:
+    """The official-style eager path (keypoint MLP + gen_inf + grid_sample + add), fp32."""
     import torch
     import torch.nn.functional as F
 
@@ -141,27 +134,112 @@ def bench_backend(name: str, model, photo, landmarks, drivers, args) -> dict:
     result["batch1"] = _stats(_times(one, args.repeats))
     batch = drivers[: args.batch]
     result[f"batch{args.batch}"] = _stats(_times(lambda: renderer.render(avatar, batch), max(3, args.repeats // 4)), args.batch)
-    # compositor share at batch 1: the same call on this backend's outputs
+    result["compositor_p50_ms"] = result["compositor_share"] = None
     prepared = renderer._prepare(avatar)
-    keypoints = renderer.normalize_landmarks(drivers[:1])
-    out = renderer._backend.run([(prepared, keypoints)])[0]
-    composite = _times(lambda: ops.composite(prepared.texture, out.delta_uv, out.lf, out="uint8"), args.repeats)
-    result["compositor_p50_ms"] = float(np.median(composite))
-    result["compositor_share"] = float(np.median(composite) / result["batch1"]["p50_ms"])
+    if prepared.texture is not None:  # bi-layer (FSTH has no compositor): its share at batch 1
+        keypoints = renderer.normalize_landmarks(drivers[:1])
+        out = renderer._backend.run([(prepared, keypoints)])[0]
+        composite = _times(lambda: ops.composite(prepared.texture, out.delta_uv, out.lf, out="uint8"), args.repeats)
+        result["compositor_p50_ms"] = float(np.median(composite))
+        result["compositor_share"] = float(np.median(composite) / result["batch1"]["p50_ms"])
     result["peak_rss_mib"] = _peak_rss_mib()
     return result
 
 
+MODELS = ("bilayer", "fsth")
+
+
+def load_model(kind: str, checkpoint, quick: bool):
+    """The model to benchmark: ``checkpoint`` (which must hold a ``kind`` model), else a random one of the
+    released / paper size (tiny with ``quick``)."""
+    from pybilayer.models import Bilayer, BilayerConfig
+    from pybilayer.models.fsth import FSTH, FSTHConfig
+    from pybilayer.renderer import _load_model
+
+    model_type = FSTH if kind == "fsth" else Bilayer
+    if checkpoint is None:
+        if kind == "fsth":
+            return _load_model(None, FSTHConfig.tiny() if quick else FSTHConfig())
+        return _load_model(None, BilayerConfig.tiny(image_size=64) if quick else BilayerConfig())
+    model = _load_model(checkpoint, None)
+    if not isinstance(model, model_type):
+        flag = "--fsth-checkpoint" if kind == "fsth" else "--checkpoint"
+        raise SystemExit(f"{flag} {checkpoint}: holds a {type(model).__name__} model, expected {model_type.__name__}")
+    return model
+
+
+def bench_model(kind: str, model, names: list[str], args) -> tuple[dict, list[dict], dict]:
+    """(eager reference, one result per usable backend, {skipped backend: why}) for one model."""
+    from pybilayer import Renderer
+    from pybilayer.backends import unavailable_reason
+    from pybilayer.backends.fsth import SERVED_BY
+    from pybilayer.synthetic import random_landmarks
+
+    size = model.config.image_size
+    rng = np.random.default_rng(args.seed)
+    photo = rng.integers(0, 256, (int(size * 1.25), int(size * 1.25), 3), dtype=np.uint8)
+    landmarks = random_landmarks(1, int(size * 1.25), seed=args.seed)[0]
+    drivers = random_landmarks(max(args.batch, 16), 480, seed=args.seed + 1)
+    skipped = {}
+    usable = []
+    for name in names:
+        reason = unavailable_reason(name, "cpu" if name in ("torch", "onnxruntime") else "cuda")
+        if reason is None and kind == "fsth" and name not in SERVED_BY:
+            reason = f"does not serve the FSTH model (served by {', '.join(SERVED_BY)})"
+        if reason:
+            skipped[name] = reason
+        else:
+            usable.append(name)
+
+    reference_renderer = Renderer(model, backend="torch", device="cpu")
+    avatar = reference_renderer.create_avatar(photo, landmarks)
+    keypoints_1 = reference_renderer.normalize_landmarks(drivers[:1])
+    eager = eager_reference(model, avatar, keypoints_1, args.repeats)
+    results = []
+    for name in usable:
+        r = bench_backend(name, model, photo, landmarks, drivers, args)
+        r["model"] = kind
+        r["speedup_vs_eager"] = eager["p50_ms"] / r["batch1"]["p50_ms"]
+        results.append(r)
+    return eager, results, skipped
+
+
+EAGER_PATHS = {"bilayer": "MLP + gen_inf + grid_sample + add", "fsth": "stickman + generator"}
+
+
+def print_results(kind: str, size: int, eager: dict, results: list[dict], skipped: dict, batch: int) -> None:
+    print(f"{kind} ({size} px): eager PyTorch per-frame path ({EAGER_PATHS[kind]}), batch 1: "
+          f"p50 {eager['p50_ms']:.1f} ms, p90 {eager['p90_ms']:.1f} ms, min {eager['min_ms']:.1f} ms")
+    b = f"batch{batch}"
+    header = (f"{'model':<8} {'backend':<12} {'init ms':>8} {'avatar ms':>9} {'b1 p50':>8} {'b1 p90':>8} {'b1 min':>8} "
+              f"{'b1 fps':>7} {b + ' p50/frame':>16} {b + ' fps':>10} {'comp. share':>11} {'speed-up':>8} "
+              f"{'peak RSS MiB':>12}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        share = "-" if r["compositor_share"] is None else f"{r['compositor_share']:.1%}"
+        print(f"{kind:<8} {r['backend']:<12} {r['renderer_init_ms']:>8.0f} {r['avatar_creation_ms']:>9.0f} "
+              f"{r['batch1']['p50_ms']:>8.2f} {r['batch1']['p90_ms']:>8.2f} {r['batch1']['min_ms']:>8.2f} "
+              f"{r['batch1']['fps']:>7.1f} {r[b]['per_frame_p50_ms']:>16.2f} {r[b]['fps']:>10.1f} {share:>11} "
+              f"{r['speedup_vs_eager']:>7.2f}x {r['peak_rss_mib']:>12.0f}")
+    for name, reason in skipped.items():
+        print(f"{kind:<8} {name:<12} skipped: {reason}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=None, help="model file (default: random released-size model)")
+    parser.add_argument("--model", choices=MODELS + ("both",), default="bilayer",
+                        help="bilayer, fsth (the few-shot talking-head baseline) or both, with a comparison table")
+    parser.add_argument("--checkpoint", default=None, help="bi-layer model file (default: random released-size model)")
+    parser.add_argument("--fsth-checkpoint", default=None, help="FSTH model file (default: random paper-size model)")
     parser.add_argument("--backends", default="auto",
                         help="comma-separated backends, or 'auto' for every one usable here (torch, onnxruntime, cuda, tensorrt)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and onnxruntime)")
     parser.add_argument("--repeats", type=int, default=50, help="timed frames at batch 1")
     parser.add_argument("--batch", type=int, default=8, help="the larger batch size")
     parser.add_argument("--creation-repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="smoke test: few repetitions")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: tiny random models (where no checkpoint is given), few repetitions")
     parser.add_argument("--json", type=Path, default=None, help="also write the results and machine metadata here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -170,66 +248,51 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pybilayer.backends import BACKENDS, unavailable_reason
-    from pybilayer.renderer import _load_model
-    from pybilayer.synthetic import random_landmarks
+    from pybilayer.backends import BACKENDS
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = _load_model(args.checkpoint, None)
-    size = model.config.image_size
-    rng = np.random.default_rng(args.seed)
-    photo = rng.integers(0, 256, (int(size * 1.25), int(size * 1.25), 3), dtype=np.uint8)
-    landmarks = random_landmarks(1, int(size * 1.25), seed=args.seed)[0]
-    drivers = random_landmarks(max(args.batch, 16), 480, seed=args.seed + 1)
-
+    kinds = MODELS if args.model == "both" else (args.model,)
+    checkpoints = {"bilayer": args.checkpoint, "fsth": args.fsth_checkpoint}
+    models = {kind: load_model(kind, checkpoints[kind], args.quick) for kind in kinds}
     names = list(BACKENDS) if args.backends == "auto" else [b.strip() for b in args.backends.split(",")]
-    skipped = {}
-    for name in list(names):
-        reason = unavailable_reason(name, "cpu" if name in ("torch", "onnxruntime") else "cuda")
-        if reason:
-            skipped[name] = reason
-            names.remove(name)
-
-    from pybilayer import Renderer
-
-    reference_renderer = Renderer(model, backend="torch", device="cpu")
-    avatar = reference_renderer.create_avatar(photo, landmarks)
-    keypoints_1 = reference_renderer.normalize_landmarks(drivers[:1])
-    eager = eager_reference(model, avatar, keypoints_1, args.repeats)
-
-    results = []
-    for name in names:
-        r = bench_backend(name, model, photo, landmarks, drivers, args)
-        r["speedup_vs_eager"] = eager["p50_ms"] / r["batch1"]["p50_ms"]
-        results.append(r)
 
     meta = _metadata(args.threads)
-    print(f"pybilayer latency: image {size}, {args.threads} threads, {meta.get('cpu')}, load average "
+    print(f"pybilayer latency: {args.threads} threads, {meta.get('cpu')}, load average "
           f"{os.getloadavg()[0]:.1f}, gpu {meta.get('gpu')}")
-    print(f"eager PyTorch per-frame path (MLP + gen_inf + grid_sample + add), batch 1: p50 {eager['p50_ms']:.1f} ms, "
-          f"p90 {eager['p90_ms']:.1f} ms, min {eager['min_ms']:.1f} ms")
-    b = f"batch{args.batch}"
-    header = (f"{'backend':<12} {'init ms':>8} {'avatar ms':>9} {'b1 p50':>8} {'b1 p90':>8} {'b1 min':>8} {'b1 fps':>7} "
-              f"{b + ' p50/frame':>16} {b + ' fps':>10} {'comp. share':>11} {'speed-up':>8} {'peak RSS MiB':>12}")
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(f"{r['backend']:<12} {r['renderer_init_ms']:>8.0f} {r['avatar_creation_ms']:>9.0f} {r['batch1']['p50_ms']:>8.2f} "
-              f"{r['batch1']['p90_ms']:>8.2f} {r['batch1']['min_ms']:>8.2f} {r['batch1']['fps']:>7.1f} "
-              f"{r[b]['per_frame_p50_ms']:>16.2f} {r[b]['fps']:>10.1f} {r['compositor_share']:>10.1%} "
-              f"{r['speedup_vs_eager']:>7.2f}x {r['peak_rss_mib']:>12.0f}")
-    for name, reason in skipped.items():
-        print(f"{name:<12} skipped: {reason}")
+    payload = {"metadata": meta, "checkpoints": checkpoints, "models": {},
+               "args": {k: str(v) for k, v in vars(args).items()}}
+    for kind, model in models.items():
+        eager, results, skipped = bench_model(kind, model, names, args)
+        print_results(kind, model.config.image_size, eager, results, skipped, args.batch)
+        payload["models"][kind] = {"image_size": model.config.image_size, "eager_reference": eager,
+                                   "results": results, "skipped": skipped}
+    if args.model == "both":
+        payload["comparison"] = compare_models(models, names, args)
     if args.json:
-        payload = {"metadata": meta, "image_size": size, "checkpoint": args.checkpoint, "eager_reference": eager,
-                   "results": results, "skipped": skipped, "args": {k: str(v) for k, v in vars(args).items()}}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
         tmp.write_text(json.dumps(payload, indent=2))
         os.replace(tmp, args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def compare_models(models: dict, names: list[str], args) -> list[dict] | str:
+    """Both models' CPU per-frame paths timed round-robin (``benchmarks/fsth.py``); printed, and returned as
+    rows (or the reason there is no table)."""
+    backends = [b for b in CPU_BACKENDS if b in names]
+    sizes = {m.config.image_size for m in models.values()}
+    if not backends or len(sizes) != 1:
+        why = "no CPU backend (torch, onnxruntime) selected" if not backends else f"image sizes differ {sorted(sizes)}"
+        print(f"no per-frame comparison table: {why}")
+        return why
+    paths = [p for model in models.values() for p in renderer_paths(model, backends, args.threads, args.seed)]
+    rows = compare_paths(paths, args.repeats)
+    print(f"\nper-frame cost, bi-layer vs few-shot talking-head, landmarks (px) -> uint8 frame, batch 1, "
+          f"{sizes.pop()} px, timed round-robin on the CPU in this run:")
+    print(format_table(rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import CheckpointError
+from .fileio import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -64,7 +64,7 @@ class Avatar:
     crop_box: tuple[int, int, int, int] | None = None  # source-photo pixels of the crop it was made from
     enhanced: bool = False
     format_version: int = FORMAT_VERSION
-    _flat_params: dict | None = field(default=None, repr=False)
+    _flat_params: dict | None = field(default=None, init=False, repr=False)
 
     @property
     def image_size(self) -> int:
@@ -93,17 +93,8 @@ class Avatar:
             "crop_box": json.dumps(None if self.crop_box is None else [int(v) for v in self.crop_box]),
             "enhanced": "true" if self.enhanced else "false",
         }
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".avatar", dir=directory)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None) -> "Avatar":

@@ -17,8 +17,9 @@ it runs in pybilayer.ops on fp32 sampling coordinates.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from .fileio import atomic_write_bytes
 
 from .backends.frame_graph import (
     KEYPOINTS_INPUT,
@@ -60,16 +61,7 @@ def export_onnx(model, path: str | os.PathLike, precision: str = "fp32", avatar=
     if check:
         onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_bytes(path, proto.SerializeToString())
     return path
 
 

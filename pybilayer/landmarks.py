@@ -511,7 +511,7 @@ def load_landmarks(path: str | os.PathLike) -> np.ndarray:
 
 def save_landmarks(path: str | os.PathLike, landmarks: np.ndarray) -> None:
     """Write (N, 68, 2) float32 landmarks to a .npy file atomically."""
-    from .video import atomic_path
+    from .fileio import atomic_path
 
     path = os.fspath(path)
     if not path.endswith(".npy"):

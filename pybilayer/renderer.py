@@ -8,6 +8,11 @@
     frames = r.render([avatar_a, avatar_b], landmarks)  # frame i of avatar i (or one pose for every avatar)
     layers = r.render(avatar, landmarks, output="layers")  # float image, lf, hf, mask
 
+The few-shot talking-head baseline is served the same way: ``Renderer("fsth.safetensors")`` (the file's
+metadata says which model it holds) or ``Renderer(fsth_model)``; its avatars are
+``backends.fsth.FewShotAvatar`` and it renders uint8 frames only (``backends/fsth.py``). What differs per
+model sits behind one small adapter (``BilayerServing`` here, ``FSTHServing`` there).
+
 Convention:
     - Driver landmarks are (68, 2) float pixel coordinates of the driver frame (iBUG 300-W order). Each
       frame is normalised to its own crop (``pybilayer.geometry.crop_box``, the official crop), so the
@@ -34,7 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .avatar import Avatar, model_fingerprint
-from .backends import FrameOutputs, PreparedAvatar, select_backend
+from .backends import FrameOutputs, PreparedAvatar, create_backend, select_backend
 from .backends.avatar_fast import FastAvatarCreator
 from .errors import CheckpointError
 
@@ -57,24 +62,42 @@ class RenderLayers(NamedTuple):
     mask: np.ndarray
 
 
+def _file_format(path) -> str | None:
+    """The ``format`` entry of a safetensors file's metadata; None when the file cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:  # noqa: BLE001 - the loader that follows reports what is wrong with the file
+        return None
+
+
 def _load_model(checkpoint, config):
+    """A Bilayer or an FSTH model: from a file (its metadata says which), as given, or random from ``config``."""
     from .models import Bilayer, BilayerConfig
+    from .models.fsth import FORMAT_NAME as FSTH_FORMAT
+    from .models.fsth import FSTH, FSTHConfig
 
     if checkpoint is None:
         log.warning("Renderer: no checkpoint given, using a randomly initialised model (for tests and benchmarks)")
+        if isinstance(config, FSTHConfig):
+            return FSTH(config)
         return Bilayer(config if config is not None else BilayerConfig())
     if config is not None:
         raise ValueError("config is only used without a checkpoint (a checkpoint carries its own config)")
-    if isinstance(checkpoint, Bilayer):
+    if isinstance(checkpoint, (Bilayer, FSTH)):
         return checkpoint
     if isinstance(checkpoint, (str, os.PathLike)):
         try:
+            if _file_format(checkpoint) == FSTH_FORMAT:
+                return FSTH.load(checkpoint)
             return Bilayer.load(checkpoint)
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure to read a model file is a checkpoint problem
             raise CheckpointError(f"cannot load model file {os.fspath(checkpoint)}: {type(exc).__name__}: {exc}") from exc
-    raise TypeError(f"checkpoint must be None, a path or a Bilayer, got {type(checkpoint).__name__}")
+    raise TypeError(f"checkpoint must be None, a path, a Bilayer or an FSTH model, got {type(checkpoint).__name__}")
 
 
 def check_landmarks(landmarks, name: str = "driver_landmarks_px") -> tuple[np.ndarray, bool]:
@@ -130,14 +153,81 @@ def _to_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
+class BilayerServing:
+    """What the Renderer needs to know about the bi-layer model; ``backends.fsth.FSTHServing`` is the
+    few-shot model's. Built once the backend (hence the device) is chosen."""
+
+    kind = "bi-layer"
+    avatar_type = Avatar
+    create_backend = staticmethod(create_backend)
+
+    def __init__(self, model, device: str, threads: int | None = None):
+        from .backends.onnxruntime import onnxruntime_unavailable_reason
+
+        self.model = model
+        self.image_size = int(model.config.image_size)
+        self.fingerprint = model_fingerprint(model)
+        # Phase 1 with exact conv rewrites; on a CPU the identity embedder runs in onnxruntime.
+        use_ort = device == "cpu" and onnxruntime_unavailable_reason() is None
+        self._fast_creator = FastAvatarCreator(model, threads=threads, use_onnxruntime=use_ort)
+
+    def create(self, source_image, source_keypoints, crop_box, enhance: bool) -> Avatar:
+        """(1, 3, S, S) crop and (1, 68, 2) keypoints on the device -> Avatar (CPU tensors)."""
+        import torch
+
+        with torch.no_grad():  # not inference_mode: the texture enhancer needs autograd inside
+            if enhance:
+                created = self.model.create_avatar(source_image, source_keypoints, enhance=True)
+            else:
+                created = self._fast_creator.create(source_image, source_keypoints)
+        return Avatar(
+            texture=created.texture[0].detach().to("cpu", torch.float32).contiguous(),
+            params=created.params.map(lambda t: t.detach().to("cpu", torch.float32).contiguous()),
+            model_fingerprint=self.fingerprint,
+            crop_box=tuple(int(v) for v in crop_box),
+            enhanced=bool(enhance),
+        )
+
+    def load_avatar(self, path) -> Avatar:
+        from .backends.fsth import AVATAR_FORMAT as FSTH_AVATAR_FORMAT
+
+        if _file_format(path) == FSTH_AVATAR_FORMAT:
+            raise CheckpointError(f"{os.fspath(path)} is an avatar of the few-shot (FSTH) model; this renderer "
+                                  "serves a bi-layer model and reads only its avatars")
+        return Avatar.load(path, expected_fingerprint=self.fingerprint)
+
+    def check_render_options(self, output: str, background) -> None:
+        """Every output and background is available (checked by ``render`` itself)."""
+
+    def frames(self, prepared: PreparedAvatar, out: FrameOutputs, output: str, background):
+        """Backend outputs -> uint8 frames, or the float layers (image, lf, hf, mask) as numpy."""
+        from . import ops
+
+        texture = prepared.texture
+        if background is not None and not isinstance(background, list) and not isinstance(out.lf, np.ndarray):
+            import torch
+
+            background = torch.from_numpy(background).to(out.lf.device)
+        mask = out.mask_logits if background is not None else None
+        if output == "uint8":
+            frames = ops.composite(texture, out.delta_uv, out.lf, mask, background, mask_is_logits=True, out="uint8")
+            return _to_numpy(frames)
+        image = ops.composite(texture, out.delta_uv, out.lf, mask, background, mask_is_logits=True, out="float32")
+        zeros = out.lf * 0 if not isinstance(out.lf, np.ndarray) else np.zeros_like(out.lf)
+        hf = ops.composite(texture, out.delta_uv, zeros, out="float32")
+        mask_prob = 1.0 / (1.0 + np.exp(-_to_numpy(out.mask_logits).astype(np.float64)))
+        return (_to_numpy(image), _to_numpy(out.lf).copy(), _to_numpy(hf), mask_prob.astype(np.float32))
+
+
 class Renderer:
     """One model, one per-frame backend; see the module docstring.
 
     Args:
-        checkpoint: a pybilayer model file, a loaded ``Bilayer`` (moved to ``device`` and used in place, not
-            copied), or None for a random released-size model (``config`` chooses another architecture then).
+        checkpoint: a pybilayer model file (bi-layer or FSTH, told apart by its metadata), a loaded ``Bilayer``
+            or ``FSTH`` (moved to ``device`` and used in place, not copied), or None for a random released-size
+            bi-layer model (``config``, a ``BilayerConfig`` or an ``FSTHConfig``, chooses another then).
         backend: "auto" (tensorrt > cuda > onnxruntime, skipping what cannot run here), "tensorrt",
-            "cuda", "onnxruntime" or "torch" (the fp32 reference).
+            "cuda", "onnxruntime" or "torch" (the fp32 reference). The FSTH model: torch or onnxruntime.
         device: "auto" (each backend where it runs: onnxruntime on the CPU, cuda/tensorrt on the GPU, torch
             on the GPU if there is one), "cpu", "cuda" or "cuda:N". Avatar creation runs on the chosen
             backend's device (``Renderer.device``).
@@ -151,26 +241,27 @@ class Renderer:
                  threads: int | None = None, backend_options: dict[str, dict[str, Any]] | None = None):
         import torch
 
+        from .backends.fsth import FSTHServing
+        from .models.fsth import FSTH
+
         model = _load_model(checkpoint, config)
         if model.spectral_norm:
             raise ValueError("the model still has spectral norm applied; call model.remove_spectral_norm() before serving")
-        self.image_size = int(model.config.image_size)
-        self.fingerprint = model_fingerprint(model)
+        serving = FSTHServing if isinstance(model, FSTH) else BilayerServing
         options = {k: dict(v) for k, v in (backend_options or {}).items()}
         if threads is not None:
             options.setdefault("onnxruntime", {}).setdefault("threads", threads)
-        self._backend, self.backend_reason = select_backend(backend, model.eval(), device, options)
+        self._backend, self.backend_reason = select_backend(backend, model.eval(), device, options,
+                                                            create=serving.create_backend)
         # The backend decides where things live: avatar creation runs on its device too.
         self.device = self._backend.device
         self.model = model.to(self.device)
         self._torch_device = torch.device(self.device)
+        self._serving = serving(self.model, self.device, threads)
+        self.image_size = self._serving.image_size
+        self.fingerprint = self._serving.fingerprint
         self._lock = threading.RLock()
-        self._prepared: weakref.WeakKeyDictionary[Avatar, PreparedAvatar] = weakref.WeakKeyDictionary()
-        # Phase 1 with exact conv rewrites; on a CPU the identity embedder runs in onnxruntime.
-        from .backends.onnxruntime import onnxruntime_unavailable_reason
-
-        use_ort = self.device == "cpu" and onnxruntime_unavailable_reason() is None
-        self._fast_creator = FastAvatarCreator(self.model, threads=threads, use_onnxruntime=use_ort)
+        self._prepared: weakref.WeakKeyDictionary[Any, PreparedAvatar] = weakref.WeakKeyDictionary()
         log.info("pybilayer Renderer: backend %s", self.backend_reason)
 
     @property
@@ -178,15 +269,22 @@ class Renderer:
         return self._backend.name
 
     def __repr__(self) -> str:
-        return f"Renderer(backend={self.backend!r}, device={self.device!r}, image_size={self.image_size})"
+        return (f"Renderer(model={self.model_kind!r}, backend={self.backend!r}, device={self.device!r}, "
+                f"image_size={self.image_size})")
+
+    @property
+    def model_kind(self) -> str:
+        """"bi-layer" or "few-shot talking-head (FSTH)"."""
+        return self._serving.kind
 
     # ------------------------------------------------------------------ avatars
-    def create_avatar(self, photo, landmarks=None, enhance: bool = False) -> Avatar:
+    def create_avatar(self, photo, landmarks=None, enhance: bool = False):
         """An Avatar from one RGB uint8 (H, W, 3) photo. ``landmarks``: (68, 2) pixels, or None to detect
         them (``pybilayer.landmarks.detect_one``, the largest face). ``enhance`` runs the texture enhancer.
         Runs the identity embedder, texture generator and projector once (with exact convolution
         rewrites, ``backends.avatar_fast``), then the backend's per-avatar preparation. No background
-        segmentation is applied to the source photo."""
+        segmentation is applied to the source photo. For the FSTH model: embedder and projection P, giving
+        a ``FewShotAvatar`` (``enhance`` is not available)."""
         import torch
 
         from .geometry import preprocess
@@ -206,34 +304,35 @@ class Renderer:
         source_image = torch.from_numpy(image)[None].to(self._torch_device)
         source_keypoints = torch.from_numpy(keypoints)[None].to(self._torch_device)
         with self._lock:
-            if enhance:
-                with torch.no_grad():  # not inference_mode: the texture enhancer needs autograd inside
-                    created = self.model.create_avatar(source_image, source_keypoints, enhance=True)
-            else:
-                with torch.no_grad():
-                    created = self._fast_creator.create(source_image, source_keypoints)
-            avatar = Avatar(
-                texture=created.texture[0].detach().to("cpu", torch.float32).contiguous(),
-                params=created.params.map(lambda t: t.detach().to("cpu", torch.float32).contiguous()),
-                model_fingerprint=self.fingerprint,
-                crop_box=tuple(int(v) for v in box),
-                enhanced=bool(enhance),
-            )
+            avatar = self._serving.create(source_image, source_keypoints, box, enhance)
             self._prepare(avatar)
         return avatar
 
-    def load_avatar(self, path) -> Avatar:
+    def load_avatar(self, path):
         """Read an avatar file; CheckpointError if it is unreadable or was made by a different model."""
-        avatar = Avatar.load(path, expected_fingerprint=self.fingerprint)
+        avatar = self._serving.load_avatar(path)
         with self._lock:
             self._prepare(avatar)
         return avatar
 
-    def _prepare(self, avatar: Avatar) -> PreparedAvatar:
+    def _check_avatar(self, avatar) -> None:
+        """TypeError naming both models when ``avatar`` is not one of this renderer's model kind."""
+        if isinstance(avatar, self._serving.avatar_type):
+            return
+        from .backends.fsth import FewShotAvatar, FSTHServing
+
+        kinds = {Avatar: BilayerServing.kind, FewShotAvatar: FSTHServing.kind}
+        other = kinds.get(type(avatar))
+        if other is None:
+            raise TypeError(f"avatar must be a {self._serving.avatar_type.__name__} (made by this renderer) or a "
+                            f"non-empty list of them, got {type(avatar).__name__}")
+        raise TypeError(f"this Renderer serves the {self.model_kind} model, got an avatar of the {other} model; "
+                        "create avatars with a Renderer of the model that will render them")
+
+    def _prepare(self, avatar) -> PreparedAvatar:
         prepared = self._prepared.get(avatar)
         if prepared is None:
-            if not isinstance(avatar, Avatar):
-                raise TypeError(f"expected an Avatar, got {type(avatar).__name__}")
+            self._check_avatar(avatar)
             if avatar.model_fingerprint != self.fingerprint:
                 raise CheckpointError(
                     f"this avatar was made by a different model (fingerprint {avatar.model_fingerprint[:12]}..., "
@@ -272,15 +371,14 @@ class Renderer:
         crop_boxes: None (each frame's own crop, the official behaviour), or one square box
             (left, top, right, bottom) per frame in driver pixels, e.g. smoothed over time against jitter.
         """
-        from . import ops
-
         if output not in ("uint8", "layers"):
             raise ValueError(f"output must be 'uint8' or 'layers', got {output!r}")
+        self._serving.check_render_options(output, background)
         points, single = check_landmarks(driver_landmarks_px)
         avatars = self._frame_avatars(avatar, len(points), single)
         if crop_boxes is not None:
             crop_boxes = [crop_boxes] if single and np.ndim(crop_boxes) == 1 else list(crop_boxes)
-        if isinstance(avatar, Avatar):
+        if not isinstance(avatar, (list, tuple)):
             squeeze = single
         else:
             squeeze = False
@@ -303,38 +401,25 @@ class Renderer:
             results = []
             for p, (_, s, e), out in zip(prepared, groups, outputs):
                 group_bg = bg[s:e] if isinstance(bg, np.ndarray) else bg
-                results.append(self._composite(ops, p, out, output, group_bg))
+                results.append(self._serving.frames(p, out, output, group_bg))
         if output == "uint8":
             frames = np.concatenate(results) if len(results) > 1 else results[0]
             return frames[0] if squeeze else frames
         layers = RenderLayers(*(np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*results)))
         return RenderLayers(*(x[0] for x in layers)) if squeeze else layers
 
-    def _frame_avatars(self, avatar, n: int, single: bool) -> list[Avatar]:
-        if isinstance(avatar, Avatar):
+    def _frame_avatars(self, avatar, n: int, single: bool) -> list:
+        if not isinstance(avatar, (list, tuple)):
+            self._check_avatar(avatar)
             return [avatar] * n
-        if isinstance(avatar, (list, tuple)) and avatar and all(isinstance(a, Avatar) for a in avatar):
-            if not single and len(avatar) != n:
-                raise ValueError(f"{len(avatar)} avatars but {n} landmark sets: give one set per avatar, "
-                                 "or a single (68, 2) set for all of them")
-            return list(avatar)
-        raise TypeError(f"avatar must be an Avatar or a non-empty list of Avatars, got {type(avatar).__name__}")
-
-    def _composite(self, ops, prepared: PreparedAvatar, out: FrameOutputs, output: str, background):
-        texture = prepared.texture
-        if background is not None and not isinstance(background, list) and not isinstance(out.lf, np.ndarray):
-            import torch
-
-            background = torch.from_numpy(background).to(out.lf.device)
-        mask = out.mask_logits if background is not None else None
-        if output == "uint8":
-            frames = ops.composite(texture, out.delta_uv, out.lf, mask, background, mask_is_logits=True, out="uint8")
-            return _to_numpy(frames)
-        image = ops.composite(texture, out.delta_uv, out.lf, mask, background, mask_is_logits=True, out="float32")
-        zeros = out.lf * 0 if not isinstance(out.lf, np.ndarray) else np.zeros_like(out.lf)
-        hf = ops.composite(texture, out.delta_uv, zeros, out="float32")
-        mask_prob = 1.0 / (1.0 + np.exp(-_to_numpy(out.mask_logits).astype(np.float64)))
-        return (_to_numpy(image), _to_numpy(out.lf).copy(), _to_numpy(hf), mask_prob.astype(np.float32))
+        if not avatar:
+            raise TypeError("avatar must be an avatar or a non-empty list of avatars, got an empty list")
+        for a in avatar:
+            self._check_avatar(a)
+        if not single and len(avatar) != n:
+            raise ValueError(f"{len(avatar)} avatars but {n} landmark sets: give one set per avatar, "
+                             "or a single (68, 2) set for all of them")
+        return list(avatar)
 
 
-__all__ = ["RenderLayers", "Renderer", "check_landmarks"]
+__all__ = ["BilayerServing", "RenderLayers", "Renderer", "check_landmarks"]

@@ -44,6 +44,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import BackendUnavailableError, EngineError
+from .fileio import atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -352,21 +353,6 @@ def default_cache_dir() -> Path:
     if checkout_engines.is_dir():
         return checkout_engines / "cache"
     return Path.home() / ".cache" / "pybilayer" / "engines"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and os.replace: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class EngineCache:

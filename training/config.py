@@ -2,7 +2,9 @@
 
 Defaults are the released training run (official_bilayer.md section 3): loss weights of the base
 stage, Adam(2e-4, betas (0.5, 0.999), eps 1e-7), a global batch of 40, standing BatchNorm
-statistics over 500 batches. ``training/train.py`` is the only caller of ``load_config``; every other
+statistics over 500 batches. ``model_type: fsth`` trains the few-shot talking-head baseline instead
+(section ``fsth``, the paper's settings by default); the runner's keys (output_dir, batch_size, steps,
+seed, device, logging, checkpoints, data, perceptual) serve both models. ``training/train.py`` is the only caller of ``load_config``; every other
 module receives explicit arguments.
 """
 
@@ -63,7 +65,48 @@ class OptimConfig:
 
 
 @dataclass
+class FSTHLossWeights:
+    content_imagenet: float = 10.0  # VGG19 (or the VGG16 stand-in) term of L_CNT, see training/fsth.py
+    content_face: float = 2.5e-2  # VGGFace term of L_CNT (only with a VGGFace weight file)
+    adversarial: float = 1.0  # -D(x_hat)
+    feature_matching: float = 10.0  # lambda_FM
+    embedding_match: float = 80.0  # lambda_MCH
+
+
+@dataclass
+class FSTHOptimConfig:
+    generator_lr: float = 5e-5  # embedder, projection P, generator
+    discriminator_lr: float = 2e-4  # discriminator including W, w0, b
+    beta1: float = 0.9
+    beta2: float = 0.999
+    discriminator_steps: int = 1  # discriminator updates per generator update
+
+
+@dataclass
+class FSTHTrainConfig:
+    """Meta-learning of the few-shot talking-head model (Zakharov et al., ICCV 2019), paper values."""
+
+    preset: Literal["paper", "tiny"] = "paper"  # FSTHConfig() (256 px) or FSTHConfig.tiny() (64 px)
+    shots: int = 8  # K: source frames per video; a sample holds K + 1 frames
+    losses: FSTHLossWeights = field(default_factory=FSTHLossWeights)
+    optim: FSTHOptimConfig = field(default_factory=FSTHOptimConfig)
+
+    def __post_init__(self):
+        if self.shots < 1:
+            raise ValueError(f"FSTHTrainConfig.shots must be >= 1, got {self.shots}")
+        if self.optim.discriminator_steps < 1:
+            raise ValueError(f"FSTHTrainConfig.optim.discriminator_steps must be >= 1, "
+                             f"got {self.optim.discriminator_steps}")
+
+
+# TrainConfig keys that only the bi-layer model reads; with model_type=fsth they must keep their defaults.
+BILAYER_ONLY_KEYS = ("stage", "init_checkpoint", "amp", "precision", "spectral_norm", "apply_masks",
+                     "standing_stats_batches", "model", "losses", "optim")
+
+
+@dataclass
 class TrainConfig:
+    model_type: Literal["bilayer", "fsth"] = "bilayer"  # train.py --model sets it too
     stage: Literal["base", "enhancer"] = "base"  # enhancer: stage 2, trains texture_enhancer + discriminator
     output_dir: str = "runs/bilayer"
     init_checkpoint: Optional[str] = None  # stage-1 training checkpoint (training state .pt) to start from
@@ -88,6 +131,7 @@ class TrainConfig:
     losses: LossWeights = field(default_factory=LossWeights)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    fsth: FSTHTrainConfig = field(default_factory=FSTHTrainConfig)  # model_type=fsth only
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "steps", "log_every", "image_every", "checkpoint_every"):
@@ -95,6 +139,16 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.eval_every < 0 or self.eval_batches < 0 or self.standing_stats_batches < 0:
             raise ValueError("TrainConfig: eval_every, eval_batches and standing_stats_batches must be >= 0")
+        fields = {f.name: f for f in dataclasses.fields(self)}
+
+        def default(name: str):
+            return fields[name].default_factory() if fields[name].default is dataclasses.MISSING else fields[name].default
+
+        unused = BILAYER_ONLY_KEYS if self.model_type == "fsth" else ("fsth",)
+        changed = [name for name in unused if getattr(self, name) != default(name)]
+        if changed:
+            raise ValueError(f"TrainConfig: {changed} do not apply to model_type={self.model_type}; "
+                             "remove them from the configuration")
 
 
 class ConfigError(ValueError):

@@ -4,6 +4,7 @@
     for sample in DataLoader(dataset, batch_sampler=StreamBatchSampler(batch, rank, world)):
         scalars, visuals = trainer.train_step(sample)      # state_dict() / load_state_dict() to resume
     trainer.inference_copy().save("fsth.safetensors")
+    # or the whole runner: python training/train.py --model fsth --config training/configs/fsth.yaml
     person = fine_tune(trainer.model, frames, landmark_images, FineTuneConfig(), trainer.content_loss)
     images = person.model.render(person.avatar, driver_landmark_images)
 
@@ -35,9 +36,10 @@ VGGFace term keeps the caffe scaling, so the paper's 2.5e-2 applies unchanged.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -45,47 +47,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pybilayer.models.fsth import FSTH, FSTHAvatar, FSTHConfig
+from training.config import FSTHLossWeights, FSTHOptimConfig, FSTHTrainConfig  # noqa: F401 (part of this API)
 from training.data import BilayerFrames
 from training.losses import feature_matching
+from training.trainer import Runner
+
+log = logging.getLogger("pybilayer.training")
 
 ContentLoss = Callable[[Tensor, Tensor], Tensor]  # (generated, real) images in [-1, 1] -> scalar
 
 
 # --------------------------------------------------------------------------------------------------------
 # configuration
-
-
-@dataclass
-class FSTHLossWeights:
-    content_imagenet: float = 10.0  # VGG19 (or the VGG16 stand-in) term of L_CNT, see the module docstring
-    content_face: float = 2.5e-2  # VGGFace term of L_CNT (only with a VGGFace weight file)
-    adversarial: float = 1.0  # -D(x_hat)
-    feature_matching: float = 10.0  # lambda_FM
-    embedding_match: float = 80.0  # lambda_MCH
-
-
-@dataclass
-class FSTHOptimConfig:
-    generator_lr: float = 5e-5  # embedder, projection P, generator
-    discriminator_lr: float = 2e-4  # discriminator including W, w0, b
-    beta1: float = 0.9
-    beta2: float = 0.999
-    discriminator_steps: int = 1  # discriminator updates per generator update
-
-
-@dataclass
-class FSTHTrainConfig:
-    preset: Literal["paper", "tiny"] = "paper"  # FSTHConfig() (256 px) or FSTHConfig.tiny() (64 px)
-    shots: int = 8  # K: source frames per video; a sample holds K + 1 frames
-    losses: FSTHLossWeights = field(default_factory=FSTHLossWeights)
-    optim: FSTHOptimConfig = field(default_factory=FSTHOptimConfig)
-
-    def __post_init__(self):
-        if self.shots < 1:
-            raise ValueError(f"FSTHTrainConfig.shots must be >= 1, got {self.shots}")
-        if self.optim.discriminator_steps < 1:
-            raise ValueError(f"FSTHTrainConfig.optim.discriminator_steps must be >= 1, "
-                             f"got {self.optim.discriminator_steps}")
 
 
 @dataclass
@@ -364,6 +337,44 @@ def make_trainer(config: FSTHTrainConfig, data_root: str | Path, split: str = "t
     model = FSTH(model_config, spectral_norm=True).to(device)
     content = build_content_loss(config.losses, vgg19_weights, vggface_weights, vgg16_weights).to(device)
     return FSTHTrainer(model, config, content), dataset
+
+
+class FSTHRunner(Runner):
+    """``train.py --model fsth``: meta-learning in the runner's loop (training/trainer.py), so checkpoints,
+    resume, signals, logging, evaluation and export are the bi-layer model's. Not wrapped in
+    DistributedDataParallel: `FSTHTrainer` averages its gradients over the processes itself."""
+
+    progress_keys = ("loss/generator_total", "loss/discriminator_hinge", "loss/content")
+    run_name = "train fsth"
+
+    def build(self, checkpoint: Optional[dict]) -> None:
+        config, perceptual = self.config, self.config.perceptual
+        self.dtype = torch.float32
+        self.trainer, self.train_set = make_trainer(
+            config.fsth, config.data.root, config.data.train_split, config.seed, config.data.max_retries,
+            self.device, perceptual.vgg19_weights, perceptual.vggface_weights, perceptual.vgg16_weights)
+        if self.ctx.is_main:
+            log.info("content loss: %s", self.trainer.content_loss.description)
+        if checkpoint is not None:
+            self.trainer.load_state_dict(checkpoint["fsth"])
+
+    def train_step(self, batch: dict) -> tuple[dict[str, float], dict[str, Tensor]]:
+        return self.trainer.train_step(batch)
+
+    def training_state(self) -> dict:
+        return {"fsth": self.trainer.state_dict()}
+
+    def inference_copy(self) -> FSTH:
+        return self.trainer.inference_copy()
+
+    def test_set(self) -> FSTHFrames:
+        return FSTHFrames(self.config.data.root, self.config.data.test_split, self.trainer.model.config.image_size,
+                          self.config.fsth.shots, shuffle=False, seed=self.config.seed)
+
+    def predict(self, model: FSTH, batch: dict, has_masks: bool) -> tuple[Tensor, Tensor]:
+        """Feed-forward (no fine-tuning): the avatar of the first K frames renders the last frame's pose."""
+        avatar = model.create_avatar(batch["image"][:, :-1], batch["stickman"][:, :-1])
+        return model.render(avatar, batch["stickman"][:, -1]), batch["image"][:, -1]
 
 
 # --------------------------------------------------------------------------------------------------------

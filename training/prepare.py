@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pybilayer.fileio import atomic_path  # noqa: E402
 
 log = logging.getLogger("pybilayer.prepare")
 
@@ -135,14 +136,8 @@ def crop_frame(image: np.ndarray, landmarks_px: np.ndarray, size: int) -> tuple[
 
 
 def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path, make_parents=True) as tmp:
+        write(Path(tmp))
 
 
 def write_sample(root: Path, split: str, name: str, seq: str, frame: str, crop: np.ndarray,

@@ -1,6 +1,7 @@
-"""Train the bi-layer model.
+"""Train the bi-layer model, or the few-shot talking-head baseline (FSTH) with ``--model fsth``.
 
     python training/train.py --config training/configs/base.yaml data.root=/data/vox
+    python training/train.py --model fsth --config training/configs/fsth.yaml data.root=/data/vox
     torchrun --nproc_per_node 8 training/train.py --config training/configs/base.yaml data.root=/data/vox
     python training/train.py --config ... --resume            # continue exactly where it stopped
     python training/train.py --config training/configs/enhancer.yaml init_checkpoint=runs/base/model.safetensors
@@ -9,7 +10,8 @@ Configuration: the dataclasses of training/config.py, from a YAML file plus ``ke
 overrides (values parsed as YAML); unknown keys and wrong types are errors. Outputs in output_dir:
 checkpoints/latest.pt (atomic; model, optimisers, RNG, step), model.safetensors (the generator with
 standing BatchNorm statistics and spectral norm removed, for ``Bilayer.load`` and
-``pybilayer.Renderer``), tensorboard/ and train.log. SIGTERM or Ctrl-C saves and exits cleanly.
+``pybilayer.Renderer``; with --model fsth the meta-learned FSTH for ``FSTH.load``), tensorboard/ and
+train.log. SIGTERM or Ctrl-C saves and exits cleanly.
 """
 
 from __future__ import annotations
@@ -37,14 +39,17 @@ def _setup_logging(output_dir: str, rank: int) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Train the bi-layer model (see training/config.py for keys).",
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(description="Train the bi-layer model or the FSTH baseline "
+                                     "(see training/config.py for keys).", allow_abbrev=False)
     parser.add_argument("--config", help="YAML file with TrainConfig keys")
+    parser.add_argument("--model", choices=("bilayer", "fsth"),
+                        help="which model to train (the model_type key; default: the config's, else bilayer)")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest.pt")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. losses.adversarial=0.5")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        overrides = ([f"model_type={args.model}"] if args.model else []) + args.overrides
+        config = load_config(args.config, overrides)
     except ConfigError as exc:
         parser.error(str(exc))
     rank = int(os.environ.get("RANK", "0"))

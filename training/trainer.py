@@ -1,5 +1,9 @@
 """The training runner: both stages, one process or DistributedDataParallel, resumable.
 
+``Runner`` is the loop (checkpoints, resume, signals, logging, evaluation and export) for either model;
+``BilayerTrainer`` is the bi-layer model's part, ``training.fsth.FSTHRunner`` the few-shot baseline's
+(``model_type: fsth``). ``run`` picks one.
+
 Stage "base" trains identity_embedder, texture_generator, keypoints_embedder, inference_generator
 and the discriminator with the released losses. Stage "enhancer" starts from a base run, freezes the
 base networks (eval mode, standing statistics) and trains texture_enhancer + discriminator, with the
@@ -18,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import signal
 import time
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from pybilayer.fileio import atomic_path
 from training import losses as L
 from training.config import TrainConfig, bilayer_config, config_from_dict, config_to_dict
 from training.data import BilayerFrames, StreamBatchSampler
@@ -121,14 +125,8 @@ def _tuplify(obj):
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path, make_parents=True) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _flatten_config(values: dict, prefix: str = "") -> dict:
@@ -149,29 +147,30 @@ def image_grid(rows: list[Tensor]) -> Tensor:
     return torch.cat(list(per_sample), dim=1)
 
 
-class Trainer:
-    """Runs one training configuration in this process (one rank of a torchrun job, or alone)."""
+class Runner:
+    """The training loop of one process (one rank of a torchrun job, or alone), for either model:
+    checkpoints (atomic), exact resume, SIGTERM/Ctrl-C, TensorBoard, progress, evaluation and export.
+
+    A subclass supplies the model through ``build(checkpoint)`` (model, optimisers, ``train_set``,
+    ``dtype``; the checkpoint's training state when resuming), ``train_step(batch) -> (scalars named
+    loss/..., images for the preview grid)``, ``training_state()`` (the checkpoint's model and optimiser
+    part), ``inference_copy()`` (a model with ``save``), ``test_set()`` and ``predict(model, batch,
+    has_masks) -> (fake, real)`` for evaluation, ``run_name`` and ``progress_keys`` for the progress bar.
+    """
+
+    progress_keys: tuple[str, ...] = ()
 
     def __init__(self, config: TrainConfig, ctx: DistContext, resume: bool = False,
                  after_step: Optional[Callable[[int], None]] = None):
-        from pybilayer.models import Bilayer
-        from pybilayer.models.spectral import apply_spectral_norm, normalize_random_init_
-
         self.config = config
         self.ctx = ctx
         self.after_step = after_step
         self.device = ctx.device
         self.output_dir = Path(config.output_dir)
         self.checkpoint_path = self.output_dir / "checkpoints" / CHECKPOINT_NAME
-        self.enhance = config.stage == "enhancer"
         if config.batch_size % ctx.world_size:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {ctx.world_size} processes")
         self.local_batch = config.batch_size // ctx.world_size
-        self.model_config = bilayer_config(config.model)
-        if self.enhance and not self.model_config.texture_enhancer:
-            raise ValueError("stage=enhancer needs a model with a texture enhancer (model.overrides.texture_enhancer)")
-        if not self.model_config.discriminator:
-            raise ValueError("training needs the discriminator (model.overrides.discriminator must stay true)")
 
         checkpoint = None
         if resume:
@@ -179,6 +178,236 @@ class Trainer:
                 raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}")
             checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
             self._check_resumable(checkpoint)
+        self.build(checkpoint)
+        self.step = 0
+        if checkpoint is not None:
+            self.step = int(checkpoint["step"])
+            states = checkpoint["rng"]
+            state = states[ctx.rank] if len(states) == ctx.world_size else states[0]
+            state["python"] = _tuplify(state["python"])
+            _set_rng_state(state)
+            if ctx.is_main:
+                log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        self.writer = self._summary_writer() if ctx.is_main else None
+
+    # ------------------------------------------------------------------ the model's part
+    @property
+    def run_name(self) -> str:
+        raise NotImplementedError
+
+    def build(self, checkpoint: Optional[dict]) -> None:
+        raise NotImplementedError
+
+    def train_step(self, batch: dict) -> tuple[dict[str, float], dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def training_state(self) -> dict:
+        raise NotImplementedError
+
+    def inference_copy(self) -> nn.Module:
+        raise NotImplementedError
+
+    def test_set(self) -> BilayerFrames:
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, batch: dict, has_masks: bool) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _check_resumable(self, checkpoint: dict) -> None:
+        saved = _flatten_config(checkpoint["config"])
+        now = _flatten_config(config_to_dict(self.config))
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            raise ValueError(f"--resume: the configuration differs from the checkpoint's in {changed}; "
+                             "resume with the same settings (only steps, logging, workers may change)")
+        if checkpoint["world_size"] * int(checkpoint["local_batch"]) != self.config.batch_size:
+            raise ValueError("--resume: global batch differs from the checkpoint's")
+
+    def _summary_writer(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("tensorboard is not installed: no TensorBoard logs")
+            return None
+        return SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def _loader(self, dataset: BilayerFrames, start_step: int, num_steps: Optional[int], workers: int) -> DataLoader:
+        sampler = StreamBatchSampler(self.config.batch_size, self.ctx.rank, self.ctx.world_size, start_step, num_steps)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        states = [None] * self.ctx.world_size
+        if self.ctx.distributed:
+            dist.all_gather_object(states, _rng_state())
+        else:
+            states = [_rng_state()]
+        if self.ctx.is_main:
+            atomic_torch_save({
+                **self.training_state(),
+                "step": self.step,
+                "rng": states,
+                "world_size": self.ctx.world_size,
+                "local_batch": self.local_batch,
+                "config": config_to_dict(self.config),
+            }, self.checkpoint_path)
+            log.info("checkpoint: step %d -> %s", self.step, self.checkpoint_path)
+        self.ctx.barrier()
+
+    # ------------------------------------------------------------------ evaluation, export
+    def evaluate_and_export(self, export: bool = True) -> dict[str, float]:
+        copy = self.inference_copy()
+        metrics: dict[str, float] = {}
+        if self.ctx.is_main:
+            if self.config.eval_batches and self.config.eval_every:
+                metrics = self.evaluate(copy)
+                for key, value in metrics.items():
+                    if self.writer is not None:
+                        self.writer.add_scalar(f"eval/{key}", value, self.step)
+                log.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if export:
+                path = self.output_dir / EXPORT_NAME
+                copy.to("cpu", torch.float32).save(path)
+                log.info("exported the model to %s (%s.load)", path, type(copy).__name__)
+        self.ctx.barrier()
+        return metrics
+
+    def evaluate(self, model) -> dict[str, float]:
+        from training.metrics import IdentitySimilarity, psnr, ssim
+
+        try:
+            test_set = self.test_set()
+        except FileNotFoundError as exc:
+            log.warning("no evaluation: %s", exc)
+            return {}
+        lpips = LPIPS().to(self.device, self.dtype)
+        identity = IdentitySimilarity.create() if self.config.identity_metric else None
+        sampler = StreamBatchSampler(self.local_batch, 0, 1, 0, self.config.eval_batches)
+        totals: dict[str, list[Tensor]] = {"lpips": [], "ssim": [], "psnr": []}
+        if identity is not None:
+            totals["identity_similarity"] = []
+        with torch.no_grad():
+            for batch in DataLoader(test_set, batch_sampler=sampler, num_workers=0):
+                batch = {k: v.to(self.device, self.dtype if v.is_floating_point() else None)
+                         for k, v in batch.items()}
+                fake, real = self.predict(model, batch, test_set.has_masks)
+                totals["lpips"].append(lpips(fake.clamp(-1, 1), real).cpu())
+                totals["ssim"].append(ssim(fake, real).cpu())
+                totals["psnr"].append(psnr(fake, real).cpu())
+                if identity is not None:
+                    totals["identity_similarity"].append(identity(fake, real, batch["keypoints"][:, -1]))
+        return {k: float(torch.cat(v).mean()) for k, v in totals.items() if v}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg = self.config
+        if self.step >= cfg.steps:
+            log.info("nothing to do: step %d >= steps %d", self.step, cfg.steps)
+            return {"step": self.step, "interrupted": False}
+        loader = self._loader(self.train_set, self.step, cfg.steps - self.step, cfg.data.num_workers)
+        bar = None
+        if self.ctx.is_main and cfg.progress:
+            try:
+                from tqdm import tqdm
+
+                bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                           desc=self.run_name)
+            except ImportError:
+                pass
+        interrupted = False
+        history: deque[dict[str, float]] = deque(maxlen=10000)
+        start_time, start_step = time.perf_counter(), self.step
+        last_log_time, last_log_step = start_time, self.step
+        with StopRequested() as stop:
+            for batch in loader:
+                scalars, visuals = self.train_step(batch)
+                self.step += 1
+                history.append(scalars)
+                if not all(math.isfinite(v) for v in scalars.values()):
+                    raise FloatingPointError(f"non-finite loss at step {self.step}: {scalars}")
+                if self.ctx.is_main:
+                    self._log(scalars, visuals, bar)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        now = time.perf_counter()
+                        rate = (self.step - last_log_step) * cfg.batch_size / max(now - last_log_time, 1e-9)
+                        last_log_time, last_log_step = now, self.step
+                        log.info("step %d/%d  %.3g samples/s (%.3g s/step)  %s", self.step, cfg.steps, rate,
+                                 cfg.batch_size / rate,
+                                 "  ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()))
+                        if self.writer is not None:
+                            self.writer.add_scalar("throughput/samples_per_s", rate, self.step)
+                if self.after_step is not None:
+                    self.after_step(self.step)
+                if self._agree(stop.requested):
+                    interrupted = True
+                    self.save_checkpoint()
+                    log.warning("stopped at step %d; continue with --resume", self.step)
+                    break
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.evaluate_and_export(export=True)
+        elapsed = time.perf_counter() - start_time
+        if bar is not None:
+            bar.close()
+        if not interrupted:
+            self.save_checkpoint()
+            self.evaluate_and_export(export=True)
+        if self.writer is not None:
+            self.writer.flush()
+        steps_done = self.step - start_step
+        return {"step": self.step, "interrupted": interrupted, "history": list(history),
+                "samples_per_s": steps_done * cfg.batch_size / elapsed if steps_done else 0.0}
+
+    def _agree(self, flag: bool) -> bool:
+        """Every rank stops at the same step: a stop request on any rank stops all."""
+        if not self.ctx.distributed:
+            return flag
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def _log(self, scalars: dict, visuals: dict, bar) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k[5:][:10]: f"{v:.3f}" for k, v in scalars.items() if k in self.progress_keys})
+        if self.writer is None:
+            return
+        if self.step % self.config.log_every == 0 or self.step == 1:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, self.step)
+        if self.step % self.config.image_every == 0 or self.step == 1:
+            n = min(4, next(iter(visuals.values())).shape[0])
+            columns = [image[:n] for image in visuals.values()]
+            self.writer.add_image(f"train/{'|'.join(visuals)}", image_grid(columns), self.step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class BilayerTrainer(Runner):
+    """The bi-layer model's part of the runner: either stage, one process or DistributedDataParallel."""
+
+    progress_keys = ("loss/generator_total", "loss/discriminator", "loss/perceptual")
+
+    @property
+    def run_name(self) -> str:
+        return f"train {self.config.stage}"
+
+    def build(self, checkpoint: Optional[dict]) -> None:
+        from pybilayer.models import Bilayer
+        from pybilayer.models.spectral import apply_spectral_norm, normalize_random_init_
+
+        config, ctx = self.config, self.ctx
+        self.enhance = config.stage == "enhancer"
+        self.model_config = bilayer_config(config.model)
+        if self.enhance and not self.model_config.texture_enhancer:
+            raise ValueError("stage=enhancer needs a model with a texture enhancer (model.overrides.texture_enhancer)")
+        if not self.model_config.discriminator:
+            raise ValueError("training needs the discriminator (model.overrides.discriminator must stay true)")
 
         torch.manual_seed(config.seed)
         model = Bilayer(self.model_config, spectral_norm=False)
@@ -251,32 +480,18 @@ class Trainer:
         if not self.has_masks and ctx.is_main:
             log.warning("data has no segs tree: mask BCE is off and sources are not masked")
 
-        self.step = 0
         if checkpoint is not None:
             self.opt_g.load_state_dict(checkpoint["optim_g"])
             self.opt_d.load_state_dict(checkpoint["optim_d"])
             if checkpoint["scaler"]:
                 self.scaler.load_state_dict(checkpoint["scaler"])
-            self.step = int(checkpoint["step"])
-            states = checkpoint["rng"]
-            state = states[ctx.rank] if len(states) == ctx.world_size else states[0]
-            state["python"] = _tuplify(state["python"])
-            _set_rng_state(state)
-            if ctx.is_main:
-                log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
-        self.writer = self._summary_writer() if ctx.is_main else None
+
+    def training_state(self) -> dict:
+        return {"model": self.model.state_dict(), "optim_g": self.opt_g.state_dict(),
+                "optim_d": self.opt_d.state_dict(), "scaler": self.scaler.state_dict(),
+                "model_config": self.model_config.to_dict()}
 
     # ------------------------------------------------------------------ set-up helpers
-    def _check_resumable(self, checkpoint: dict) -> None:
-        saved = _flatten_config(checkpoint["config"])
-        now = _flatten_config(config_to_dict(self.config))
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
-        if changed:
-            raise ValueError(f"--resume: the configuration differs from the checkpoint's in {changed}; "
-                             "resume with the same settings (only steps, logging, workers may change)")
-        if checkpoint["world_size"] * int(checkpoint["local_batch"]) != self.config.batch_size:
-            raise ValueError("--resume: global batch differs from the checkpoint's")
-
     def spectral_networks(self) -> tuple[str, ...]:
         """Networks trained with spectral norm: all of them in the base stage (as released); in the
         enhancer stage the trained ones only, so the frozen base networks keep their exact weights."""
@@ -299,19 +514,6 @@ class Trainer:
         model.load_state_dict(state)
         if self.ctx.is_main:
             log.info("initialised from %s", path)
-
-    def _summary_writer(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.info("tensorboard is not installed: no TensorBoard logs")
-            return None
-        return SummaryWriter(str(self.output_dir / "tensorboard"))
-
-    def _loader(self, dataset: BilayerFrames, start_step: int, num_steps: Optional[int], workers: int) -> DataLoader:
-        sampler = StreamBatchSampler(self.config.batch_size, self.ctx.rank, self.ctx.world_size, start_step, num_steps)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
 
     def _autocast(self):
         if not self.config.amp:
@@ -383,30 +585,23 @@ class Trainer:
                    "output": out.image, "target": b["target_image"]}
         return scalars, visuals
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> None:
-        states = [None] * self.ctx.world_size
-        if self.ctx.distributed:
-            dist.all_gather_object(states, _rng_state())
-        else:
-            states = [_rng_state()]
-        if self.ctx.is_main:
-            atomic_torch_save({
-                "model": self.model.state_dict(),
-                "optim_g": self.opt_g.state_dict(),
-                "optim_d": self.opt_d.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "step": self.step,
-                "rng": states,
-                "world_size": self.ctx.world_size,
-                "local_batch": self.local_batch,
-                "config": config_to_dict(self.config),
-                "model_config": self.model_config.to_dict(),
-            }, self.checkpoint_path)
-            log.info("checkpoint: step %d -> %s", self.step, self.checkpoint_path)
-        self.ctx.barrier()
+    # ------------------------------------------------------------------ standing statistics, eval
+    def test_set(self) -> BilayerFrames:
+        return BilayerFrames(self.config.data.root, self.config.data.test_split, self.model_config.image_size,
+                             num_frames=2, shuffle=False, seed=self.config.seed, with_stickmen=False)
 
-    # ------------------------------------------------------------------ standing statistics, eval, export
+    def predict(self, model, batch: dict, has_masks: bool) -> tuple[Tensor, Tensor]:
+        masks = batch["mask"] if has_masks else None
+        avatar = model.create_avatar(batch["image"][:, 0], batch["keypoints"][:, 0],
+                                     masks[:, 0] if masks is not None else None, enhance=self.enhance)
+        out = model.render(avatar, batch["keypoints"][:, 1])
+        fake, real = out.image, batch["image"][:, 1]
+        if self.config.apply_masks:
+            fake = L.composite_on_background(fake, out.mask)
+            if masks is not None:
+                real = L.composite_on_background(real, masks[:, 1])
+        return fake, real
+
     def inference_copy(self):
         """A copy of the model without spectral norm, with standing BatchNorm statistics, in eval mode."""
         from pybilayer.models import Bilayer
@@ -436,146 +631,6 @@ class Trainer:
             for bn, momentum in zip(layers, momenta):
                 bn.momentum = momentum
         return copy.eval()
-
-    def evaluate_and_export(self, export: bool = True) -> dict[str, float]:
-        copy = self.inference_copy()
-        metrics: dict[str, float] = {}
-        if self.ctx.is_main:
-            if self.config.eval_batches and self.config.eval_every:
-                metrics = self.evaluate(copy)
-                for key, value in metrics.items():
-                    if self.writer is not None:
-                        self.writer.add_scalar(f"eval/{key}", value, self.step)
-                log.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if export:
-                path = self.output_dir / EXPORT_NAME
-                copy.to("cpu", torch.float32).save(path)
-                log.info("exported the generator to %s (Bilayer.load / pybilayer.Renderer)", path)
-        self.ctx.barrier()
-        return metrics
-
-    def evaluate(self, model) -> dict[str, float]:
-        from training.metrics import IdentitySimilarity, psnr, ssim
-
-        try:
-            test_set = BilayerFrames(self.config.data.root, self.config.data.test_split, self.model_config.image_size,
-                                     num_frames=2, shuffle=False, seed=self.config.seed, with_stickmen=False)
-        except FileNotFoundError as exc:
-            log.warning("no evaluation: %s", exc)
-            return {}
-        lpips = LPIPS().to(self.device, self.dtype)
-        identity = IdentitySimilarity.create() if self.config.identity_metric else None
-        sampler = StreamBatchSampler(self.local_batch, 0, 1, 0, self.config.eval_batches)
-        totals: dict[str, list[Tensor]] = {"lpips": [], "ssim": [], "psnr": []}
-        if identity is not None:
-            totals["identity_similarity"] = []
-        with torch.no_grad():
-            for batch in DataLoader(test_set, batch_sampler=sampler, num_workers=0):
-                batch = {k: v.to(self.device, self.dtype) for k, v in batch.items()}
-                masks = batch["mask"] if test_set.has_masks else None
-                avatar = model.create_avatar(batch["image"][:, 0], batch["keypoints"][:, 0],
-                                             masks[:, 0] if masks is not None else None, enhance=self.enhance)
-                out = model.render(avatar, batch["keypoints"][:, 1])
-                fake, real = out.image, batch["image"][:, 1]
-                if self.config.apply_masks:
-                    fake = L.composite_on_background(fake, out.mask)
-                    if masks is not None:
-                        real = L.composite_on_background(real, masks[:, 1])
-                totals["lpips"].append(lpips(fake.clamp(-1, 1), real).cpu())
-                totals["ssim"].append(ssim(fake, real).cpu())
-                totals["psnr"].append(psnr(fake, real).cpu())
-                if identity is not None:
-                    totals["identity_similarity"].append(identity(fake, real, batch["keypoints"][:, 1]))
-        return {k: float(torch.cat(v).mean()) for k, v in totals.items() if v}
-
-    # ------------------------------------------------------------------ the loop
-    def fit(self) -> dict:
-        cfg = self.config
-        if self.step >= cfg.steps:
-            log.info("nothing to do: step %d >= steps %d", self.step, cfg.steps)
-            return {"step": self.step, "interrupted": False}
-        loader = self._loader(self.train_set, self.step, cfg.steps - self.step, cfg.data.num_workers)
-        bar = None
-        if self.ctx.is_main and cfg.progress:
-            try:
-                from tqdm import tqdm
-
-                bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                           desc=f"train {cfg.stage}")
-            except ImportError:
-                pass
-        interrupted = False
-        history: deque[dict[str, float]] = deque(maxlen=10000)
-        start_time, start_step = time.perf_counter(), self.step
-        last_log_time, last_log_step = start_time, self.step
-        with StopRequested() as stop:
-            for batch in loader:
-                scalars, visuals = self.train_step(batch)
-                self.step += 1
-                history.append(scalars)
-                if not all(math.isfinite(v) for v in scalars.values()):
-                    raise FloatingPointError(f"non-finite loss at step {self.step}: {scalars}")
-                if self.ctx.is_main:
-                    self._log(scalars, visuals, bar)
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        now = time.perf_counter()
-                        rate = (self.step - last_log_step) * cfg.batch_size / max(now - last_log_time, 1e-9)
-                        last_log_time, last_log_step = now, self.step
-                        log.info("step %d/%d  %.3g samples/s (%.3g s/step)  %s", self.step, cfg.steps, rate,
-                                 cfg.batch_size / rate,
-                                 "  ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()))
-                        if self.writer is not None:
-                            self.writer.add_scalar("throughput/samples_per_s", rate, self.step)
-                if self.after_step is not None:
-                    self.after_step(self.step)
-                if self._agree(stop.requested):
-                    interrupted = True
-                    self.save_checkpoint()
-                    log.warning("stopped at step %d; continue with --resume", self.step)
-                    break
-                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint()
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self.evaluate_and_export(export=True)
-        elapsed = time.perf_counter() - start_time
-        if bar is not None:
-            bar.close()
-        if not interrupted:
-            self.save_checkpoint()
-            self.evaluate_and_export(export=True)
-        if self.writer is not None:
-            self.writer.flush()
-        steps_done = self.step - start_step
-        return {"step": self.step, "interrupted": interrupted, "history": list(history),
-                "samples_per_s": steps_done * cfg.batch_size / elapsed if steps_done else 0.0}
-
-    def _agree(self, flag: bool) -> bool:
-        """Every rank stops at the same step: a stop request on any rank stops all."""
-        if not self.ctx.distributed:
-            return flag
-        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return bool(tensor.item())
-
-    def _log(self, scalars: dict, visuals: dict, bar) -> None:
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix({k[5:][:10]: f"{v:.3f}" for k, v in scalars.items() if k in (
-                "loss/generator_total", "loss/discriminator", "loss/perceptual")})
-        if self.writer is None:
-            return
-        if self.step % self.config.log_every == 0 or self.step == 1:
-            for key, value in scalars.items():
-                self.writer.add_scalar(key, value, self.step)
-        if self.step % self.config.image_every == 0 or self.step == 1:
-            n = min(4, visuals["source"].shape[0])
-            columns = [visuals[k][:n] for k in ("source", "stickman", "lf", "hf", "output", "target")]
-            self.writer.add_image("train/source|stickman|lf|hf|output|target", image_grid(columns), self.step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
 
 def refresh_spectral_weights(model: nn.Module) -> None:
     """Old-style spectral norm caches ``weight`` as a plain attribute, recomputed only in forward;
@@ -614,11 +669,15 @@ def run(config: TrainConfig, resume: bool = False, after_step: Optional[Callable
     ctx = init_distributed(config.device)
     if ctx.is_main:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, ctx, resume=resume, after_step=after_step)
+    if config.model_type == "fsth":
+        from training.fsth import FSTHRunner as runner_class
+    else:
+        runner_class = BilayerTrainer
+    trainer = runner_class(config, ctx, resume=resume, after_step=after_step)
     try:
         return trainer.fit()
     finally:
         trainer.close()
 
 
-__all__ = ["Trainer", "run", "config_from_dict"]
+__all__ = ["Runner", "BilayerTrainer", "run", "config_from_dict"]

@@ -9,6 +9,7 @@ run here raises BackendUnavailableError saying why. ``torch`` (fp32 eager) is th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import BackendUnavailableError
@@ -91,11 +92,14 @@ def _device_for(name: str, device: str) -> str:
 
 
 def select_backend(name: str, model, device: str = "auto",
-                   options: dict[str, dict[str, Any]] | None = None) -> tuple[FrameBackend, str]:
+                   options: dict[str, dict[str, Any]] | None = None,
+                   create: Callable[..., FrameBackend] = create_backend) -> tuple[FrameBackend, str]:
     """(backend, why it was chosen). ``options``: per-backend keyword arguments, by backend name.
 
     With ``device="auto"`` each backend runs where it can (onnxruntime on the CPU, cuda and tensorrt on
-    the GPU); the chosen backend's ``device`` is then the renderer's device."""
+    the GPU); the chosen backend's ``device`` is then the renderer's device. ``create`` builds one backend
+    (``create_backend`` for the bi-layer model; ``fsth.create_backend`` for the few-shot model), raising
+    BackendUnavailableError for one that cannot serve ``model`` here."""
     if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
         raise BackendUnavailableError(f"unknown backend {name!r}: choose one of {('auto',) + BACKENDS}")
     if not isinstance(device, str):
@@ -104,12 +108,12 @@ def select_backend(name: str, model, device: str = "auto",
         resolve_device(device)  # an unknown or unusable device is an error even when auto would skip it
     options = options or {}
     if name != "auto":
-        backend = create_backend(name, model, _device_for(name, device), options.get(name))
+        backend = create(name, model, _device_for(name, device), options.get(name))
         return backend, f"{backend.describe()}: asked for explicitly"
     skipped = []
     for candidate in AUTO_ORDER:
         try:
-            backend = create_backend(candidate, model, _device_for(candidate, device), options.get(candidate))
+            backend = create(candidate, model, _device_for(candidate, device), options.get(candidate))
         except BackendUnavailableError as exc:
             skipped.append(f"{candidate}: {exc}")
             continue

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from ..fileio import atomic_path
 from .config import NUM_KEYPOINTS, BilayerConfig
 from .discriminator import Discriminator
 from .identity_embedder import IdentityEmbedder
@@ -236,17 +236,8 @@ class Bilayer(nn.Module):
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "spectral_norm": "true" if self.spectral_norm else "false",
         }
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(state, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Bilayer":
