@@ -126,10 +126,10 @@ def check_landmarks(landmarks, name: str = "driver_landmarks_px") -> tuple[np.nd
     return array, single
 
 
-def _check_photo(photo) -> np.ndarray:
+def _check_photo(photo, name: str = "photo") -> np.ndarray:
     array = np.asarray(photo)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
-        raise ValueError(f"photo must be a uint8 RGB image of shape (H, W, 3), got dtype {array.dtype} shape {array.shape}")
+        raise ValueError(f"{name} must be a uint8 RGB image of shape (H, W, 3), got dtype {array.dtype} shape {array.shape}")
     return array
 
 
@@ -159,6 +159,7 @@ class BilayerServing:
 
     kind = "bi-layer"
     avatar_type = Avatar
+    few_shot = False  # one source photo per avatar
     create_backend = staticmethod(create_backend)
 
     def __init__(self, model, device: str, threads: int | None = None):
@@ -283,28 +284,49 @@ class Renderer:
         them (``pybilayer.landmarks.detect_one``, the largest face). ``enhance`` runs the texture enhancer.
         Runs the identity embedder, texture generator and projector once (with exact convolution
         rewrites, ``backends.avatar_fast``), then the backend's per-avatar preparation. No background
-        segmentation is applied to the source photo. For the FSTH model: embedder and projection P, giving
-        a ``FewShotAvatar`` (``enhance`` is not available)."""
+        segmentation is applied to the source photo.
+
+        The FSTH model takes one photo or a list of K photos of the same person (``landmarks`` then None or
+        one (68, 2) set per photo): embedder E over the K frames, embeddings averaged, projection P; the
+        ``FewShotAvatar`` keeps the first photo's crop box. ``enhance`` is not available for it."""
         import torch
 
         from .geometry import preprocess
 
-        photo = _check_photo(photo)
+        few = isinstance(photo, (list, tuple))
+        photos = list(photo) if few else [photo]
+        if not photos:
+            raise ValueError("photo: an empty list; give one photo, or a list of photos of one person (FSTH)")
+        if len(photos) > 1 and not self._serving.few_shot:
+            raise ValueError(f"the {self.model_kind} model makes an avatar from one photo, got {len(photos)}")
         if landmarks is None:
-            from .landmarks import detect_one
+            landmarks = [None] * len(photos)
+        elif not few:
+            landmarks = [landmarks]
+        elif len(landmarks) != len(photos):
+            raise ValueError(f"{len(photos)} photos but {len(landmarks)} landmark sets: give one (68, 2) set per photo")
+        images, keypoints, boxes = [], [], []
+        for i, (one_photo, points) in enumerate(zip(photos, landmarks)):
+            name = f"landmarks[{i}]" if few else "landmarks"
+            one_photo = _check_photo(one_photo, f"photo[{i}]" if few else "photo")
+            if points is None:
+                from .landmarks import detect_one
 
-            landmarks = detect_one(photo)
-        points, single = check_landmarks(landmarks, "landmarks")
-        if not single:
-            raise ValueError(f"landmarks must be one face, shape (68, 2), got {np.shape(landmarks)}")
-        try:
-            image, keypoints, box = preprocess(photo, points[0], size=self.image_size)
-        except ValueError as exc:
-            raise ValueError(f"landmarks: {exc}") from None
-        source_image = torch.from_numpy(image)[None].to(self._torch_device)
-        source_keypoints = torch.from_numpy(keypoints)[None].to(self._torch_device)
+                points = detect_one(one_photo)
+            array, single = check_landmarks(points, name)
+            if not single:
+                raise ValueError(f"{name} must be one face, shape (68, 2), got {np.shape(points)}")
+            try:
+                image, kp, box = preprocess(one_photo, array[0], size=self.image_size)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+            images.append(image)
+            keypoints.append(kp)
+            boxes.append(box)
+        source_image = torch.from_numpy(np.stack(images)).to(self._torch_device)
+        source_keypoints = torch.from_numpy(np.stack(keypoints)).to(self._torch_device)
         with self._lock:
-            avatar = self._serving.create(source_image, source_keypoints, box, enhance)
+            avatar = self._serving.create(source_image, source_keypoints, boxes[0], enhance)
             self._prepare(avatar)
         return avatar
 
@@ -362,12 +384,14 @@ class Renderer:
                background=None, crop_boxes=None):
         """Render frames of one or several avatars.
 
-        avatar: an Avatar, or a list of them. With a list and (N, 68, 2) landmarks, N must equal the
-            number of avatars (frame i shows avatar i); with (68, 2) landmarks every avatar takes that pose.
+        avatar: an avatar of this renderer's model (``Avatar``; ``FewShotAvatar`` for FSTH), or a list of
+            them. With a list and (N, 68, 2) landmarks, N must equal the number of avatars (frame i shows
+            avatar i); with (68, 2) landmarks every avatar takes that pose.
         driver_landmarks_px: (68, 2) or (N, 68, 2) pixel coordinates of the driver frame(s).
-        output: "uint8" -> (H, W, 3) or (N, H, W, 3) uint8 RGB; "layers" -> RenderLayers of float32.
+        output: "uint8" -> (H, W, 3) or (N, H, W, 3) uint8 RGB; "layers" -> RenderLayers of float32
+            (bi-layer only).
         background: None (lf + hf, no mask), a uint8 RGB colour (3,), or a uint8 image (H, W, 3) or
-            (N, H, W, 3): the predicted mask composites the avatar over it.
+            (N, H, W, 3): the predicted mask composites the avatar over it (bi-layer only).
         crop_boxes: None (each frame's own crop, the official behaviour), or one square box
             (left, top, right, bottom) per frame in driver pixels, e.g. smoothed over time against jitter.
         """

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import BackendUnavailableError, CheckpointError
+from ..fileio import atomic_path
 from .base import FrameBackend, PreparedAvatar
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,7 +77,11 @@ def stickmen(keypoints: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass(eq=False)  # identity semantics: avatars are cache keys of per-backend prepared state
 class FewShotAvatar:
-    """One person for the few-shot model: the generator's AdaIN parameters (batch 1), plus metadata."""
+    """One person for the few-shot model: the generator's AdaIN parameters (batch 1), plus metadata.
+
+    A fine-tuned person (``training.fsth.fine_tune``: its own model copy and psi') is served by a Renderer
+    of that model, with ``FewShotAvatar(result.avatar.adain_params, result.avatar.embedding,
+    renderer.fingerprint, renderer.image_size)``."""
 
     adain_params: "torch.Tensor"  # (1, P) float32, CPU: psi = P e_hat
     embedding: "torch.Tensor"  # (1, D) float32, CPU: e_hat (kept for fine-tuning and inspection)
@@ -96,16 +100,8 @@ class FewShotAvatar:
         metadata = {"format": AVATAR_FORMAT, "format_version": str(self.format_version),
                     "model_fingerprint": self.model_fingerprint, "image_size": str(self.image_size),
                     "crop_box": json.dumps(None if self.crop_box is None else [int(v) for v in self.crop_box])}
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".avatar", dir=os.path.dirname(os.path.abspath(path)))
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None) -> "FewShotAvatar":
@@ -234,7 +230,8 @@ def create_backend(name: str, model, device: str, options: dict | None = None) -
     if reason:
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
     if name not in SERVED_BY:
-        raise BackendUnavailableError(f"backend {name!r} does not serve the few-shot (FSTH) model; use one of {SERVED_BY}")
+        raise BackendUnavailableError(f"backend {name!r} does not serve the few-shot (FSTH) model; "
+                                      f"use one of {SERVED_BY}")
     options = dict(options or {})
     if name == "torch":
         return FSTHTorchBackend(model, device=device, **options)
@@ -249,6 +246,7 @@ class FSTHServing:
 
     kind = "few-shot talking-head (FSTH)"
     avatar_type = FewShotAvatar
+    few_shot = True  # K source photos of one person, embeddings averaged
     create_backend = staticmethod(create_backend)
 
     def __init__(self, model, device: str, threads: int | None = None):
@@ -258,12 +256,13 @@ class FSTHServing:
         self.fingerprint = fsth_fingerprint(model)
 
     def create(self, source_image, source_keypoints, crop_box, enhance: bool) -> FewShotAvatar:
-        """(1, 3, S, S) crop and (1, 68, 2) keypoints on the device -> avatar: embedder E + projection P."""
+        """(K, 3, S, S) crops of one person and their (K, 68, 2) keypoints on the device -> avatar: embedder E
+        over the K frames, embeddings averaged, projection P."""
         import torch
 
         if enhance:
             raise ValueError("enhance=True runs the bi-layer texture enhancer; the few-shot (FSTH) model has none")
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: avatar tensors may feed autograd later (fine-tuning)
             created = self.model.create_avatar(source_image, self.model.draw_landmarks(source_keypoints))
         return FewShotAvatar(adain_params=created.adain_params.to("cpu", torch.float32).contiguous(),
                              embedding=created.embedding.to("cpu", torch.float32).contiguous(),

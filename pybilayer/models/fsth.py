@@ -6,6 +6,9 @@ The two phases, as for the bi-layer model::
     avatar = model.create_avatar(frames, landmark_images)   # once per person: embedder E + projection P
     images = model.render(avatar, landmark_images)           # once per frame: generator G only
 
+Serving (landmarks in pixels -> uint8 frames, torch or onnxruntime, avatar files): ``pybilayer.Renderer``
+over this model, see ``pybilayer/backends/fsth.py``.
+
 Networks (images in [-1, 1]; landmark images are rasterised stickmen, 3 channels, see
 ``pybilayer.geometry.draw_stickman``):
 
@@ -43,7 +46,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, NamedTuple
@@ -53,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from ..fileio import atomic_path, atomic_write_bytes
 from .blocks import NEGATIVE_SLOPE, ResBlock, conv1x1, conv3x3
 from .config import NUM_KEYPOINTS
 from .spectral import apply_spectral_norm, has_spectral_norm, normalize_random_init_, remove_spectral_norm
@@ -583,17 +586,8 @@ class FSTH(nn.Module):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": self.config.to_json(),
                     "spectral_norm": "true" if self.spectral_norm else "false"}
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                                   suffix=".safetensors")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> FSTH:
@@ -655,16 +649,7 @@ def export_generator_onnx(model: FSTH, path: str | os.PathLike | None = None, op
         )
     data = buffer.getvalue()
     if path is not None:
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".onnx")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write_bytes(path, data)
     return data
 
 
