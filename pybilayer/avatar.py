@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -38,20 +39,28 @@ FORMAT_NAME = "pybilayer.avatar"
 FORMAT_VERSION = 1
 
 
-def model_fingerprint(model) -> str:
-    """sha256 of the model's configuration and its per-frame networks' state (names, dtypes, shapes, bytes)."""
+def weights_fingerprint(config: dict, modules: dict) -> str:
+    """sha256 of a configuration and the state of the named modules (names, dtypes, shapes, bytes):
+    what an avatar's rendering depends on, so an avatar is never served by another model."""
     import torch
 
-    digest = hashlib.sha256()
-    digest.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for prefix, module in (("keypoints_embedder", model.keypoints_embedder), ("inference_generator", model.inference_generator)):
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for prefix, module in modules.items():
         for name, tensor in sorted(module.state_dict().items()):
             if name.endswith("num_batches_tracked") or name == "identity_grid":  # training counter; recomputable
                 continue
             t = tensor.detach().to("cpu").contiguous()
             digest.update(f"{prefix}.{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def model_fingerprint(model) -> str:
+    """The bi-layer model's fingerprint: its configuration and its per-frame networks."""
+    return weights_fingerprint(
+        model.config.to_dict(),
+        {"keypoints_embedder": model.keypoints_embedder, "inference_generator": model.inference_generator},
+    )
 
 
 @dataclass(eq=False)  # identity semantics: avatars are cache keys of per-backend prepared state
@@ -99,30 +108,14 @@ class Avatar:
     @classmethod
     def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None) -> "Avatar":
         """Read an avatar file; CheckpointError names what is wrong (missing, truncated, foreign, other model)."""
-        from safetensors import SafetensorError, safe_open
-
         from .models import InferenceParams
 
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"avatar file not found: {path}")
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                if metadata.get("format") != FORMAT_NAME:
-                    raise CheckpointError(f"{path} is not a pybilayer avatar file (metadata format={metadata.get('format')!r})")
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read avatar file {path} (truncated or not safetensors): {exc}") from exc
-        version = metadata.get("format_version")
-        if version != str(FORMAT_VERSION):
-            raise CheckpointError(f"{path}: avatar format version {version!r} is not supported (this pybilayer reads {FORMAT_VERSION})")
+        tensors, metadata = read_avatar_file(
+            path, FORMAT_NAME, FORMAT_VERSION, expected_fingerprint,
+            foreign=lambda kind: f"{path} is not a pybilayer avatar file (metadata format={kind!r})",
+        )
         fingerprint = metadata.get("model_fingerprint", "")
-        if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-            raise CheckpointError(
-                f"{path} was made by a different model (fingerprint {fingerprint[:12]}..., this model "
-                f"{expected_fingerprint[:12]}...); create the avatar again with this model"
-            )
         if "texture" not in tensors:
             raise CheckpointError(f"{path}: no 'texture' tensor")
         try:
@@ -148,4 +141,38 @@ class Avatar:
                 f"crop_box={self.crop_box}, enhanced={self.enhanced})")
 
 
-__all__ = ["Avatar", "FORMAT_NAME", "FORMAT_VERSION", "model_fingerprint"]
+def read_avatar_file(
+    path: str,
+    format_name: str,
+    format_version: int,
+    expected_fingerprint: str | None,
+    foreign: Callable[[str | None], str],
+) -> tuple[dict, dict]:
+    """(tensors, metadata) of an avatar file of ``format_name``; CheckpointError for a missing, truncated or
+    foreign file (``foreign(kind)`` words that message), another format version, or another model."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"avatar file not found: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != format_name:
+                raise CheckpointError(foreign(metadata.get("format")))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read avatar file {path} (truncated or not safetensors): {exc}") from exc
+    version = metadata.get("format_version")
+    if version != str(format_version):
+        raise CheckpointError(f"{path}: {format_name} format version {version!r} is not supported "
+                              f"(this pybilayer reads {format_version})")
+    fingerprint = metadata.get("model_fingerprint", "")
+    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+        raise CheckpointError(
+            f"{path} was made by a different model (fingerprint {fingerprint[:12]}..., this model "
+            f"{expected_fingerprint[:12]}...); create the avatar again with this model"
+        )
+    return tensors, metadata
+
+
+__all__ = ["Avatar", "FORMAT_NAME", "FORMAT_VERSION", "model_fingerprint", "read_avatar_file"]

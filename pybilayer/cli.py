@@ -18,6 +18,7 @@ explicit arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -963,17 +964,22 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- entry point
 
 
-def _configure_logging(debug: bool, quiet: bool) -> None:
+@contextlib.contextmanager
+def _cli_logging(debug: bool, quiet: bool):
+    """Log lines as ``pybilayer: ...`` on stderr while a command runs; afterwards the "pybilayer" logger is
+    as it was, so calling main() from Python (or a test) leaves no handler behind on a closed stream."""
     logger = logging.getLogger("pybilayer")
-    for handler in list(logger.handlers):
-        if getattr(handler, "_pybilayer_cli", False):
-            logger.removeHandler(handler)
+    saved = (list(logger.handlers), logger.level, logger.propagate)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-    handler._pybilayer_cli = True  # type: ignore[attr-defined]
-    logger.addHandler(handler)
+    logger.handlers = [handler]
     logger.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers, level, logger.propagate = saved[0], saved[1], saved[2]
+        logger.setLevel(level)
 
 
 def _one_line(text: str) -> str:
@@ -1002,8 +1008,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        _configure_logging(args.debug, args.quiet)
-        return int(args.handler(args) or 0)
+        with _cli_logging(args.debug, args.quiet):
+            return int(args.handler(args) or 0)
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:

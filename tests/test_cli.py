@@ -231,11 +231,6 @@ def test_convert_official_on_a_tiny_official_run(tmp_path, capsys):
 
 
 def test_export_command(tmp_path, capsys, tiny_checkpoint):
-    pytest.importorskip("onnx")
-    try:
-        from pybilayer.export import export_onnx  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"pybilayer.export is not available: {exc}")
     import onnx
 
     out = tmp_path / "frame.onnx"

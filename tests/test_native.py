@@ -17,6 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CAPS = native.capabilities()
 
 
+def test_extension_is_built():
+    # The project's own install (scripts/setup.sh, pip install .) builds pybilayer._C; the compositor
+    # tests skip without it, so this one fails loudly instead of letting a broken build pass unnoticed.
+    assert CAPS.native, CAPS.native_reason
+
+
 def test_capabilities_report():
     assert CAPS is native.capabilities()  # probed once
     assert isinstance(CAPS.native, bool) and isinstance(CAPS.cuda, bool)

@@ -23,7 +23,6 @@ configuration and the generator's weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -45,15 +44,10 @@ SERVED_BY = ("torch", "onnxruntime")
 
 
 def fsth_fingerprint(model) -> str:
-    """sha256 of the configuration and the generator's state (names, dtypes, shapes, bytes)."""
-    import torch
+    """The FSTH model's fingerprint: its configuration and its generator."""
+    from ..avatar import weights_fingerprint
 
-    digest = hashlib.sha256(model.config.to_json().encode())
-    for name, tensor in sorted(model.generator.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"generator.{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
-    return digest.hexdigest()
+    return weights_fingerprint(json.loads(model.config.to_json()), {"generator": model.generator})
 
 
 def to_uint8(images) -> np.ndarray:
@@ -106,30 +100,17 @@ class FewShotAvatar:
     @classmethod
     def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None) -> "FewShotAvatar":
         """Read an avatar file; CheckpointError names what is wrong (missing, truncated, foreign, other model)."""
-        from safetensors import SafetensorError, safe_open
+        from ..avatar import FORMAT_NAME as BILAYER_AVATAR_FORMAT
+        from ..avatar import read_avatar_file
 
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"avatar file not found: {path}")
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                kind = metadata.get("format")
-                if kind != AVATAR_FORMAT:
-                    what = "a bi-layer avatar" if kind == "pybilayer.avatar" else f"not an avatar (format={kind!r})"
-                    raise CheckpointError(f"{path} is {what}; this renderer serves the few-shot (FSTH) model "
-                                          "and reads only its avatars")
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read avatar file {path} (truncated or not safetensors): {exc}") from exc
-        version = metadata.get("format_version")
-        if version != str(AVATAR_FORMAT_VERSION):
-            raise CheckpointError(f"{path}: FSTH avatar format version {version!r} is not supported "
-                                  f"(this pybilayer reads {AVATAR_FORMAT_VERSION})")
+
+        def foreign(kind: str | None) -> str:
+            what = "a bi-layer avatar" if kind == BILAYER_AVATAR_FORMAT else f"not an avatar (format={kind!r})"
+            return f"{path} is {what}; this renderer serves the few-shot (FSTH) model and reads only its avatars"
+
+        tensors, metadata = read_avatar_file(path, AVATAR_FORMAT, AVATAR_FORMAT_VERSION, expected_fingerprint, foreign)
         fingerprint = metadata.get("model_fingerprint", "")
-        if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-            raise CheckpointError(f"{path} was made by a different model (fingerprint {fingerprint[:12]}..., this "
-                                  f"model {expected_fingerprint[:12]}...); create the avatar again with this model")
         for name in ("adain_params", "embedding"):
             if name not in tensors or tensors[name].dim() != 2 or tensors[name].shape[0] != 1:
                 shape = tuple(tensors[name].shape) if name in tensors else None

@@ -186,6 +186,25 @@ def _check_exact(flat: dict[str, Tensor], allowed_prefixes: list[str], owner: st
         raise ValueError(f"{owner}.unflatten: {where}: unknown {unknown}")
 
 
+def _unflatten_generator(cls, block_cls, read_norm, flat: dict[str, Tensor]):
+    """Blocks of (norm1 (none in block 0, whose first norm is not adaptive), norm2, skip) plus a final norm."""
+    owner = cls.__name__
+    block_dicts, rest = _split_blocks(flat, owner)
+    blocks = []
+    for j, d in enumerate(block_dicts):
+        where = f"block {j}"
+        _check_exact(d, (["norm1."] if j else []) + ["norm2.", "skip."], owner, where)
+        blocks.append(
+            block_cls(
+                norm1=read_norm(d, "norm1.", owner, where) if j else None,
+                norm2=read_norm(d, "norm2.", owner, where),
+                skip=_conv(d, "skip.", owner, where),
+            )
+        )
+    _check_exact(rest, ["final_norm."], owner, "top level")
+    return cls(tuple(blocks), read_norm(rest, "final_norm.", owner, "final_norm"))
+
+
 @dataclass
 class InferenceParams(_ParamsMixin):
     """Everything the per-frame inference generator needs from one identity (AdaBN + 1x1 skips)."""
@@ -195,22 +214,7 @@ class InferenceParams(_ParamsMixin):
 
     @classmethod
     def unflatten(cls, flat: dict[str, Tensor]) -> "InferenceParams":
-        owner = cls.__name__
-        block_dicts, rest = _split_blocks(flat, owner)
-        blocks = []
-        for j, d in enumerate(block_dicts):
-            where = f"block {j}"
-            prefixes = (["norm1."] if j else []) + ["norm2.", "skip."]
-            _check_exact(d, prefixes, owner, where)
-            blocks.append(
-                InferenceBlockParams(
-                    norm1=_bn(d, "norm1.", owner, where) if j else None,
-                    norm2=_bn(d, "norm2.", owner, where),
-                    skip=_conv(d, "skip.", owner, where),
-                )
-            )
-        _check_exact(rest, ["final_norm."], owner, "top level")
-        return cls(tuple(blocks), _bn(rest, "final_norm.", owner, "final_norm"))
+        return _unflatten_generator(cls, InferenceBlockParams, _bn, flat)
 
 
 @dataclass
@@ -222,22 +226,7 @@ class TextureParams(_ParamsMixin):
 
     @classmethod
     def unflatten(cls, flat: dict[str, Tensor]) -> "TextureParams":
-        owner = cls.__name__
-        block_dicts, rest = _split_blocks(flat, owner)
-        blocks = []
-        for j, d in enumerate(block_dicts):
-            where = f"block {j}"
-            prefixes = (["norm1."] if j else []) + ["norm2.", "skip."]
-            _check_exact(d, prefixes, owner, where)
-            blocks.append(
-                TextureBlockParams(
-                    norm1=_spade(d, "norm1.", owner, where) if j else None,
-                    norm2=_spade(d, "norm2.", owner, where),
-                    skip=_conv(d, "skip.", owner, where),
-                )
-            )
-        _check_exact(rest, ["final_norm."], owner, "top level")
-        return cls(tuple(blocks), _spade(rest, "final_norm.", owner, "final_norm"))
+        return _unflatten_generator(cls, TextureBlockParams, _spade, flat)
 
 
 __all__ = [
