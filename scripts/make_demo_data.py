@@ -1,6 +1,6 @@
 """Regenerate the bundled demo assets (run once by the project; the results are committed).
 
-    PYTHONPATH=. python pybilayer/data/demo_make.py
+    python scripts/make_demo_data.py
 
 - demo_source.jpg: a 288x288 crop (x 80..368, y 0..288) of scikit-image's ``astronaut`` (NASA portrait of
   Eileen Collins, public domain), JPEG quality 90.
@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pybilayer", "data")
 SOURCE_CROP = (slice(0, 288), slice(80, 368))  # rows, columns of astronaut()
 DRIVER_FRAMES, DRIVER_SIZE, DRIVER_FPS = 100, 256, 25.0
 
@@ -30,14 +30,14 @@ def main() -> None:
     crop = np.ascontiguousarray(data.astronaut()[SOURCE_CROP])
     buffer = io.BytesIO()
     Image.fromarray(crop).save(buffer, format="JPEG", quality=90)
-    with open(os.path.join(HERE, "demo_source.jpg"), "wb") as f:
+    with open(os.path.join(DATA_DIR, "demo_source.jpg"), "wb") as f:
         f.write(buffer.getvalue())
     # Landmarks of the decoded JPEG, i.e. of exactly the pixels users load.
     decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
     landmarks = detect_one(decoded, create_detector("dlib"))
-    np.save(os.path.join(HERE, "demo_source_landmarks.npy"), landmarks.astype(np.float32))
+    np.save(os.path.join(DATA_DIR, "demo_source_landmarks.npy"), landmarks.astype(np.float32))
     driver = talking_head_sequence(DRIVER_FRAMES, DRIVER_SIZE, fps=DRIVER_FPS)
-    np.save(os.path.join(HERE, "demo_driver_landmarks.npy"), driver.astype(np.float32))
+    np.save(os.path.join(DATA_DIR, "demo_driver_landmarks.npy"), driver.astype(np.float32))
 
 
 if __name__ == "__main__":
