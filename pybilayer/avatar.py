@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import CheckpointError
-from .fileio import atomic_path
+from .fileio import atomic_path, read_tensor_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -150,18 +150,7 @@ def read_avatar_file(
 ) -> tuple[dict, dict]:
     """(tensors, metadata) of an avatar file of ``format_name``; CheckpointError for a missing, truncated or
     foreign file (``foreign(kind)`` words that message), another format version, or another model."""
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        raise CheckpointError(f"avatar file not found: {path}")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != format_name:
-                raise CheckpointError(foreign(metadata.get("format")))
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read avatar file {path} (truncated or not safetensors): {exc}") from exc
+    tensors, metadata = read_tensor_file(path, format_name, "avatar file", foreign)
     version = metadata.get("format_version")
     if version != str(format_version):
         raise CheckpointError(f"{path}: {format_name} format version {version!r} is not supported "

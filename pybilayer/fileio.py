@@ -1,11 +1,13 @@
-"""Atomic file writes: a reader (or a crash) sees the old file or the complete new one, never half of it."""
+"""Files: atomic writes (a reader, or a crash, sees the old file or the complete new one, never half of it),
+and reading the project's safetensors files (models, avatars), whose metadata names their format."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 
-from .errors import MediaError
+from .errors import CheckpointError, MediaError
 
 
 class atomic_path:
@@ -61,3 +63,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def read_tensor_file(
+    path: str,
+    format_name: str,
+    what: str,
+    foreign: Callable[[str | None], str] | None = None,
+    device: str = "cpu",
+) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file whose metadata ``format`` is ``format_name``.
+
+    CheckpointError for a missing, truncated or foreign file; ``what`` names the kind of file in messages
+    ("model file"), ``foreign(kind)`` words the message for a file of another format. Never unpickles.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            kind = metadata.get("format")
+            if kind != format_name:
+                raise CheckpointError(foreign(kind) if foreign else f"{path} is not a {what} (metadata format={kind!r})")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read {what} {path} (truncated or not safetensors): {exc}") from exc
+    return tensors, metadata

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, read_tensor_file
 from .config import NUM_KEYPOINTS, BilayerConfig
 from .discriminator import Discriminator
 from .identity_embedder import IdentityEmbedder
@@ -242,20 +242,8 @@ class Bilayer(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Bilayer":
         """Load a file written by ``save``; raises CheckpointError naming what is wrong."""
-        from safetensors import SafetensorError, safe_open
-
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"model file not found: {path}")
-        try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                metadata = f.metadata() or {}
-                if metadata.get("format") != FORMAT_NAME:
-                    raise CheckpointError(f"{path} is not a pybilayer model file (metadata format="
-                                          f"{metadata.get('format')!r})")
-                state = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read model file {path}: {exc}") from exc
+        state, metadata = read_tensor_file(path, FORMAT_NAME, "pybilayer model file", device=str(device))
         try:
             config = BilayerConfig.from_dict(json.loads(metadata["config"]))
         except (KeyError, ValueError, TypeError) as exc:

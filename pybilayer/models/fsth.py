@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from ..fileio import atomic_path, atomic_write_bytes
+from ..fileio import atomic_path, atomic_write_bytes, read_tensor_file
 from .blocks import NEGATIVE_SLOPE, ResBlock, conv1x1, conv3x3
 from .config import NUM_KEYPOINTS
 from .spectral import apply_spectral_norm, has_spectral_norm, normalize_random_init_, remove_spectral_norm
@@ -592,20 +592,8 @@ class FSTH(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> FSTH:
         """Load a file written by ``save``; raises CheckpointError naming what is wrong."""
-        from safetensors import SafetensorError, safe_open
-
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"FSTH model file not found: {path}")
-        try:
-            with safe_open(path, framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                if metadata.get("format") != FORMAT_NAME:
-                    raise CheckpointError(f"{path} is not an FSTH model file (metadata format="
-                                          f"{metadata.get('format')!r})")
-                state = {key: handle.get_tensor(key) for key in handle.keys()}
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read FSTH model file {path}: {exc}") from exc
+        state, metadata = read_tensor_file(path, FORMAT_NAME, "FSTH model file")
         try:
             config = FSTHConfig.from_json(metadata["config"])
         except (KeyError, ValueError, TypeError) as exc:
