@@ -96,7 +96,12 @@ setup(
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "PyYAML>=6.0",
+        "pillow>=10",
+        "opencv-python-headless>=4.8",
+        "tqdm>=4.60",
+        "av>=12",
     ],
+    # Exact pins for reproducible installs live in requirements*.txt (scripts/setup.sh uses them).
     extras_require={"test": ["pytest==9.0.3"]},
     zip_safe=False,
 )
