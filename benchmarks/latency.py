@@ -114,13 +114,14 @@ def _eager_bilayer(model, avatar, keypoints_1, repeats: int) -> dict:
     return _stats(_times(step, repeats))
 
 
-def bench_backend(name: str, model, photo, landmarks, drivers, args) -> dict:
+def bench_backend(name: str, model, photo, landmarks, drivers, args, options=None, label=None) -> dict:
+    """``options``: that backend's keyword arguments; ``label``: its name in the table (default: the backend's)."""
     from pybilayer import Renderer, ops
 
     start = time.perf_counter()
     renderer = Renderer(model, backend=name, device="cpu" if name in ("torch", "onnxruntime") else "auto",
-                        threads=args.threads)
-    result = {"backend": renderer.backend, "reason": renderer.backend_reason,
+                        threads=args.threads, backend_options={name: options} if options else None)
+    result = {"backend": label or renderer.backend, "reason": renderer.backend_reason,
               "renderer_init_ms": (time.perf_counter() - start) * 1e3}
     creation = _times(lambda: renderer.create_avatar(photo, landmarks), args.creation_repeats, warmup=1)
     result["avatar_creation_ms"] = float(np.median(creation))
@@ -195,9 +196,12 @@ def bench_model(kind: str, model, names: list[str], args) -> tuple[dict, list[di
     avatar = reference_renderer.create_avatar(photo, landmarks)
     keypoints_1 = reference_renderer.normalize_landmarks(drivers[:1])
     eager = eager_reference(model, avatar, keypoints_1, args.repeats)
+    runs = [(name, None, None) for name in usable]
+    if args.int8 and kind == "bilayer" and "onnxruntime" in usable:  # opt-in lossy path, its own row
+        runs.append(("onnxruntime", {"precision": "int8"}, "ort-int8"))
     results = []
-    for name in usable:
-        r = bench_backend(name, model, photo, landmarks, drivers, args)
+    for name, options, label in runs:
+        r = bench_backend(name, model, photo, landmarks, drivers, args, options, label)
         r["model"] = kind
         r["speedup_vs_eager"] = eager["p50_ms"] / r["batch1"]["p50_ms"]
         results.append(r)
@@ -242,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="smoke test: tiny random models (where no checkpoint is given), few repetitions")
     parser.add_argument("--json", type=Path, default=None, help="also write the results and machine metadata here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--int8", action="store_true",
+                        help="also time the opt-in int8 onnxruntime path (bi-layer; lossy)")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.creation_repeats = 5, 1
