@@ -197,6 +197,20 @@ class AdaptiveUpBlock(nn.Module):
         return h + skip
 
 
+def adaptive_up_blocks(
+    block_in: tuple[int, ...], block_out: tuple[int, ...], input_size: int, norm: str, efficient: bool, eps: float
+) -> tuple[list[nn.Module], int]:
+    """The generators' stack of adaptive up-blocks (block 0's first norm plain, as released) and the
+    spatial size it ends at."""
+    layers: list[nn.Module] = []
+    size = input_size
+    for j, (c_in, c_out) in enumerate(zip(block_in, block_out)):
+        layers.append(AdaptiveUpBlock(c_in, c_out, norm, efficient=efficient, first_norm_plain=j == 0,
+                                      input_size=size, eps=eps))
+        size *= 2
+    return layers, size
+
+
 def adaptive_layer_names(generator: nn.Module, prefix: str, num_blocks: int) -> dict[str, str]:
     """Which module consumes each per-identity parameter set: ``{"blocks.1.norm1": "<prefix>.blocks.1.block_feats.0",
     ..., "final_norm": "<prefix>.blocks.<n>"}``, read off the modules the forward pass actually calls."""

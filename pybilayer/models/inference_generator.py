@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import NEGATIVE_SLOPE, AdaBatchNorm, AdaptiveUpBlock, Projector, activation, adaptive_layer_names, conv3x3
+from .blocks import NEGATIVE_SLOPE, AdaBatchNorm, Projector, activation, adaptive_layer_names, adaptive_up_blocks, conv3x3
 from .config import GeneratorSpec, ProjectorBlockSpec
 from .params import AdaBNParams, AdaConvParams, InferenceBlockParams, InferenceParams
 from .warp import identity_grid
@@ -30,12 +30,7 @@ def inference_params_from_heads(heads: list[list[AdaConvParams]]) -> InferencePa
 class _InferenceGeneratorNet(nn.Module):
     def __init__(self, spec: GeneratorSpec, eps: float):
         super().__init__()
-        layers: list[nn.Module] = []
-        size = spec.input_size
-        for j, (c_in, c_out) in enumerate(zip(spec.block_in, spec.block_out)):
-            layers.append(AdaptiveUpBlock(c_in, c_out, "ada_bn", efficient=True, first_norm_plain=j == 0,
-                                          input_size=size, eps=eps))
-            size *= 2
+        layers, _ = adaptive_up_blocks(spec.block_in, spec.block_out, spec.input_size, "ada_bn", True, eps)
         layers += [AdaBatchNorm(spec.block_out[-1], eps), activation()]
         self.blocks = nn.Sequential(*layers)
         c = spec.block_out[-1]

@@ -8,11 +8,11 @@ from torch import Tensor, nn
 
 from .blocks import (
     NEGATIVE_SLOPE,
-    AdaptiveUpBlock,
     AdaSpadeBatchNorm,
     Projector,
     activation,
     adaptive_layer_names,
+    adaptive_up_blocks,
     conv3x3,
 )
 from .config import GeneratorSpec, ProjectorBlockSpec
@@ -38,12 +38,7 @@ def texture_params_from_heads(heads: list[list[AdaConvParams]]) -> TextureParams
 class _TextureGeneratorNet(nn.Module):
     def __init__(self, spec: GeneratorSpec, eps: float):
         super().__init__()
-        layers: list[nn.Module] = []
-        size = spec.input_size
-        for j, (c_in, c_out) in enumerate(zip(spec.block_in, spec.block_out)):
-            layers.append(AdaptiveUpBlock(c_in, c_out, "ada_spade_bn", efficient=False, first_norm_plain=j == 0,
-                                          input_size=size, eps=eps))
-            size *= 2
+        layers, size = adaptive_up_blocks(spec.block_in, spec.block_out, spec.input_size, "ada_spade_bn", False, eps)
         layers += [AdaSpadeBatchNorm(spec.block_out[-1], size, eps), activation()]
         self.blocks = nn.Sequential(*layers)
         self.heads = nn.ModuleList([nn.Sequential(conv3x3(spec.block_out[-1], 3), nn.Tanh())])
