@@ -17,7 +17,7 @@ from pybilayer.backends.frame_graph import (  # noqa: E402
     OUTPUT_NAMES,
     FrameWeights,
     build_folded_graph,
-    subpixel_kernels,
+    upsample_conv_taps,
 )
 from pybilayer.backends.onnxruntime import create_session  # noqa: E402
 from pybilayer.export import build_onnx, export_onnx, fp16_quality, psnr  # noqa: E402
@@ -113,16 +113,21 @@ def test_generic_graph_has_dynamic_batch(tiny):
             np.testing.assert_allclose(a[0], b[i], rtol=rtol, atol=atol)
 
 
-def test_subpixel_kernels_equal_upsample_then_conv():
+def test_upsample_conv_taps_equal_upsample_then_conv():
     torch.manual_seed(3)
     x = torch.randn(2, 5, 7, 9)  # odd, non-square
     w = torch.randn(4, 5, 3, 3)
     ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, padding=1)
-    out = torch.empty_like(ref).fill_(float("nan"))
-    for (k, (top, left, bottom, right)), (py, px) in zip(subpixel_kernels(w.double().numpy()), [(0, 0), (0, 1), (1, 0), (1, 1)]):
-        padded = F.pad(x.double(), (left, right, top, bottom))
-        out[:, :, py::2, px::2] = F.conv2d(padded, torch.from_numpy(k)).float()
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    taps = upsample_conv_taps(w.double().numpy())
+    assert sum(k.shape[2] * k.shape[3] for k, _ in taps) == 9
+    h, wd = x.shape[2], x.shape[3]
+    grid = torch.full((2, 4, 2 * h + 2, 2 * wd + 2), float("nan"), dtype=torch.float64)
+    for (k, (top, left, bottom, right)), (py, px) in zip(taps, [(0, 0), (0, 1), (1, 0), (1, 1)]):
+        group = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), torch.from_numpy(k))
+        assert group.shape[2:] == (h + 1, wd + 1)
+        grid[:, :, py::2, px::2] = group
+    out = grid[:, :, 1:-1, 1:-1] + grid[:, :, 2:, 1:-1] + grid[:, :, 1:-1, 2:] + grid[:, :, 2:, 2:]
+    torch.testing.assert_close(out.float(), ref, rtol=1e-5, atol=1e-5)
 
 
 def _with_edge_cases(params: InferenceParams) -> InferenceParams:

@@ -247,7 +247,8 @@ def test_truncated_model_file(model, tmp_path):
 
 @pytest.mark.parametrize("size, use_onnxruntime", [(SIZE, False), (SIZE, True), (128, True)])
 def test_fast_avatar_creation_equals_the_model(size, use_onnxruntime):
-    """Exact rewrites of phase 1 (stride-2 4x4 down convs, sub-pixel up convs) vs Bilayer.create_avatar."""
+    """Exact rewrites of phase 1 (stride-2 4x4 down convs, 9-tap up convs, folded projectors) vs
+    Bilayer.create_avatar."""
     from pybilayer.backends.avatar_fast import FastAvatarCreator
 
     torch.manual_seed(size)
@@ -261,6 +262,25 @@ def test_fast_avatar_creation_equals_the_model(size, use_onnxruntime):
     torch.testing.assert_close(got.texture, ref.texture, rtol=rtol, atol=atol)
     for name, tensor in ref.params.flatten().items():
         torch.testing.assert_close(got.params.flatten()[name], tensor, rtol=rtol, atol=atol * 10)
+
+
+@pytest.mark.parametrize("size", [SIZE, 128])
+def test_folded_projectors_equal_the_modules(size):
+    from pybilayer.backends.avatar_fast import FoldedProjector
+
+    torch.manual_seed(size + 1)
+    model = Bilayer(BilayerConfig.tiny(size, discriminator=False, texture_enhancer=False))
+    for projector in (model.texture_generator.prj_tex, model.inference_generator.prj_inf):
+        folded = FoldedProjector(projector)
+        assert folded.foldable  # the fold, not the fallback, is under test
+        embeds = [torch.randn(3, spec.embed_channels, 8, 8) for spec in projector.specs]
+        with torch.no_grad():
+            ref, got = projector(embeds), folded(embeds)
+        rtol, atol = TOLERANCES["fp32_exact_algebra"]
+        for ref_block, got_block in zip(ref, got, strict=True):
+            for r, g in zip(ref_block, got_block, strict=True):
+                torch.testing.assert_close(g.weight, r.weight, rtol=rtol, atol=atol * 10)
+                torch.testing.assert_close(g.bias, r.bias, rtol=rtol, atol=atol * 10)
 
 
 def test_create_avatar_detects_landmarks_lazily(reference, monkeypatch):

@@ -16,9 +16,10 @@ Two graphs come from the same weights (`FrameWeights`, read once from a Bilayer)
      padding stays zero) and the shift ``c/a`` moves into the biases of whatever produced ``x``
      (the skip convolution, which reads ``x`` itself, takes ``-W c/a`` into its bias). Channels with
      ``|a|`` too small for the shift to be well conditioned keep an explicit affine.
-  3. Nearest 2x up-sampling + 3x3 convolution = four 2x2 convolutions at the low resolution (one per
-     output phase, asymmetric padding) and a depth-to-space: 16 instead of 36 taps per 2x2 outputs.
-  4. The 1x1 skip convolution runs before the up-sampling and is added to every phase.
+  3. Nearest 2x up-sampling + 3x3 convolution = four small convolutions at the low resolution (1x1,
+     1x2, 2x1, 2x2: 9 taps per 2x2 outputs instead of 36, or 16 for four 2x2 phase kernels), a
+     depth-to-space and a 2x2 box sum (``upsample_conv_taps``).
+  4. The 1x1 skip convolution runs before the up-sampling; it and the bias enter the 1x1 group only.
   5. The first norm (a fixed affine BatchNorm) and the first block's skip fold into the last Linear of
      the keypoint MLP.
   6. The three heads are one convolution with 6 output channels.
@@ -88,11 +89,11 @@ class FrameWeights:
     def image_size(self) -> int:
         return self.input_size * 2 ** len(self.blocks)
 
-    def subpixel_conv2(self, j: int):
-        """``subpixel_kernels`` of block j's second conv; identity-independent, so computed once."""
-        cache = self.__dict__.setdefault("_subpixel_cache", {})
+    def conv2_taps(self, j: int):
+        """``upsample_conv_taps`` of block j's second conv; identity-independent, so computed once."""
+        cache = self.__dict__.setdefault("_conv2_taps_cache", {})
         if j not in cache:
-            cache[j] = subpixel_kernels(self.blocks[j].conv2_weight)
+            cache[j] = upsample_conv_taps(self.blocks[j].conv2_weight)
         return cache[j]
 
     @classmethod
@@ -350,22 +351,29 @@ def build_generic_graph(weights: FrameWeights, precision: Precision = "fp32"):
 # --------------------------------------------------------------------------- the folded graph
 
 
-def subpixel_kernels(weight: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
-    """Nearest 2x up-sampling + 3x3 conv (padding 1) as four 2x2 convs at the low resolution.
+def upsample_conv_taps(weight: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
+    """Nearest 2x up-sampling + 3x3 convolution (padding 1) as four convolutions at the low resolution.
 
-    Returns, for output phases (py, px) in order (0,0), (0,1), (1,0), (1,1), the 2x2 kernel and its
-    ONNX pads (top, left, bottom, right). Phase py=0 reads low-res rows (i-1, i) with taps
-    (w0, w1+w2); py=1 reads (i, i+1) with (w0+w1, w2); the same along columns.
+    Nearest up-sampling is zero insertion followed by a 2x2 box filter, and the box commutes with the
+    convolution. In 1-D, with ``u = up(x)``: ``y[n] = sum_k w[k] u[n+k-1] = v[n] + v[n-1]`` where
+    ``v[2p] = w1 x[p]`` and ``v[2p+1] = w0 x[p] + w2 x[p+1]``: 3 taps per two outputs instead of 4 (the
+    four 2x2 phase kernels of a sub-pixel convolution). In 2-D, rows and columns each pick the even
+    (``[w1]``) or odd (``[w0, w2]``) taps: groups ee 1x1, eo 1x2, oe 2x1, oo 2x2, 9 taps in all.
+
+    Every group is computed on a grid g = 0..s (so s+1 outputs per axis) holding v[2g-2] (even) or
+    v[2g-1] (odd); interleaved (DepthToSpace, DCR, in the returned order ee, eo, oe, oo) they give
+    ``V[m] = v[m-2]``, and ``y[n] = V[n+1] + V[n+2]`` per axis: a 2x2 box sum over ``V[1:, 1:]``.
+    Each output's box holds exactly one ee value, so a bias (or an up-sampled skip, padded by one at
+    the top and left) added to the ee group alone reaches every output once.
+
+    Returns (kernel (Cout, Cin, kh, kw), ONNX pads (top, left, bottom, right)) per group.
     """
-    rows = {0: ([0], [1, 2]), 1: ([0, 1], [2])}
+    taps = {"e": ([1], (1, 0)), "o": ([0, 2], (1, 1))}  # kernel rows/columns, (pad before, pad after)
     out = []
-    for py in (0, 1):
-        for px in (0, 1):
-            k = np.zeros(weight.shape[:2] + (2, 2), dtype=weight.dtype)
-            for a, taps_y in enumerate(rows[py]):
-                for c, taps_x in enumerate(rows[px]):
-                    k[:, :, a, c] = weight[:, :, taps_y][:, :, :, taps_x].sum(axis=(2, 3))
-            out.append((k, (1 - py, 1 - px, py, px)))
+    for rows in "eo":
+        for cols in "eo":
+            (ky, (top, bottom)), (kx, (left, right)) = taps[rows], taps[cols]
+            out.append((weight[:, :, ky][:, :, :, kx], (top, left, bottom, right)))
     return out
 
 
@@ -413,7 +421,8 @@ def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray]
     """One identity's per-frame network with its parameters folded into the weights (fp32).
 
     ``flat_params``: ``InferenceParams.flatten()`` of one identity as numpy arrays (batch dim 1).
-    ``subpixel_blocks``: indices of blocks whose up-sampling + conv uses the sub-pixel form (default all).
+    ``subpixel_blocks``: indices of blocks whose up-sampling + conv runs at the low resolution
+    (``upsample_conv_taps``; default all), the others up-sample first.
     """
     from onnx import TensorProto
 
@@ -464,10 +473,14 @@ def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray]
         nxt = input_norm(j + 1)
         b2 = blk.conv2_bias + nxt.shift  # the next norm's shift moves into this block's output
         if j in subpixel_blocks:
-            phases = []
-            for k, pads in weights.subpixel_conv2(j):
-                phases.append(b.op("Add", [b.conv(h, k, b2, pads=pads, hint=f"b{j}_conv2"), skip]))
-            x = b.op("DepthToSpace", [b.op("Concat", phases, axis=1)], blocksize=2, mode="DCR")
+            groups = []
+            for g, (k, pads) in enumerate(weights.conv2_taps(j)):
+                groups.append(b.conv(h, k, b2 if g == 0 else None, pads=pads, hint=f"b{j}_conv2"))
+            groups[0] = b.op("Add", [groups[0], b.op("Pad", [skip, b.ints([0, 0, 1, 1, 0, 0, 0, 0])])])
+            v = b.op("DepthToSpace", [b.op("Concat", groups, axis=1)], blocksize=2, mode="DCR")
+            v = b.op("Slice", [v, b.ints([1, 1]), b.ints([2 * s + 2, 2 * s + 2]), b.ints([2, 3])])
+            box = np.ones((c_out, 1, 2, 2))
+            x = b.op("Conv", [v, b.const(box, "box")], hint=f"b{j}_box", kernel_shape=[2, 2], group=c_out)
         else:
             up = b.conv(b.upsample2(h), blk.conv2_weight, b2, hint=f"b{j}_conv2")
             x = b.op("Add", [up, b.upsample2(skip)])
