@@ -35,7 +35,7 @@ except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_metadata  # noqa: E402  (benchmarks/common.py)
-from fsth import BACKENDS as CPU_BACKENDS  # noqa: E402  (benchmarks/fsth.py: the comparison table)
+from fsth import BACKENDS as COMPARED_BACKENDS  # noqa: E402  (benchmarks/fsth.py: the comparison table)
 from fsth import compare_paths, format_table, renderer_paths  # noqa: E402
 
 
@@ -117,9 +117,10 @@ def _eager_bilayer(model, avatar, keypoints_1, repeats: int) -> dict:
 def bench_backend(name: str, model, photo, landmarks, drivers, args, options=None, label=None) -> dict:
     """``options``: that backend's keyword arguments; ``label``: its name in the table (default: the backend's)."""
     from pybilayer import Renderer, ops
+    from pybilayer.backends import CPU_BACKENDS
 
     start = time.perf_counter()
-    renderer = Renderer(model, backend=name, device="cpu" if name in ("torch", "onnxruntime") else "auto",
+    renderer = Renderer(model, backend=name, device="cpu" if name in CPU_BACKENDS else "auto",
                         threads=args.threads, backend_options={name: options} if options else None)
     result = {"backend": label or renderer.backend, "reason": renderer.backend_reason,
               "renderer_init_ms": (time.perf_counter() - start) * 1e3}
@@ -172,7 +173,7 @@ def load_model(kind: str, checkpoint, quick: bool):
 def bench_model(kind: str, model, names: list[str], args) -> tuple[dict, list[dict], dict]:
     """(eager reference, one result per usable backend, {skipped backend: why}) for one model."""
     from pybilayer import Renderer
-    from pybilayer.backends import unavailable_reason
+    from pybilayer.backends import CPU_BACKENDS, unavailable_reason
     from pybilayer.backends.fsth import SERVED_BY
     from pybilayer.synthetic import random_landmarks
 
@@ -184,7 +185,7 @@ def bench_model(kind: str, model, names: list[str], args) -> tuple[dict, list[di
     skipped = {}
     usable = []
     for name in names:
-        reason = unavailable_reason(name, "cpu" if name in ("torch", "onnxruntime") else "cuda")
+        reason = unavailable_reason(name, "cpu" if name in CPU_BACKENDS else "cuda")
         if reason is None and kind == "fsth" and name not in SERVED_BY:
             reason = f"does not serve the FSTH model (served by {', '.join(SERVED_BY)})"
         if reason:
@@ -237,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=None, help="bi-layer model file (default: random released-size model)")
     parser.add_argument("--fsth-checkpoint", default=None, help="FSTH model file (default: random paper-size model)")
     parser.add_argument("--backends", default="auto",
-                        help="comma-separated backends, or 'auto' for every one usable here (torch, onnxruntime, cuda, tensorrt)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and onnxruntime)")
+                        help="comma-separated backends, or 'auto' for every one usable here "
+                             "(torch, onnxruntime, mnn, cuda, tensorrt)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch, onnxruntime and mnn)")
     parser.add_argument("--repeats", type=int, default=50, help="timed frames at batch 1")
     parser.add_argument("--batch", type=int, default=8, help="the larger batch size")
     parser.add_argument("--creation-repeats", type=int, default=3)
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 def compare_models(models: dict, names: list[str], args) -> list[dict] | str:
     """Both models' CPU per-frame paths timed round-robin (``benchmarks/fsth.py``); printed, and returned as
     rows (or the reason there is no table)."""
-    backends = [b for b in CPU_BACKENDS if b in names]
+    backends = [b for b in COMPARED_BACKENDS if b in names]
     sizes = {m.config.image_size for m in models.values()}
     if not backends or len(sizes) != 1:
         why = "no CPU backend (torch, onnxruntime) selected" if not backends else f"image sizes differ {sorted(sizes)}"

@@ -764,14 +764,13 @@ def cmd_webcam(args) -> int:
 
 def _backend_reasons() -> list[tuple[str, str | None]]:
     """(backend, None if usable here else why not), from the backends' own cheap probes."""
-    names = ("torch", "onnxruntime", "cuda", "tensorrt")
     try:
-        from .backends import unavailable_reason
+        from .backends import BACKENDS, CPU_BACKENDS, unavailable_reason
     except ImportError as exc:
-        return [(name, f"pybilayer.backends does not import: {exc}") for name in names]
+        return [("backends", f"pybilayer.backends does not import: {exc}")]
     rows = []
-    for name in names:
-        device = "cpu" if name in ("torch", "onnxruntime") else "cuda"
+    for name in BACKENDS:
+        device = "cpu" if name in CPU_BACKENDS else "cuda"
         try:
             rows.append((name, unavailable_reason(name, device)))
         except Exception as exc:  # noqa: BLE001 - a probe that fails is itself the reason

@@ -228,11 +228,12 @@ class Renderer:
             or ``FSTH`` (moved to ``device`` and used in place, not copied), or None for a random released-size
             bi-layer model (``config``, a ``BilayerConfig`` or an ``FSTHConfig``, chooses another then).
         backend: "auto" (tensorrt > cuda > onnxruntime, skipping what cannot run here), "tensorrt",
-            "cuda", "onnxruntime" or "torch" (the fp32 reference). The FSTH model: torch or onnxruntime.
+            "cuda", "onnxruntime", "mnn" (CPU, opt-in) or "torch" (the fp32 reference). The FSTH model: torch
+            or onnxruntime.
         device: "auto" (each backend where it runs: onnxruntime on the CPU, cuda/tensorrt on the GPU, torch
             on the GPU if there is one), "cpu", "cuda" or "cuda:N". Avatar creation runs on the chosen
             backend's device (``Renderer.device``).
-        threads: intra-op threads of the onnxruntime backend (None: its default, all cores).
+        threads: intra-op threads of the onnxruntime and mnn backends (None: their default, all cores).
         backend_options: extra keyword arguments per backend name, e.g. {"onnxruntime": {"graph": "generic"}}.
 
     ``backend`` (attribute) names the backend in use and ``backend_reason`` says why it was chosen.
@@ -251,7 +252,8 @@ class Renderer:
         serving = FSTHServing if isinstance(model, FSTH) else BilayerServing
         options = {k: dict(v) for k, v in (backend_options or {}).items()}
         if threads is not None:
-            options.setdefault("onnxruntime", {}).setdefault("threads", threads)
+            for name in ("onnxruntime", "mnn"):
+                options.setdefault(name, {}).setdefault("threads", threads)
         self._backend, self.backend_reason = select_backend(backend, model.eval(), device, options,
                                                             create=serving.create_backend)
         # The backend decides where things live: avatar creation runs on its device too.

@@ -4,7 +4,8 @@
 
 ``auto`` tries, in order, tensorrt > cuda > onnxruntime and takes the first that is usable, silently
 skipping the others; ``reason`` records why each was skipped. A backend named explicitly that cannot
-run here raises BackendUnavailableError saying why. ``torch`` (fp32 eager) is the reference.
+run here raises BackendUnavailableError saying why. ``torch`` (fp32 eager) is the reference; ``mnn``
+(the folded graph in Alibaba MNN, CPU) is only used when named.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 from ..errors import BackendUnavailableError
 from .base import FrameBackend, FrameOutputs, PreparedAvatar
 
-BACKENDS = ("tensorrt", "cuda", "onnxruntime", "torch")
+BACKENDS = ("tensorrt", "cuda", "onnxruntime", "mnn", "torch")
 AUTO_ORDER = ("tensorrt", "cuda", "onnxruntime")
+CPU_BACKENDS = ("torch", "onnxruntime", "mnn")  # probed and benchmarked on the CPU (torch also runs on a GPU)
 
 
 def resolve_device(device: str) -> str:
@@ -46,6 +48,12 @@ def unavailable_reason(name: str, device: str) -> str | None:
         from .onnxruntime import onnxruntime_unavailable_reason
 
         return onnxruntime_unavailable_reason()
+    if name == "mnn":
+        if device != "cpu":
+            return f"mnn runs on the CPU, not {device!r}"
+        from .mnn import mnn_unavailable_reason
+
+        return mnn_unavailable_reason()
     if name == "cuda":
         from .cuda import cuda_unavailable_reason
 
@@ -71,6 +79,10 @@ def create_backend(name: str, model, device: str, options: dict[str, Any] | None
         from .onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(model, **options)
+    if name == "mnn":
+        from .mnn import MnnBackend
+
+        return MnnBackend(model, **options)
     if name == "cuda":
         from .cuda import CudaBackend
 
@@ -84,7 +96,7 @@ def _device_for(name: str, device: str) -> str:
     """The device backend ``name`` runs on when ``device`` was asked for ("auto": where it can run)."""
     if device != "auto":
         return resolve_device(device)
-    if name == "onnxruntime":
+    if name in CPU_BACKENDS[1:]:
         return "cpu"
     if name in ("cuda", "tensorrt"):
         return "cuda"
@@ -96,10 +108,10 @@ def select_backend(name: str, model, device: str = "auto",
                    create: Callable[..., FrameBackend] = create_backend) -> tuple[FrameBackend, str]:
     """(backend, why it was chosen). ``options``: per-backend keyword arguments, by backend name.
 
-    With ``device="auto"`` each backend runs where it can (onnxruntime on the CPU, cuda and tensorrt on
-    the GPU); the chosen backend's ``device`` is then the renderer's device. ``create`` builds one backend
-    (``create_backend`` for the bi-layer model; ``fsth.create_backend`` for the few-shot model), raising
-    BackendUnavailableError for one that cannot serve ``model`` here."""
+    With ``device="auto"`` each backend runs where it can (onnxruntime and mnn on the CPU, cuda and
+    tensorrt on the GPU); the chosen backend's ``device`` is then the renderer's device. ``create``
+    builds one backend (``create_backend`` for the bi-layer model; ``fsth.create_backend`` for the
+    few-shot model), raising BackendUnavailableError for one that cannot serve ``model`` here."""
     if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
         raise BackendUnavailableError(f"unknown backend {name!r}: choose one of {('auto',) + BACKENDS}")
     if not isinstance(device, str):
@@ -127,6 +139,7 @@ def select_backend(name: str, model, device: str = "auto",
 __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
+    "CPU_BACKENDS",
     "FrameBackend",
     "FrameOutputs",
     "PreparedAvatar",
