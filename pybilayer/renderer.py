@@ -163,14 +163,15 @@ class BilayerServing:
     create_backend = staticmethod(create_backend)
 
     def __init__(self, model, device: str, threads: int | None = None):
-        from .backends.onnxruntime import onnxruntime_unavailable_reason
+        from .backends import unavailable_reason
 
         self.model = model
         self.image_size = int(model.config.image_size)
         self.fingerprint = model_fingerprint(model)
-        # Phase 1 with exact conv rewrites; on a CPU the identity embedder runs in onnxruntime.
-        use_ort = device == "cpu" and onnxruntime_unavailable_reason() is None
-        self._fast_creator = FastAvatarCreator(model, threads=threads, use_onnxruntime=use_ort)
+        # Phase 1 with exact rewrites; on a CPU the identity embedder runs in the fastest runtime there is.
+        runtimes = [name for name in ("mnn", "onnxruntime") if unavailable_reason(name, "cpu") is None]
+        embedder = runtimes[0] if device == "cpu" and runtimes else "torch"
+        self._fast_creator = FastAvatarCreator(model, threads=threads, embedder_runtime=embedder)
 
     def create(self, source_image, source_keypoints, crop_box, enhance: bool) -> Avatar:
         """(1, 3, S, S) crop and (1, 68, 2) keypoints on the device -> Avatar (CPU tensors)."""

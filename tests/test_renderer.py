@@ -245,8 +245,9 @@ def test_truncated_model_file(model, tmp_path):
         Renderer(tmp_path / "nothing.safetensors", backend="torch", device="cpu")
 
 
-@pytest.mark.parametrize("size, use_onnxruntime", [(SIZE, False), (SIZE, True), (128, True)])
-def test_fast_avatar_creation_equals_the_model(size, use_onnxruntime):
+@pytest.mark.parametrize("size, embedder_runtime", [(SIZE, "torch"), (SIZE, "onnxruntime"), (128, "onnxruntime"),
+                                                    (SIZE, "mnn")])
+def test_fast_avatar_creation_equals_the_model(size, embedder_runtime):
     """Exact rewrites of phase 1 (stride-2 4x4 down convs, 9-tap up convs, folded projectors) vs
     Bilayer.create_avatar."""
     from pybilayer.backends.avatar_fast import FastAvatarCreator
@@ -257,7 +258,9 @@ def test_fast_avatar_creation_equals_the_model(size, use_onnxruntime):
     keypoints = torch.from_numpy(random_landmarks(2, size, seed=size)) / size * 2 - 1
     with torch.no_grad():
         ref = model.create_avatar(image, keypoints)
-        got = FastAvatarCreator(model, threads=1, use_onnxruntime=use_onnxruntime).create(image, keypoints)
+        if embedder_runtime == "mnn":
+            pytest.importorskip("MNN")
+        got = FastAvatarCreator(model, threads=1, embedder_runtime=embedder_runtime).create(image, keypoints)
     rtol, atol = TOLERANCES["fp32_exact_algebra"]
     torch.testing.assert_close(got.texture, ref.texture, rtol=rtol, atol=atol)
     for name, tensor in ref.params.flatten().items():

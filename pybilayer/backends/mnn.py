@@ -101,6 +101,33 @@ def convert_to_mnn(graph, directory: str) -> str:
     return dst
 
 
+def create_runtime(threads: int):
+    """An MNN CPU runtime manager (thread pool and scratch memory) with fp32 ("high") precision."""
+    mnn, _ = _import_mnn()
+    with silenced_output():  # prints the precision it chose
+        return mnn.nn.create_runtime_manager(({"backend": "CPU", "precision": "high", "numThread": threads},))
+
+
+def load_module(graph, inputs: list[str], outputs: list[str], runtime):
+    """The ONNX ``graph`` converted (in a temporary directory, always removed) and loaded as an MNN module."""
+    mnn, _ = _import_mnn()
+    with tempfile.TemporaryDirectory(prefix="pybilayer-mnn-") as directory:
+        path = convert_to_mnn(graph, directory)
+        try:
+            with silenced_output():
+                return mnn.nn.load_module_from_file(path, inputs, outputs, runtime_manager=runtime)
+        except Exception as exc:
+            raise EngineError(f"MNN failed to load the converted model: {exc}") from exc
+
+
+def run_module(module, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Forward float32 NCHW arrays; the outputs copied out of MNN's buffers (the next call reuses them)."""
+    mnn, _ = _import_mnn()
+    F = mnn.expr
+    outputs = module.forward([F.const(np.ascontiguousarray(a, dtype=np.float32), list(a.shape), F.NCHW) for a in inputs])
+    return [np.array(F.convert(var, F.NCHW).read(), dtype=np.float32, copy=True) for var in outputs]
+
+
 class MnnBackend(FrameBackend):
     """Per-frame network in MNN on the CPU, one module per avatar. ``threads``: MNN's threads per forward
     (None: ``os.cpu_count()``)."""
@@ -119,11 +146,7 @@ class MnnBackend(FrameBackend):
         self.num_threads = threads or os.cpu_count() or 1
         self.weights = FrameWeights.from_model(model)
         self.image_size = self.weights.image_size
-        mnn, _ = _import_mnn()
-        self._nn, self._expr = mnn.nn, mnn.expr
-        with silenced_output():  # prints the precision it chose
-            self._runtime = mnn.nn.create_runtime_manager(
-                ({"backend": "CPU", "precision": "high", "numThread": self.num_threads},))
+        self._runtime = create_runtime(self.num_threads)
 
     def describe(self) -> str:
         return f"mnn on cpu (folded graph, fp32, {self.num_threads} threads)"
@@ -131,34 +154,21 @@ class MnnBackend(FrameBackend):
     def prepare(self, avatar) -> PreparedAvatar:
         texture = avatar.texture.detach().float().numpy()
         graph = build_folded_graph(self.weights, avatar.flat_params())
-        with tempfile.TemporaryDirectory(prefix="pybilayer-mnn-") as directory:
-            path = convert_to_mnn(graph, directory)
-            try:
-                with silenced_output():
-                    module = self._nn.load_module_from_file(path, [KEYPOINTS_INPUT], list(OUTPUT_NAMES),
-                                                            runtime_manager=self._runtime)
-            except Exception as exc:
-                raise EngineError(f"MNN failed to load the converted per-frame model: {exc}") from exc
-        return PreparedAvatar(texture, module)
+        return PreparedAvatar(texture, load_module(graph, [KEYPOINTS_INPUT], list(OUTPUT_NAMES), self._runtime))
 
     def run(self, groups: Sequence[tuple[PreparedAvatar, np.ndarray]]) -> list[FrameOutputs]:
-        F = self._expr
         size = self.image_size
         results = []
         for prepared, keypoints in groups:
-            keypoints = np.ascontiguousarray(keypoints, dtype=np.float32)
             n = keypoints.shape[0]
-            outputs = prepared.state.forward([F.const(keypoints, list(keypoints.shape), F.NCHW)])
-            arrays = []
-            for name, channels, var in zip(OUTPUT_NAMES, HEAD_CHANNELS, outputs):
-                # read() views MNN's buffer, which the next forward reuses: copy it out
-                array = np.array(F.convert(var, F.NCHW).read(), dtype=np.float32, copy=True)
+            arrays = run_module(prepared.state, [keypoints])
+            for name, channels, array in zip(OUTPUT_NAMES, HEAD_CHANNELS, arrays):
                 if array.shape != (n, channels, size, size):
                     raise EngineError(f"MNN returned {name} of shape {array.shape}, expected "
                                       f"{(n, channels, size, size)}")
-                arrays.append(array)
             results.append(FrameOutputs(*arrays))
         return results
 
 
-__all__ = ["MnnBackend", "convert_to_mnn", "mnn_unavailable_reason", "silenced_output"]
+__all__ = ["MnnBackend", "convert_to_mnn", "create_runtime", "load_module", "mnn_unavailable_reason", "run_module",
+           "silenced_output"]
