@@ -102,6 +102,6 @@ setup(
         "av>=12",
     ],
     # Exact pins for reproducible installs live in requirements*.txt (scripts/setup.sh uses them).
-    extras_require={"test": ["pytest==9.0.3"]},
+    extras_require={"test": ["pytest==9.0.3"], "mnn": ["mnn>=3.6"]},  # mnn: the fastest CPU path, optional
     zip_safe=False,
 )

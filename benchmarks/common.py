@@ -91,8 +91,14 @@ def _git_sha() -> str | None:
 
 
 def _version(name: str) -> str | None:
+    import importlib.metadata
+
     try:
-        return __import__(name).__version__
+        return importlib.metadata.version(name)  # reads the installed metadata; imports nothing
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        return __import__(name).__version__  # e.g. tensorrt, whose distribution is named per CUDA version
     except ImportError:
         return None
 
@@ -108,7 +114,7 @@ def run_metadata() -> dict:
         "git_sha": _git_sha(),
         "versions": {
             "python": platform.python_version(),
-            **{name: _version(name) for name in ("numpy", "torch", "onnxruntime", "onnx", "tensorrt")},
+            **{name: _version(name) for name in ("numpy", "torch", "onnxruntime", "onnx", "mnn", "tensorrt")},
         },
         "gpu": None,
     }

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from _builders import random_photo
 from _tolerances import TOLERANCES, UINT8_MAX_LSB
 from pybilayer import Renderer
 from pybilayer.backends.fsth import FewShotAvatar
@@ -56,8 +57,7 @@ def ort(model):
 
 
 def _photo(seed: int, size: int = 90):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (size, size + 13, 3), dtype=np.uint8), random_landmarks(1, size, seed=seed)[0]
+    return random_photo(seed, size)
 
 
 @pytest.fixture(scope="module")

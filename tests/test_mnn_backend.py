@@ -10,17 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("MNN")
 
+from _builders import random_photo, tiny_bilayer  # noqa: E402
 from _tolerances import TOLERANCES, UINT8_MAX_LSB  # noqa: E402
 from pybilayer import Renderer  # noqa: E402
 from pybilayer.backends import create_backend, unavailable_reason  # noqa: E402
 from pybilayer.backends import fsth as fsth_backends  # noqa: E402
 from pybilayer.backends import mnn as mnn_backend  # noqa: E402
 from pybilayer.errors import BackendUnavailableError, EngineError  # noqa: E402
-from pybilayer.models import Bilayer, BilayerConfig  # noqa: E402
 from pybilayer.synthetic import random_landmarks  # noqa: E402
 
 SIZE = 64
@@ -29,13 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def model(one_torch_thread):
-    torch.manual_seed(21)
-    model = Bilayer(BilayerConfig.tiny(SIZE, discriminator=False))
-    for m in model.inference_generator.modules():  # non-trivial statistics: folding must handle them
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 1.5)
-    return model
+    return tiny_bilayer(21, SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +41,8 @@ def renderer(model):
     return Renderer(model, backend="mnn", threads=1)
 
 
-def _photo(seed: int, size: int = 200):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (size, size + 13, 3), dtype=np.uint8), random_landmarks(1, size, seed=seed)[0]
+def _photo(seed: int):
+    return random_photo(seed, 200)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from _builders import tiny_bilayer
 from _tolerances import TOLERANCES, UINT8_MAX_LSB
 from pybilayer import Renderer
 from pybilayer.errors import BackendUnavailableError, CheckpointError
@@ -18,13 +19,7 @@ SIZE = 64
 
 
 def _tiny_model(seed: int) -> Bilayer:
-    torch.manual_seed(seed)
-    model = Bilayer(BilayerConfig.tiny(SIZE, discriminator=False))
-    for m in model.inference_generator.modules():  # non-trivial statistics: folding must handle them
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 1.5)
-    return model
+    return tiny_bilayer(seed, SIZE)
 
 
 @pytest.fixture(scope="module")

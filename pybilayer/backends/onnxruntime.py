@@ -3,9 +3,10 @@
 Two graph modes (see ``frame_graph``):
 
 * ``"folded"`` (default): at ``prepare`` each avatar's parameters are folded into the weights of its own
-  graph (AdaBN into the convolutions, sub-pixel up-sampling convolutions, skips at low resolution,
+  graph (AdaBN into the convolutions, up-sampling convolutions at the low resolution, skips there too,
   the first norm and skip inside the keypoint MLP) and given its own session. Session creation
-  counts toward avatar creation; rendering is the fastest CPU path.
+  counts toward avatar creation; rendering is the fastest onnxruntime path (the `mnn` backend runs the
+  same graph faster).
 * ``"generic"``: one session over the exported graph whose inputs include the per-identity parameters
   (the graph TensorRT builds from), shared by all avatars; several avatars run in one batch.
 
