@@ -130,6 +130,7 @@ def test_cpu_only_and_not_for_the_few_shot_model():
 
 def test_missing_mnn_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "MNN", None)  # makes `import MNN` raise ImportError
+    mnn_backend._import_mnn.cache_clear()  # a failed import is not cached: later tests import again
     reason = mnn_backend.mnn_unavailable_reason()
     assert reason.startswith("mnn is not installed") and "pip install mnn==3.6.1" in reason
     with pytest.raises(BackendUnavailableError, match="mnn is not installed"):

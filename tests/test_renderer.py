@@ -255,11 +255,20 @@ def test_fast_avatar_creation_equals_the_model(size, embedder_runtime):
         ref = model.create_avatar(image, keypoints)
         if embedder_runtime == "mnn":
             pytest.importorskip("MNN")
-        got = FastAvatarCreator(model, threads=1, embedder_runtime=embedder_runtime).create(image, keypoints)
+        creator = FastAvatarCreator(model, threads=1, embedder_runtime=embedder_runtime)
+        assert "_run_embedder" not in creator.__dict__  # built on first use, not at start-up
+        got = creator.create(image, keypoints)
     rtol, atol = TOLERANCES["fp32_exact_algebra"]
     torch.testing.assert_close(got.texture, ref.texture, rtol=rtol, atol=atol)
     for name, tensor in ref.params.flatten().items():
         torch.testing.assert_close(got.params.flatten()[name], tensor, rtol=rtol, atol=atol * 10)
+
+
+def test_fast_avatar_creator_rejects_an_unknown_embedder_runtime():
+    from pybilayer.backends.avatar_fast import FastAvatarCreator
+
+    with pytest.raises(ValueError, match="embedder_runtime must be"):
+        FastAvatarCreator(_tiny_model(5), embedder_runtime="tensorrt")
 
 
 @pytest.mark.parametrize("size", [SIZE, 128])

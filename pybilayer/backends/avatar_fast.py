@@ -1,6 +1,6 @@
-"""Avatar creation with exact convolution rewrites (the identity embedder and the texture generator).
+"""Avatar creation (identity embedder, texture generator, projectors) with exact rewrites.
 
-The model's own modules and weights, with two rewrites that cut the multiply-adds of phase 1 by ~1.4x:
+The model's own modules and weights, with three rewrites:
 
 * Down blocks of the identity embedder: a 3x3 convolution followed by a 2x2 average pool is one 4x4
   convolution with stride 2 (kernel ``K[m, n] = 1/4 sum_{a, b in {0, 1}} W[m - a, n - b]``): 16 instead
@@ -8,7 +8,6 @@ The model's own modules and weights, with two rewrites that cut the multiply-add
 * Up blocks of the texture generator: nearest 2x up-sampling followed by a 3x3 convolution is four
   small convolutions at the low resolution and a 2x2 box sum, 9 instead of 36 taps per 2x2 outputs
   (``frame_graph.upsample_conv_taps``).
-
 * Projectors: each head's three Linear layers (no nonlinearity between them) are one matrix, composed
   as well with the average pooling that replicates the (C, 8, 8) embeddings into its input rows
   (``FoldedProjector``): 64 instead of 1024 inputs per row, ~50x fewer multiply-adds (released size:
@@ -16,12 +15,15 @@ The model's own modules and weights, with two rewrites that cut the multiply-add
 
 Everything else (norms, AdaSPADE modulation, the decoder blocks) calls the modules
 themselves, so the result equals ``Bilayer.create_avatar`` up to fp32 summation order (checked in tests).
-On a CPU the identity embedder, pure convolutions with fixed weights, can run as an onnxruntime graph.
+On a CPU the identity embedder, pure convolutions with fixed weights, can run as an MNN or onnxruntime graph.
 Only the single-source-frame, no-mask, no-enhancer case is rewritten; the Renderer uses the model's
 own ``create_avatar`` otherwise.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,7 @@ from ..models.texture_generator import texture_params_from_heads
 from .frame_graph import upsample_conv_taps
 
 NEGATIVE_SLOPE = 0.2
-_GROUP_PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))  # grid positions of the ee, eo, oe, oe groups
+_GROUP_PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))  # grid positions of the ee, eo, oe, oo groups
 
 
 def upsample_conv(h: Tensor, taps: list[tuple[Tensor, tuple[int, int, int, int]]], bias: Tensor | None) -> Tensor:
@@ -125,9 +127,10 @@ class FoldedProjector:
             folded = []
             for head in heads:
                 (w1, b1), (w2, b2), (w3, b3) = ((m.weight.detach().double(), m.bias.detach().double()) for m in head)
+                # pooling first: it shrinks w1 from row_length to k*h*w columns before the larger products
+                w1 = (w1.view(w1.shape[0], k, -1) @ pool).reshape(w1.shape[0], k * h * w)
                 weight = w3 @ (w2 @ w1)
                 bias = w3 @ (w2 @ b1 + b2) + b3
-                weight = (weight.view(weight.shape[0], k, -1) @ pool).reshape(weight.shape[0], k * h * w)
                 folded.append((weight.float(), bias.float()))
             self._folded[key] = folded
         return self._folded[key]
@@ -152,30 +155,18 @@ class FastAvatarCreator:
     """Precomputes the rewritten kernels of one model (build a new one if its weights change).
 
     ``embedder_runtime``: where the identity embedder, pure convolutions with fixed weights, runs:
-    "torch" (the module with the rewrites), "onnxruntime" or "mnn" (``build_embedder_graph``, built once
-    per model; on the 2-core CPU here 0.37 s and 0.27 s against ~0.48 s in torch). The texture generator
-    stays in torch: as an onnxruntime graph it measured no faster (its time goes to the per-identity
-    AdaSPADE maps and full-resolution elementwise work, not convolutions)."""
+    "torch" (the module with the rewrites), "onnxruntime" or "mnn" (``build_embedder_graph``, built on
+    first use, once per model, so that a Renderer that only loads avatars never pays for it; 0.37 s and
+    0.31 s per avatar on the 2-core CPU here, after a one-time build of ~0.8 s and ~3.3 s). The texture generator stays in torch: as an onnxruntime
+    graph it measured no faster (its time goes to the per-identity AdaSPADE maps and full-resolution
+    elementwise work, not convolutions)."""
 
     def __init__(self, model, threads: int | None = None, embedder_runtime: str = "torch"):
-        self.model = model
-        self._run_embedder = None
-        if embedder_runtime == "onnxruntime":
-            from .onnxruntime import create_session
-
-            session = create_session(build_embedder_graph(model), threads)
-            self._run_embedder = lambda inputs: session.run(None, {"inputs": inputs})
-        elif embedder_runtime == "mnn":
-            import os
-
-            from .mnn import create_runtime, load_module, run_module
-
-            names = [f"embed.{j}" for j in range(len(model.identity_embedder.net.dec_blocks))]
-            module = load_module(build_embedder_graph(model), ["inputs"], names,
-                                 create_runtime(threads or os.cpu_count() or 1))
-            self._run_embedder = lambda inputs: run_module(module, [inputs])
-        elif embedder_runtime != "torch":
+        if embedder_runtime not in ("torch", "onnxruntime", "mnn"):
             raise ValueError(f"embedder_runtime must be 'torch', 'onnxruntime' or 'mnn', got {embedder_runtime!r}")
+        self.model = model
+        self.threads = threads
+        self.embedder_runtime = embedder_runtime
 
         enc = model.identity_embedder.net.enc
         self.down_kernels = []
@@ -187,11 +178,28 @@ class FastAvatarCreator:
         for j in range(model.texture_generator.num_blocks):
             conv1 = gen.blocks[j].block_feats[3]
             taps = upsample_conv_taps(conv1.weight.detach().double().numpy())
-            self.up_taps.append([(torch.from_numpy(k.copy()).to(conv1.weight), pads) for k, pads in taps])
+            self.up_taps.append([(torch.from_numpy(k).to(conv1.weight), pads) for k, pads in taps])
         self.texture_projector = FoldedProjector(model.texture_generator.prj_tex)
         self.inference_projector = FoldedProjector(model.inference_generator.prj_inf)
 
     # ------------------------------------------------------------------ identity embedder
+    @functools.cached_property
+    def _run_embedder(self):
+        """numpy (B, 6, S, S) -> the embeddings, in ``embedder_runtime`` (None for torch)."""
+        if self.embedder_runtime == "onnxruntime":
+            from .onnxruntime import create_session
+
+            session = create_session(build_embedder_graph(self.model), self.threads)
+            return lambda inputs: session.run(None, {"inputs": inputs})
+        if self.embedder_runtime == "mnn":
+            from .mnn import create_runtime, load_module, run_module
+
+            names = [f"embed.{j}" for j in range(len(self.model.identity_embedder.net.dec_blocks))]
+            module = load_module(build_embedder_graph(self.model), ["inputs"], names,
+                                 create_runtime(self.threads or os.cpu_count() or 1))
+            return lambda inputs: run_module(module, [inputs])
+        return None
+
     def embed(self, inputs: Tensor) -> list[Tensor]:
         """``IdentityEmbedder.forward`` for (B, 6, S, S) inputs (one source frame per identity)."""
         if self._run_embedder is not None:

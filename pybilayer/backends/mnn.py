@@ -20,6 +20,7 @@ output during those moments is lost too.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -66,6 +67,7 @@ def silenced_output() -> Iterator[None]:
             os.close(saved[1])
 
 
+@functools.cache  # once: every frame asks for MNN.expr, and silencing swaps the process's stdout
 def _import_mnn():
     """(MNN, its converter module ``_tools``); importing prints the CPU's features, silenced."""
     with silenced_output():
@@ -94,9 +96,9 @@ def convert_to_mnn(graph, directory: str) -> str:
         with silenced_output():
             tools.mnnconvert(args)  # returns True even on failure: the model file tells
     except Exception as exc:
-        raise EngineError(f"MNN failed to convert the per-frame graph to an MNN model: {exc}") from exc
+        raise EngineError(f"MNN failed to convert the ONNX graph to an MNN model: {exc}") from exc
     if not os.path.isfile(dst) or os.path.getsize(dst) == 0:
-        raise EngineError("MNN failed to convert the per-frame graph to an MNN model "
+        raise EngineError("MNN failed to convert the ONNX graph to an MNN model "
                           "(mnnconvert wrote no model; its messages were silenced)")
     return dst
 
