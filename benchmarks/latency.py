@@ -45,6 +45,26 @@ def _metadata(threads: int) -> dict:
     return meta
 
 
+SETTLE_S = 0.0
+
+
+def _interleaved_times(fns, repeats: int, block: int = 5) -> list[np.ndarray]:
+    """Each of ``fns`` timed in turn, ``block`` calls at a time, so that load drifts hit all of them alike.
+    Every turn starts with one untimed call: another runtime's worker threads may still be spinning from
+    the previous turn (onnxruntime's and OpenMP's do), and would slow its first call."""
+    rounds = -(-repeats // block)
+    out = np.empty((len(fns), rounds * block))
+    for r in range(rounds):
+        for k, fn in enumerate(fns):
+            time.sleep(SETTLE_S)
+            fn()
+            for i in range(r * block, (r + 1) * block):
+                start = time.perf_counter()
+                fn()
+                out[k, i] = time.perf_counter() - start
+    return [row[:repeats] * 1e3 for row in out]  # ms
+
+
 def _times(fn, repeats: int, warmup: int = 2) -> np.ndarray:
     for _ in range(warmup):
         fn()
@@ -66,16 +86,16 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def eager_reference(model, avatar, keypoints_1, repeats: int) -> dict:
-    """The model's eager per-frame path at batch 1, fp32 (per-identity parameters cached)."""
+def eager_step(model, avatar, keypoints_1):
+    """One frame of the model's eager per-frame path at batch 1, fp32 (per-identity parameters cached)."""
     from pybilayer.models.fsth import FSTH
 
     if isinstance(model, FSTH):
-        return _eager_fsth(model, avatar, keypoints_1, repeats)
-    return _eager_bilayer(model, avatar, keypoints_1, repeats)
+        return _eager_fsth_step(model, avatar, keypoints_1)
+    return eager_bilayer_step(model, avatar, keypoints_1)
 
 
-def _eager_fsth(model, avatar, keypoints_1, repeats: int) -> dict:
+def _eager_fsth_step(model, avatar, keypoints_1):
     """Stickman + generator G, fp32."""
     import torch
 
@@ -88,11 +108,47 @@ def _eager_fsth(model, avatar, keypoints_1, repeats: int) -> dict:
         with torch.no_grad():
             return model.render(fsth_avatar, model.draw_landmarks(keypoints))
 
-    return _stats(_times(step, repeats))
+    return step
 
 
-def _eager_bilayer(model, avatar, keypoints_1, repeats: int) -> dict:
-    """The official-style eager path (keypoint MLP + gen_inf + grid_sample + add), fp32."""
+def official_gen_inf(gen_inf, params, pose_embed):
+    """``gen_inf`` computed in the official code's order and ops (spec sections 2.1 and 2.5), for the baseline.
+
+    Per ResBlock: AdaBN as BatchNorm without affine, then ``* scale + bias``; LeakyReLU; conv3x3 at the low
+    resolution; AdaBN; LeakyReLU; nearest up-sampling; conv3x3. The skip up-samples first and then applies
+    the per-identity 1x1 convolution as a batched matmul at the high resolution (the official
+    ``Upsample -> AdaptiveConv2d``; pybilayer's own module swaps the two, which is exact and 4x cheaper).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def ada_bn(norm, x, p):
+        y = F.batch_norm(x, norm.norm_layer.running_mean, norm.norm_layer.running_var, eps=norm.norm_layer.eps)
+        return y * p.scale[:, :, None, None] + p.bias[:, :, None, None]
+
+    def up(x):
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+    blocks = gen_inf.blocks
+    n = len(params.blocks)
+    x = pose_embed
+    for j in range(n):
+        block, p = blocks[j], params.blocks[j]
+        h = block.norm1(x) if p.norm1 is None else ada_bn(block.norm1, x, p.norm1)
+        h = F.leaky_relu(h, 0.2, inplace=True)
+        h = F.leaky_relu(ada_bn(block.norm2, block.block_feats[2](h), p.norm2), 0.2, inplace=True)
+        h = block.block[1](up(h))
+        skip = up(x)
+        b, c, hh, ww = skip.shape
+        skip = (torch.bmm(p.skip.weight, skip.reshape(b, c, hh * ww)) + p.skip.bias[:, :, None]).view(b, -1, hh, ww)
+        x = h + skip
+    x = F.leaky_relu(ada_bn(blocks[n], x, params.final_norm), 0.2, inplace=True)
+    return tuple(head(x) for head in gen_inf.heads)
+
+
+def eager_bilayer_step(model, avatar, keypoints_1, official: bool = True):
+    """One frame of the eager per-frame path (keypoint MLP + gen_inf + grid_sample + add), fp32: the official
+    op order (``official_gen_inf``), or pybilayer's own modules with ``official=False``."""
     import torch
     import torch.nn.functional as F
 
@@ -102,20 +158,26 @@ def _eager_bilayer(model, avatar, keypoints_1, repeats: int) -> dict:
     params = avatar.params
     grid = identity_grid(model.config.image_size)
     keypoints = torch.from_numpy(keypoints_1)
+    gen_inf = model.inference_generator.gen_inf
 
     def step():
         with torch.no_grad():
             pose = model.keypoints_embedder(keypoints)
-            delta_uv, lf, _ = model.inference_generator.generate(pose, params)
+            if official:
+                delta_uv, lf, _ = official_gen_inf(gen_inf, params, pose)
+            else:
+                delta_uv, lf, _ = model.inference_generator.generate(pose, params)
             hf = F.grid_sample(texture, grid + delta_uv.permute(0, 2, 3, 1), mode="bilinear",
                                padding_mode="zeros", align_corners=False)
             return lf + hf
 
-    return _stats(_times(step, repeats))
+    return step
 
 
-def bench_backend(name: str, model, photo, landmarks, drivers, args, options=None, label=None) -> dict:
-    """``options``: that backend's keyword arguments; ``label``: its name in the table (default: the backend's)."""
+def bench_backend(name: str, model, photo, landmarks, drivers, eager, args, options=None, label=None) -> dict:
+    """``eager``: the eager path's one-frame function, timed in turn with the backend's batch-1 frames (the
+    speed-up is the ratio of those medians); ``options``: that backend's keyword arguments; ``label``: its
+    name in the table (default: the backend's)."""
     from pybilayer import Renderer, ops
     from pybilayer.backends import CPU_BACKENDS
 
@@ -133,7 +195,9 @@ def bench_backend(name: str, model, photo, landmarks, drivers, args, options=Non
         i[0] = (i[0] + 1) % len(drivers)
         renderer.render(avatar, drivers[i[0]])
 
-    result["batch1"] = _stats(_times(one, args.repeats))
+    backend_ms, eager_ms = _interleaved_times([one, eager], args.repeats)
+    result["batch1"], result["eager_interleaved"] = _stats(backend_ms), _stats(eager_ms)
+    result["speedup_vs_eager"] = result["eager_interleaved"]["p50_ms"] / result["batch1"]["p50_ms"]
     batch = drivers[: args.batch]
     result[f"batch{args.batch}"] = _stats(_times(lambda: renderer.render(avatar, batch), max(3, args.repeats // 4)), args.batch)
     result["compositor_p50_ms"] = result["compositor_share"] = None
@@ -196,28 +260,37 @@ def bench_model(kind: str, model, names: list[str], args) -> tuple[dict, list[di
     reference_renderer = Renderer(model, backend="torch", device="cpu")
     avatar = reference_renderer.create_avatar(photo, landmarks)
     keypoints_1 = reference_renderer.normalize_landmarks(drivers[:1])
-    eager = eager_reference(model, avatar, keypoints_1, args.repeats)
+    step = eager_step(model, avatar, keypoints_1)
+    eager = _stats(_times(step, args.repeats))
+    if kind == "bilayer":  # for comparison: pybilayer's own eager modules (exact rewrites of the official order)
+        modules = eager_bilayer_step(model, avatar, keypoints_1, official=False)
+        eager["pybilayer_modules"] = _stats(_times(modules, args.repeats))
     runs = [(name, None, None) for name in usable]
     if args.int8 and kind == "bilayer" and "onnxruntime" in usable:  # opt-in lossy path, its own row
         runs.append(("onnxruntime", {"precision": "int8"}, "ort-int8"))
     results = []
     for name, options, label in runs:
-        r = bench_backend(name, model, photo, landmarks, drivers, args, options, label)
+        r = bench_backend(name, model, photo, landmarks, drivers, step, args, options, label)
         r["model"] = kind
-        r["speedup_vs_eager"] = eager["p50_ms"] / r["batch1"]["p50_ms"]
         results.append(r)
     return eager, results, skipped
 
 
-EAGER_PATHS = {"bilayer": "MLP + gen_inf + grid_sample + add", "fsth": "stickman + generator"}
+EAGER_PATHS = {"bilayer": "MLP + gen_inf in the official op order + grid_sample + add", "fsth": "stickman + generator"}
 
 
 def print_results(kind: str, size: int, eager: dict, results: list[dict], skipped: dict, batch: int) -> None:
     print(f"{kind} ({size} px): eager PyTorch per-frame path ({EAGER_PATHS[kind]}), batch 1: "
           f"p50 {eager['p50_ms']:.1f} ms, p90 {eager['p90_ms']:.1f} ms, min {eager['min_ms']:.1f} ms")
+    if "pybilayer_modules" in eager:
+        own = eager["pybilayer_modules"]
+        print(f"  the same with pybilayer's own eager modules (skip before up-sampling): p50 {own['p50_ms']:.1f} ms, "
+              f"min {own['min_ms']:.1f} ms")
+    print("  speed-up: the eager path and each backend timed in turns of 5 frames; eager p50 / backend batch-1 p50 "
+          "over those turns")
     b = f"batch{batch}"
     header = (f"{'model':<8} {'backend':<12} {'init ms':>8} {'avatar ms':>9} {'b1 p50':>8} {'b1 p90':>8} {'b1 min':>8} "
-              f"{'b1 fps':>7} {b + ' p50/frame':>16} {b + ' fps':>10} {'comp. share':>11} {'speed-up':>8} "
+              f"{'b1 fps':>7} {b + ' p50/frame':>16} {b + ' fps':>10} {'comp. share':>11} {'eager p50':>9} {'speed-up':>8} "
               f"{'peak RSS MiB':>12}")
     print(header)
     print("-" * len(header))
@@ -226,7 +299,7 @@ def print_results(kind: str, size: int, eager: dict, results: list[dict], skippe
         print(f"{kind:<8} {r['backend']:<12} {r['renderer_init_ms']:>8.0f} {r['avatar_creation_ms']:>9.0f} "
               f"{r['batch1']['p50_ms']:>8.2f} {r['batch1']['p90_ms']:>8.2f} {r['batch1']['min_ms']:>8.2f} "
               f"{r['batch1']['fps']:>7.1f} {r[b]['per_frame_p50_ms']:>16.2f} {r[b]['fps']:>10.1f} {share:>11} "
-              f"{r['speedup_vs_eager']:>7.2f}x {r['peak_rss_mib']:>12.0f}")
+              f"{r['eager_interleaved']['p50_ms']:>9.1f} {r['speedup_vs_eager']:>7.2f}x {r['peak_rss_mib']:>12.0f}")
     for name, reason in skipped.items():
         print(f"{kind:<8} {name:<12} skipped: {reason}")
 

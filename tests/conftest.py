@@ -47,6 +47,15 @@ def pytest_collection_modifyitems(config, items):
                     item.add_marker(pytest.mark.skip(reason=reasons[mark]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """Caches (converted MNN models) go to a folder of this test session, never to the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("cache")
+        patch.setenv("PYBILAYER_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op torch thread for a test module (module-scoped, so the module's own fixtures run under it

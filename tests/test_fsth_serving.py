@@ -1,11 +1,8 @@
 """The few-shot talking-head model served through the Renderer (issue 7 item 4): torch and onnxruntime
-backends, avatar files, model detection, mixing models up, and benchmarks/latency.py --model fsth."""
+backends, avatar files, model detection, mixing models up (its latency benchmark: test_latency_benchmark.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +17,6 @@ from pybilayer.geometry import preprocess
 from pybilayer.models import Bilayer, BilayerConfig
 from pybilayer.models.fsth import FSTH, FSTHAvatar, FSTHConfig
 from pybilayer.synthetic import random_landmarks
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -198,28 +192,6 @@ def test_unsupported_options_are_named(model, reference, avatar):
         Renderer(FSTH(FSTHConfig.tiny(), spectral_norm=True), backend="torch", device="cpu")
 
 
-def _latency_module():
-    spec = importlib.util.spec_from_file_location("pybilayer_latency_benchmark", REPO / "benchmarks" / "latency.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_latency_benchmark_runs_for_fsth(tmp_path, capsys):
-    latency = _latency_module()
-    out = tmp_path / "latency.json"
-    assert latency.main(["--model", "fsth", "--quick", "--threads", "1", "--json", str(out)]) == 0
-    printed = capsys.readouterr().out
-    payload = json.loads(out.read_text())
-    results = payload["models"]["fsth"]["results"]
-    assert {r["backend"] for r in results} == {"torch", "onnxruntime"}
-    assert set(payload["models"]["fsth"]["skipped"]) == {"cuda", "tensorrt", "mnn"} or torch.cuda.is_available()
-    for r in results:
-        assert r["model"] == "fsth" and r["batch1"]["p50_ms"] > 0 and r["compositor_share"] is None
-        assert f"fsth     {r['backend']}" in printed
-    assert "bilayer" not in payload["models"]
-
-
 def test_few_shot_avatar_averages_the_embeddings_of_k_photos(model, reference, avatar):
     (photo1, landmarks1), (photo2, landmarks2) = _photo(1), _photo(4, size=110)
     two_shot = reference.create_avatar([photo1, photo2], [landmarks1, landmarks2])
@@ -241,20 +213,3 @@ def test_few_shot_avatar_averages_the_embeddings_of_k_photos(model, reference, a
     bilayer = Renderer(Bilayer(BilayerConfig.tiny(64, discriminator=False)), backend="torch", device="cpu")
     with pytest.raises(ValueError, match="bi-layer model makes an avatar from one photo, got 2"):
         bilayer.create_avatar([photo1, photo2], [landmarks1, landmarks2])
-
-
-def test_latency_benchmark_compares_both_models(tmp_path, capsys):
-    latency = _latency_module()
-    out = tmp_path / "both.json"
-    argv = ["--model", "both", "--quick", "--threads", "1", "--backends", "torch,onnxruntime", "--json", str(out)]
-    assert latency.main(argv) == 0
-    printed = capsys.readouterr().out
-    rows = json.loads(out.read_text())["comparison"]
-    assert sorted((r["model"], r["backend"]) for r in rows) == [
-        ("bilayer", "onnxruntime"), ("bilayer", "torch"), ("fsth", "onnxruntime"), ("fsth", "torch")]
-    for r in rows:
-        assert r["ms_p50"] > 0 and r["gflop_per_frame"] > 0 and r["vs_bilayer"] > 0 and r["image_size"] == 64
-    fsth_gflop = {r["gflop_per_frame"] for r in rows if r["model"] == "fsth"}
-    bilayer_gflop = {r["gflop_per_frame"] for r in rows if r["model"] == "bilayer"}
-    assert min(fsth_gflop) > max(bilayer_gflop)  # the few-shot generator is the heavier network
-    assert "per-frame cost, bi-layer vs few-shot talking-head" in printed

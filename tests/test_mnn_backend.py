@@ -187,3 +187,104 @@ def test_failed_conversion_is_an_engine_error_and_leaves_no_files(renderer, avat
     with pytest.raises(EngineError, match="MNN failed to convert"):
         renderer._backend.prepare(avatar2)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- the cache of converted models
+
+
+def _small_graph(seed: int):
+    """A one-convolution ONNX graph ``x`` (1, 3, 8, 8) -> ``y`` with random weights, and its numpy twin."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((4, 3, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])], "small",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, lambda x: np.einsum("oi,nihw->nohw", weight[:, :, 0, 0], x)
+
+
+def _load_small(seed: int, directory: Path, runtime, fingerprint: str | None = None):
+    graph, reference = _small_graph(seed)
+    module = mnn_backend.load_cached_module(lambda: graph, fingerprint or f"small {seed}", ["x"], ["y"], runtime,
+                                            directory)
+    x = np.random.default_rng(seed + 100).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(mnn_backend.run_module(module, [x])[0], reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return mnn_backend.create_runtime(1)
+
+
+def _forbid_conversion(monkeypatch):
+    def convert(graph, directory):
+        raise AssertionError("converted again instead of loading the cached model")
+
+    monkeypatch.setattr(mnn_backend, "convert_to_mnn", convert)
+
+
+def test_cache_converts_once_then_loads(runtime, tmp_path, monkeypatch):
+    _load_small(1, tmp_path, runtime)
+    files = list(tmp_path.iterdir())
+    assert [f.suffix for f in files] == [".mnn"] and files[0].stat().st_size > 0
+    _forbid_conversion(monkeypatch)
+    _load_small(1, tmp_path, runtime)  # the same graph, loaded from the file
+    assert list(tmp_path.iterdir()) == files
+
+
+def test_cache_keys_follow_the_source_and_the_mnn_version(runtime, tmp_path, monkeypatch):
+    _load_small(1, tmp_path, runtime)
+    _load_small(2, tmp_path, runtime)  # other weights: another key, its own (correct) model
+    monkeypatch.setattr(mnn_backend, "_mnn_version", lambda: "0.0.0-other")
+    _load_small(1, tmp_path, runtime)  # converted again for the other MNN version
+    assert len(list(tmp_path.glob("*.mnn"))) == 3
+    assert mnn_backend.cache_key("a") != mnn_backend.cache_key("b")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_cached_model_is_converted_again(runtime, tmp_path, monkeypatch, damage):
+    _load_small(3, tmp_path, runtime)
+    (path,) = tmp_path.iterdir()
+    good = path.read_bytes()
+    path.write_bytes({"truncated": good[: len(good) // 2], "garbage": b"not a model" * 10, "empty": b""}[damage])
+    _load_small(3, tmp_path, runtime)  # still the right outputs
+    assert list(tmp_path.iterdir()) == [path] and path.stat().st_size == len(good)
+    _forbid_conversion(monkeypatch)
+    _load_small(3, tmp_path, runtime)  # the replaced file is whole: it loads
+
+
+def test_an_unwritable_cache_still_serves(runtime, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    _load_small(4, blocker / "mnn", runtime)
+    assert blocker.read_text() == "a file where the cache folder would be"
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(mnn_backend.CACHE_DIR_ENV, str(tmp_path / "c"))
+    assert mnn_backend.cache_dir() == tmp_path / "c" / "mnn"
+    monkeypatch.delenv(mnn_backend.CACHE_DIR_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert mnn_backend.cache_dir() == tmp_path / "xdg" / "pybilayer" / "mnn"
+
+
+def test_the_identity_embedder_conversion_is_cached(model, private_cache_dir, monkeypatch):
+    import torch
+
+    from pybilayer.backends.avatar_fast import FastAvatarCreator
+
+    Renderer(model, backend="mnn", threads=1).create_avatar(*_photo(5))
+    cached = list((private_cache_dir / "mnn").glob("*.mnn"))
+    assert cached, "the embedder's MNN model was not cached"
+    _forbid_conversion(monkeypatch)  # a second creator of the same model loads it
+    creator = FastAvatarCreator(model, threads=1, embedder_runtime="mnn")
+    inputs = np.random.default_rng(6).standard_normal((1, 6, SIZE, SIZE)).astype(np.float32)
+    with torch.no_grad():
+        got = creator.embed(torch.from_numpy(inputs))
+        want = model.identity_embedder(torch.from_numpy(inputs))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

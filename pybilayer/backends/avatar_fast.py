@@ -35,6 +35,8 @@ from ..models.texture_generator import texture_params_from_heads
 from .frame_graph import upsample_conv_taps
 
 NEGATIVE_SLOPE = 0.2
+# Bump when build_embedder_graph changes what it builds: cached conversions of the old graph are then unused.
+EMBEDDER_GRAPH_VERSION = 1
 _GROUP_PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))  # grid positions of the ee, eo, oe, oo groups
 
 
@@ -157,9 +159,11 @@ class FastAvatarCreator:
     ``embedder_runtime``: where the identity embedder, pure convolutions with fixed weights, runs:
     "torch" (the module with the rewrites), "onnxruntime" or "mnn" (``build_embedder_graph``, built on
     first use, once per model, so that a Renderer that only loads avatars never pays for it; 0.37 s and
-    0.31 s per avatar on the 2-core CPU here, after a one-time build of ~0.8 s and ~3.3 s). The texture generator stays in torch: as an onnxruntime
-    graph it measured no faster (its time goes to the per-identity AdaSPADE maps and full-resolution
-    elementwise work, not convolutions)."""
+    0.31 s per avatar on the 2-core CPU here, after a one-time build of ~0.8 s and ~3.3 s). MNN's
+    conversion is kept on disk (``mnn.load_cached_module``, keyed by the embedder's weights), so only the
+    first Renderer of a model on a machine pays it. The texture generator stays in torch: as an
+    onnxruntime graph it measured no faster (its time goes to the per-identity AdaSPADE maps and
+    full-resolution elementwise work, not convolutions)."""
 
     def __init__(self, model, threads: int | None = None, embedder_runtime: str = "torch"):
         if embedder_runtime not in ("torch", "onnxruntime", "mnn"):
@@ -192,11 +196,16 @@ class FastAvatarCreator:
             session = create_session(build_embedder_graph(self.model), self.threads)
             return lambda inputs: session.run(None, {"inputs": inputs})
         if self.embedder_runtime == "mnn":
-            from .mnn import create_runtime, load_module, run_module
+            from ..avatar import weights_fingerprint
+            from .mnn import create_runtime, load_cached_module, run_module
 
             names = [f"embed.{j}" for j in range(len(self.model.identity_embedder.net.dec_blocks))]
-            module = load_module(build_embedder_graph(self.model), ["inputs"], names,
-                                 create_runtime(self.threads or os.cpu_count() or 1))
+            source = weights_fingerprint(
+                {"graph": "identity_embedder", "version": EMBEDDER_GRAPH_VERSION, "image_size": self.model.config.image_size},
+                {"identity_embedder": self.model.identity_embedder},
+            )
+            module = load_cached_module(lambda: build_embedder_graph(self.model), source, ["inputs"], names,
+                                        create_runtime(self.threads or os.cpu_count() or 1))
             return lambda inputs: run_module(module, [inputs])
         return None
 

@@ -16,17 +16,23 @@ memory per live avatar as the onnxruntime folded graph (~100 MiB).
 MNN's C++ code prints to stdout and stderr (at import, when converting and loading). Those calls run
 with file descriptors 1 and 2 pointed at /dev/null, so nothing reaches a CLI's stdout; another thread's
 output during those moments is lost too.
+
+Graphs that are the same for every avatar (the identity embedder: ~3.3 s to convert) are converted once
+and kept in a cache folder (``cache_dir``), keyed by what they were made from; see ``load_cached_module``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import os
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +41,8 @@ from .base import FrameBackend, FrameOutputs, PreparedAvatar
 from .frame_graph import HEAD_CHANNELS, KEYPOINTS_INPUT, OUTPUT_NAMES, FrameWeights, build_folded_graph
 
 INSTALL_HINT = "`pip install mnn==3.6.1`"
+CACHE_DIR_ENV = "PYBILAYER_CACHE_DIR"
+log = logging.getLogger(__name__)
 # File descriptors are per process: two threads swapping them at once could leave stdout on /dev/null.
 _FD_LOCK = threading.RLock()
 
@@ -122,6 +130,60 @@ def load_module(graph, inputs: list[str], outputs: list[str], runtime):
             raise EngineError(f"MNN failed to load the converted model: {exc}") from exc
 
 
+def cache_dir() -> Path:
+    """Where converted MNN models are kept: $PYBILAYER_CACHE_DIR/mnn, else $XDG_CACHE_HOME/pybilayer/mnn,
+    else ~/.cache/pybilayer/mnn."""
+    root = os.environ.get(CACHE_DIR_ENV)
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "pybilayer")
+    return Path(root).expanduser() / "mnn"
+
+
+def _mnn_version() -> str:
+    mnn, _ = _import_mnn()
+    return str(getattr(mnn, "version", lambda: "unknown")())
+
+
+def cache_key(source_fingerprint: str) -> str:
+    """File stem of a converted model: the sha256 of what the graph was made from and the MNN version
+    that converted it (a model from another MNN version is converted again, never loaded)."""
+    return hashlib.sha256(f"{source_fingerprint}|mnn {_mnn_version()}".encode()).hexdigest()[:32]
+
+
+def load_cached_module(build_graph: Callable[[], object], source_fingerprint: str, inputs: list[str],
+                       outputs: list[str], runtime, directory: Path | None = None):
+    """``load_module(build_graph(), ...)`` through a cache of converted models under ``directory``
+    (default ``cache_dir()``), keyed by ``cache_key(source_fingerprint)``: ``source_fingerprint`` must
+    change whenever the graph would (weights, graph layout). The model is written atomically, so a
+    crash or a concurrent process never leaves half a file under the final name; a cached file that MNN
+    cannot load is converted again and replaced. Where the folder cannot be written, the model is
+    converted in a temporary folder as ``load_module`` does."""
+    from ..fileio import atomic_path
+
+    mnn, _ = _import_mnn()
+    path = (directory or cache_dir()) / f"{cache_key(source_fingerprint)}.mnn"
+    if path.is_file():
+        try:
+            with silenced_output():
+                return mnn.nn.load_module_from_file(str(path), inputs, outputs, runtime_manager=runtime)
+        except Exception as exc:  # truncated or foreign: convert again below
+            log.warning("cached MNN model %s could not be loaded (%s); converting again", path, exc)
+    with tempfile.TemporaryDirectory(prefix="pybilayer-mnn-") as tmp:
+        converted = convert_to_mnn(build_graph(), tmp)
+        try:
+            with atomic_path(path, make_parents=True) as part:
+                os.replace(converted, part)
+        except (OSError, EngineError, ValueError) as exc:  # read-only home, full disk: still serve
+            log.warning("cannot cache the converted MNN model under %s (%s)", path.parent, exc)
+            path = Path(converted)
+        try:
+            with silenced_output():
+                return mnn.nn.load_module_from_file(str(path), inputs, outputs, runtime_manager=runtime)
+        except Exception as exc:
+            raise EngineError(f"MNN failed to load the converted model: {exc}") from exc
+
+
 def run_module(module, inputs: list[np.ndarray]) -> list[np.ndarray]:
     """Forward float32 NCHW arrays; the outputs copied out of MNN's buffers (the next call reuses them)."""
     mnn, _ = _import_mnn()
@@ -172,5 +234,5 @@ class MnnBackend(FrameBackend):
         return results
 
 
-__all__ = ["MnnBackend", "convert_to_mnn", "create_runtime", "load_module", "mnn_unavailable_reason", "run_module",
-           "silenced_output"]
+__all__ = ["MnnBackend", "cache_dir", "cache_key", "convert_to_mnn", "create_runtime", "load_cached_module",
+           "load_module", "mnn_unavailable_reason", "run_module", "silenced_output"]

@@ -42,7 +42,9 @@ def onnxruntime_unavailable_reason() -> str | None:
 
 
 def session_options(threads: int | None):
-    """Session options of every pybilayer ORT session: all graph optimisations, one inter-op thread."""
+    """Session options of every pybilayer ORT session: all graph optimisations, one inter-op thread, and
+    worker threads that sleep when a run ends (spinning would take the cores the caller renders, decodes
+    or runs other runtimes on between frames)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -51,6 +53,7 @@ def session_options(threads: int | None):
     options.inter_op_num_threads = 1
     if threads is not None:
         options.intra_op_num_threads = int(threads)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: ORT warns about harmless initializer handling
     return options
 
