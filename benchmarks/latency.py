@@ -10,10 +10,11 @@ Per model and backend: avatar creation (bi-layer: embedder + texture generator +
 + AdaIN projection; plus the backend's per-avatar preparation), per-frame p50/p90 and fps at batch 1 and
 batch 8 (landmarks in, uint8 frames out, including landmark normalisation and the compositor or the
 stickman rasterisation), the compositor's share (bi-layer), and the peak RSS so far. In the same run it
-times each model's eager PyTorch per-frame path (bi-layer: the official-style keypoint MLP + gen_inf with
-the projector output cached + grid_sample + add; FSTH: stickman + generator) and reports each backend's
-speed-up over it. ``--model both`` then times both models' CPU paths round-robin, one frame each, in one
-table (``benchmarks/fsth.py``): the bi-layer paper's central comparison, on this machine in this run.
+times each model's eager PyTorch per-frame path (bi-layer: keypoint MLP + gen_inf in the official op
+order, ``official_gen_inf``, with the projector output cached + grid_sample + add; FSTH: stickman +
+generator) and reports each backend's speed-up over it, both timed in turns of a few frames so that load
+changes hit both alike. ``--model both`` then times both models' CPU paths round-robin, one frame each, in
+one table (``benchmarks/fsth.py``): the bi-layer paper's central comparison, on this machine in this run.
 Nothing is downloaded; tests never assert timings, this script only reports them.
 """
 
@@ -45,20 +46,19 @@ def _metadata(threads: int) -> dict:
     return meta
 
 
-SETTLE_S = 0.0
+TURN_FRAMES = 5
 
 
-def _interleaved_times(fns, repeats: int, block: int = 5) -> list[np.ndarray]:
-    """Each of ``fns`` timed in turn, ``block`` calls at a time, so that load drifts hit all of them alike.
-    Every turn starts with one untimed call: another runtime's worker threads may still be spinning from
-    the previous turn (onnxruntime's and OpenMP's do), and would slow its first call."""
-    rounds = -(-repeats // block)
-    out = np.empty((len(fns), rounds * block))
+def _interleaved_times(fns, repeats: int) -> list[np.ndarray]:
+    """Each of ``fns`` timed in turn, ``TURN_FRAMES`` calls at a time, so that load drifts hit all of them
+    alike. Every turn starts with one untimed call: the other runtime's worker threads may still be
+    spinning from the previous turn (OpenMP's and MNN's do) and would slow its first call."""
+    rounds = -(-repeats // TURN_FRAMES)
+    out = np.empty((len(fns), rounds * TURN_FRAMES))
     for r in range(rounds):
         for k, fn in enumerate(fns):
-            time.sleep(SETTLE_S)
             fn()
-            for i in range(r * block, (r + 1) * block):
+            for i in range(r * TURN_FRAMES, (r + 1) * TURN_FRAMES):
                 start = time.perf_counter()
                 fn()
                 out[k, i] = time.perf_counter() - start
@@ -122,6 +122,8 @@ def official_gen_inf(gen_inf, params, pose_embed):
     import torch
     import torch.nn.functional as F
 
+    from pybilayer.models.blocks import NEGATIVE_SLOPE
+
     def ada_bn(norm, x, p):
         y = F.batch_norm(x, norm.norm_layer.running_mean, norm.norm_layer.running_var, eps=norm.norm_layer.eps)
         return y * p.scale[:, :, None, None] + p.bias[:, :, None, None]
@@ -135,14 +137,14 @@ def official_gen_inf(gen_inf, params, pose_embed):
     for j in range(n):
         block, p = blocks[j], params.blocks[j]
         h = block.norm1(x) if p.norm1 is None else ada_bn(block.norm1, x, p.norm1)
-        h = F.leaky_relu(h, 0.2, inplace=True)
-        h = F.leaky_relu(ada_bn(block.norm2, block.block_feats[2](h), p.norm2), 0.2, inplace=True)
+        h = F.leaky_relu(h, NEGATIVE_SLOPE, inplace=True)
+        h = F.leaky_relu(ada_bn(block.norm2, block.block_feats[2](h), p.norm2), NEGATIVE_SLOPE, inplace=True)
         h = block.block[1](up(h))
         skip = up(x)
         b, c, hh, ww = skip.shape
         skip = (torch.bmm(p.skip.weight, skip.reshape(b, c, hh * ww)) + p.skip.bias[:, :, None]).view(b, -1, hh, ww)
         x = h + skip
-    x = F.leaky_relu(ada_bn(blocks[n], x, params.final_norm), 0.2, inplace=True)
+    x = F.leaky_relu(ada_bn(blocks[n], x, params.final_norm), NEGATIVE_SLOPE, inplace=True)
     return tuple(head(x) for head in gen_inf.heads)
 
 
@@ -286,8 +288,8 @@ def print_results(kind: str, size: int, eager: dict, results: list[dict], skippe
         own = eager["pybilayer_modules"]
         print(f"  the same with pybilayer's own eager modules (skip before up-sampling): p50 {own['p50_ms']:.1f} ms, "
               f"min {own['min_ms']:.1f} ms")
-    print("  speed-up: the eager path and each backend timed in turns of 5 frames; eager p50 / backend batch-1 p50 "
-          "over those turns")
+    print(f"  speed-up: the eager path and each backend timed in turns of {TURN_FRAMES} frames; eager p50 / backend "
+          "batch-1 p50 over those turns")
     b = f"batch{batch}"
     header = (f"{'model':<8} {'backend':<12} {'init ms':>8} {'avatar ms':>9} {'b1 p50':>8} {'b1 p90':>8} {'b1 min':>8} "
               f"{'b1 fps':>7} {b + ' p50/frame':>16} {b + ' fps':>10} {'comp. share':>11} {'eager p50':>9} {'speed-up':>8} "

@@ -169,7 +169,7 @@ class BilayerServing:
         self.image_size = int(model.config.image_size)
         self.fingerprint = model_fingerprint(model)
         # Phase 1 with exact rewrites; on a CPU the identity embedder runs in the fastest runtime there is
-        # (MNN: 0.31 s per avatar against 0.37 s, after a one-time ~3 s conversion on the first avatar).
+        # (MNN: 0.27-0.31 s per avatar against 0.37 s; its ~2.5 s conversion is cached on disk).
         runtimes = [name for name in ("mnn", "onnxruntime") if unavailable_reason(name, "cpu") is None]
         embedder = runtimes[0] if device == "cpu" and runtimes else "torch"
         self._fast_creator = FastAvatarCreator(model, threads=threads, embedder_runtime=embedder)

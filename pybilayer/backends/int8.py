@@ -5,10 +5,10 @@ with ranges calibrated per avatar (MinMax) on realistic poses from ``pybilayer.s
 kernel ORT runs fastest on AVX2; ``reduce_range`` keeps the weights to 7 bits so that AVX2's
 VPMADDUBSW (no VNNI) cannot saturate its 16-bit pair sums.
 
-Measured on the released-size random-weight model, batch 1, 2 AVX2 cores, same run: 30.8 vs 44.9 ms
-per frame (1.46x); uint8 frames at 49-61 dB PSNR against the fp32 path over 200 held-out poses (random
-weights give low-contrast outputs, so quality is indicative only); calibration + quantisation add
-~3.5-5 s per avatar.
+Measured on the released-size random-weight model, batch 1, 2 AVX2 cores, same run: 30.3 vs 51.1 ms
+per frame for the fp32 folded graph (benchmarks/RESULTS.md); uint8 frames at 54.6-61.7 dB PSNR against
+the fp32 path over 200 held-out poses (random weights give low-contrast outputs, so quality is
+indicative only); calibration + quantisation add ~3.5 s per avatar.
 Lossy: outside the 2e-3 bound of the fp32 paths, so never the default.
 """
 

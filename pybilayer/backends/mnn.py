@@ -3,8 +3,8 @@
 At ``prepare`` the avatar's parameters are folded into the weights (``frame_graph.build_folded_graph``,
 the graph the onnxruntime backend runs by default), MNN's converter turns that ONNX graph into an MNN
 model, and MNN loads it as a module of its own. MNN runs the 3x3 convolutions with Winograd kernels:
-per frame (released size, batch 1, 2 threads, 2-core AVX2) ~23 ms against onnxruntime's ~40 ms on the
-same folded graph, outputs within ~3e-6 of it (the warped image within ~3e-5 of the torch reference).
+per forward (released size, batch 1, 2 threads, 2-core AVX2) ~23.5 ms against onnxruntime's ~45 ms on
+the same folded graph, outputs within ~3e-6 of it (the warped image within ~3e-5 of the torch reference).
 Precision "high": fp32 throughout, no fp16/bf16.
 
 Cost per avatar (released size, measured under load): ~0.3 s, counted as avatar creation: folding
@@ -118,16 +118,19 @@ def create_runtime(threads: int):
         return mnn.nn.create_runtime_manager(({"backend": "CPU", "precision": "high", "numThread": threads},))
 
 
+def _load_file(path: str, inputs: list[str], outputs: list[str], runtime):
+    mnn, _ = _import_mnn()
+    try:
+        with silenced_output():
+            return mnn.nn.load_module_from_file(path, inputs, outputs, runtime_manager=runtime)
+    except Exception as exc:  # MNN verifies the file: truncated or foreign models raise here
+        raise EngineError(f"MNN failed to load the converted model {path}: {exc}") from exc
+
+
 def load_module(graph, inputs: list[str], outputs: list[str], runtime):
     """The ONNX ``graph`` converted (in a temporary directory, always removed) and loaded as an MNN module."""
-    mnn, _ = _import_mnn()
     with tempfile.TemporaryDirectory(prefix="pybilayer-mnn-") as directory:
-        path = convert_to_mnn(graph, directory)
-        try:
-            with silenced_output():
-                return mnn.nn.load_module_from_file(path, inputs, outputs, runtime_manager=runtime)
-        except Exception as exc:
-            raise EngineError(f"MNN failed to load the converted model: {exc}") from exc
+        return _load_file(convert_to_mnn(graph, directory), inputs, outputs, runtime)
 
 
 def cache_dir() -> Path:
@@ -161,27 +164,21 @@ def load_cached_module(build_graph: Callable[[], object], source_fingerprint: st
     converted in a temporary folder as ``load_module`` does."""
     from ..fileio import atomic_path
 
-    mnn, _ = _import_mnn()
     path = (directory or cache_dir()) / f"{cache_key(source_fingerprint)}.mnn"
     if path.is_file():
         try:
-            with silenced_output():
-                return mnn.nn.load_module_from_file(str(path), inputs, outputs, runtime_manager=runtime)
-        except Exception as exc:  # truncated or foreign: convert again below
-            log.warning("cached MNN model %s could not be loaded (%s); converting again", path, exc)
+            return _load_file(str(path), inputs, outputs, runtime)
+        except EngineError as exc:
+            log.warning("%s; converting again", exc)
     with tempfile.TemporaryDirectory(prefix="pybilayer-mnn-") as tmp:
         converted = convert_to_mnn(build_graph(), tmp)
+        module = _load_file(converted, inputs, outputs, runtime)  # the module keeps its weights in memory
         try:
             with atomic_path(path, make_parents=True) as part:
                 os.replace(converted, part)
-        except (OSError, EngineError, ValueError) as exc:  # read-only home, full disk: still serve
+        except (OSError, ValueError) as exc:  # read-only home, full disk: serve without caching
             log.warning("cannot cache the converted MNN model under %s (%s)", path.parent, exc)
-            path = Path(converted)
-        try:
-            with silenced_output():
-                return mnn.nn.load_module_from_file(str(path), inputs, outputs, runtime_manager=runtime)
-        except Exception as exc:
-            raise EngineError(f"MNN failed to load the converted model: {exc}") from exc
+    return module
 
 
 def run_module(module, inputs: list[np.ndarray]) -> list[np.ndarray]:
