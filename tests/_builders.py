@@ -25,3 +25,8 @@ def random_photo(seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A random non-square uint8 photo and realistic (68, 2) landmarks inside it."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (size, size + 13, 3), dtype=np.uint8), random_landmarks(1, size, seed=seed)[0]
+
+
+def random_drivers(n: int, seed: int = 3) -> np.ndarray:
+    """(n, 68, 2) realistic driving landmarks in pixels of a 300-px frame."""
+    return random_landmarks(n, 300, seed=seed)

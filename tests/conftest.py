@@ -57,6 +57,34 @@ def private_cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def photo_size() -> int:
+    """Height of the random photos behind the shared avatar fixtures (a test module may override it)."""
+    return 200
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """The torch reference Renderer of the test module's ``model``."""
+    from pybilayer import Renderer
+
+    return Renderer(model, backend="torch", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def avatar(reference, photo_size):
+    from _builders import random_photo
+
+    return reference.create_avatar(*random_photo(1, photo_size))
+
+
+@pytest.fixture(scope="module")
+def avatar2(reference, photo_size):
+    from _builders import random_photo
+
+    return reference.create_avatar(*random_photo(2, photo_size))
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op torch thread for a test module (module-scoped, so the module's own fixtures run under it
     too, and runs compared bit for bit use the same thread count): on the 2-core CI machine, two spinning OpenMP threads per

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _builders import random_photo
+from _builders import random_drivers, random_photo
 from _tolerances import TOLERANCES, UINT8_MAX_LSB
 from pybilayer import Renderer
 from pybilayer.backends.fsth import FewShotAvatar
@@ -16,7 +16,6 @@ from pybilayer.errors import CheckpointError
 from pybilayer.geometry import preprocess
 from pybilayer.models import Bilayer, BilayerConfig
 from pybilayer.models.fsth import FSTH, FSTHAvatar, FSTHConfig
-from pybilayer.synthetic import random_landmarks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,31 +40,17 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def reference(model):
-    return Renderer(model, backend="torch", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def ort(model):
     return Renderer(model, backend="onnxruntime", device="cpu", threads=1)
 
 
+@pytest.fixture(scope="module")
+def photo_size() -> int:
+    return 90
+
+
 def _photo(seed: int, size: int = 90):
     return random_photo(seed, size)
-
-
-@pytest.fixture(scope="module")
-def avatar(reference):
-    return reference.create_avatar(*_photo(1))
-
-
-@pytest.fixture(scope="module")
-def avatar2(reference):
-    return reference.create_avatar(*_photo(2))
-
-
-def _drivers(n: int, seed: int = 3) -> np.ndarray:
-    return random_landmarks(n, 300, seed=seed)
 
 
 def test_avatar_is_embedder_and_projection_of_the_model(model, reference, avatar):
@@ -82,7 +67,7 @@ def test_avatar_is_embedder_and_projection_of_the_model(model, reference, avatar
 
 
 def test_frames_have_the_right_shape_and_follow_the_model(model, reference, avatar, avatar2):
-    drivers = _drivers(4)
+    drivers = random_drivers(4)
     frame = reference.render(avatar, drivers[0])
     frames = reference.render(avatar, drivers)
     assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
@@ -102,7 +87,7 @@ def test_frames_have_the_right_shape_and_follow_the_model(model, reference, avat
 
 def test_onnxruntime_backend_matches_torch(reference, ort, avatar, avatar2):
     assert ort.backend == "onnxruntime" and "FSTH generator graph" in ort.backend_reason
-    drivers = _drivers(3, seed=7)
+    drivers = random_drivers(3, seed=7)
     keypoints = reference.normalize_landmarks(drivers)
     rtol, atol = TOLERANCES["onnx_fp32"]
     groups = [(avatar, keypoints[:2]), (avatar2, keypoints[2:])]  # two people in one batch, then one alone
@@ -126,7 +111,7 @@ def test_avatar_save_load_round_trip(reference, ort, avatar, tmp_path, monkeypat
     assert isinstance(loaded, FewShotAvatar) and loaded.crop_box == avatar.crop_box
     torch.testing.assert_close(loaded.adain_params, avatar.adain_params, rtol=0, atol=0)
     torch.testing.assert_close(loaded.embedding, avatar.embedding, rtol=0, atol=0)
-    drivers = _drivers(2)
+    drivers = random_drivers(2)
     np.testing.assert_array_equal(ort.render(loaded, drivers), ort.render(avatar, drivers))
     # another FSTH model's renderer refuses it, naming why
     other = Renderer(_tiny_fsth(6), backend="torch", device="cpu")
@@ -152,7 +137,7 @@ def test_model_file_is_detected_from_its_metadata(model, reference, avatar, tmp_
     from_file = Renderer(str(path), backend="torch", device="cpu")
     assert "FSTH" in from_file.model_kind and isinstance(from_file.model, FSTH)
     assert from_file.fingerprint == reference.fingerprint  # same weights: avatars carry over
-    np.testing.assert_array_equal(from_file.render(avatar, _drivers(1)[0]), reference.render(avatar, _drivers(1)[0]))
+    np.testing.assert_array_equal(from_file.render(avatar, random_drivers(1)[0]), reference.render(avatar, random_drivers(1)[0]))
     auto = Renderer(str(path), device="cpu")
     assert auto.backend == "onnxruntime" and "skipped" in auto.backend_reason
     random = Renderer(None, backend="torch", device="cpu", config=FSTHConfig.tiny())
@@ -163,13 +148,13 @@ def test_avatars_of_the_other_model_are_clear_errors(reference, avatar, tmp_path
     torch.manual_seed(0)
     bilayer = Renderer(Bilayer(BilayerConfig.tiny(64, discriminator=False)), backend="torch", device="cpu")
     bilayer_avatar = bilayer.create_avatar(*_photo(1))
-    drivers = _drivers(1)[0]
+    drivers = random_drivers(1)[0]
     with pytest.raises(TypeError, match="serves the few-shot talking-head .* avatar of the bi-layer model"):
         reference.render(bilayer_avatar, drivers)
     with pytest.raises(TypeError, match="serves the bi-layer model, got an avatar of the few-shot"):
         bilayer.render(avatar, drivers)
     with pytest.raises(TypeError, match="bi-layer"):
-        reference.render([avatar, bilayer_avatar], _drivers(2))
+        reference.render([avatar, bilayer_avatar], random_drivers(2))
     bilayer_avatar.save(tmp_path / "bilayer.avatar")
     avatar.save(tmp_path / "fsth.avatar")
     with pytest.raises(CheckpointError, match="is a bi-layer avatar"):
@@ -179,7 +164,7 @@ def test_avatars_of_the_other_model_are_clear_errors(reference, avatar, tmp_path
 
 
 def test_unsupported_options_are_named(model, reference, avatar):
-    drivers = _drivers(1)[0]
+    drivers = random_drivers(1)[0]
     with pytest.raises(ValueError, match="output='layers' is not available for the few-shot"):
         reference.render(avatar, drivers, output="layers")
     with pytest.raises(ValueError, match="background is not available"):

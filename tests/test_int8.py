@@ -8,7 +8,7 @@ import pytest
 from _tolerances import TOLERANCES
 from pybilayer import Renderer
 from pybilayer.backends.int8 import calibration_keypoints
-from test_renderer import _drivers, _photo, _tiny_model
+from _builders import random_drivers, random_photo, tiny_bilayer
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxruntime.quantization")
@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime.quantization")
 
 @pytest.fixture(scope="module")
 def renderers():
-    model = _tiny_model(11)
+    model = tiny_bilayer(11, 64)
     fp32 = Renderer(model, backend="onnxruntime", device="cpu", threads=1)
     int8 = Renderer(model, backend="onnxruntime", device="cpu", threads=1,
                     backend_options={"onnxruntime": {"precision": "int8"}})
@@ -25,8 +25,8 @@ def renderers():
 
 def test_int8_is_close_to_fp32_on_held_out_poses(renderers):
     fp32, int8 = renderers
-    avatar = fp32.create_avatar(*_photo(4))
-    drivers = _drivers(12, seed=17)  # not the calibration poses (their own seed, their own image size)
+    avatar = fp32.create_avatar(*random_photo(4, 200))
+    drivers = random_drivers(12, seed=17)  # not the calibration poses (their own seed, their own image size)
     ref_image, ref_lf, _, ref_mask = fp32.render(avatar, drivers, output="layers")
     image, lf, _, mask = int8.render(avatar, drivers, output="layers")
     assert np.isfinite(image).all() and np.isfinite(lf).all()
@@ -53,4 +53,4 @@ def test_calibration_poses_are_normalised_and_reproducible():
 ])
 def test_bad_int8_options_are_named(options, match):
     with pytest.raises(ValueError, match=match):
-        Renderer(_tiny_model(11), backend="onnxruntime", device="cpu", backend_options={"onnxruntime": options})
+        Renderer(tiny_bilayer(11, 64), backend="onnxruntime", device="cpu", backend_options={"onnxruntime": options})

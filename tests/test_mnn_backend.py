@@ -1,4 +1,6 @@
-"""The ``mnn`` backend (the folded per-frame graph in Alibaba MNN) against the torch reference."""
+"""The ``mnn`` backend (the folded per-frame graph in Alibaba MNN): what is particular to it. Its agreement with
+the torch reference, batches and several avatars per call are checked with the other CPU backends in
+test_renderer.py."""
 
 from __future__ import annotations
 
@@ -13,14 +15,13 @@ import pytest
 
 pytest.importorskip("MNN")
 
-from _builders import random_photo, tiny_bilayer  # noqa: E402
-from _tolerances import TOLERANCES, UINT8_MAX_LSB  # noqa: E402
+from _builders import random_drivers, random_photo, tiny_bilayer  # noqa: E402
+from _tolerances import TOLERANCES  # noqa: E402
 from pybilayer import Renderer  # noqa: E402
 from pybilayer.backends import create_backend, unavailable_reason  # noqa: E402
 from pybilayer.backends import fsth as fsth_backends  # noqa: E402
 from pybilayer.backends import mnn as mnn_backend  # noqa: E402
 from pybilayer.errors import BackendUnavailableError, EngineError  # noqa: E402
-from pybilayer.synthetic import random_landmarks  # noqa: E402
 
 SIZE = 64
 REPO = Path(__file__).resolve().parent.parent
@@ -32,11 +33,6 @@ def model(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def reference(model):
-    return Renderer(model, backend="torch", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def renderer(model):
     return Renderer(model, backend="mnn", threads=1)
 
@@ -45,61 +41,16 @@ def _photo(seed: int):
     return random_photo(seed, 200)
 
 
-@pytest.fixture(scope="module")
-def avatar(reference):
-    return reference.create_avatar(*_photo(1))
-
-
-@pytest.fixture(scope="module")
-def avatar2(reference):
-    return reference.create_avatar(*_photo(2))
-
-
-def _drivers(n: int, seed: int) -> np.ndarray:
-    return random_landmarks(n, 300, seed=seed)
-
-
 def test_selected_by_name_on_the_cpu(renderer):
     assert renderer.backend == "mnn" and renderer.device == "cpu"
     assert "mnn" in renderer.backend_reason and "explicitly" in renderer.backend_reason
     assert "1 threads" in renderer.backend_reason  # Renderer(threads=...) reaches MNN
 
 
-def test_matches_the_torch_reference(reference, renderer, avatar):
-    drivers = _drivers(4, seed=5)
-    ref = reference.render(avatar, drivers, output="layers")
-    got = renderer.render(avatar, drivers, output="layers")
-    _, atol = TOLERANCES["fast_cpu_render"]
-    for name in ("image", "lf", "hf", "mask"):
-        diff = np.abs(getattr(got, name) - getattr(ref, name)).max()
-        assert diff <= atol, (name, diff)
-    frames_ref, frames = reference.render(avatar, drivers), renderer.render(avatar, drivers)
-    assert frames.dtype == np.uint8 and frames.shape == (4, SIZE, SIZE, 3)
-    assert np.abs(frames.astype(int) - frames_ref).max() <= UINT8_MAX_LSB
-
-
-def test_batch_of_n_equals_n_singles(renderer, avatar):
-    drivers = _drivers(5, seed=6)
-    together = renderer.render(avatar, drivers, output="layers").image
-    singles = np.stack([renderer.render(avatar, d, output="layers").image for d in drivers])
-    rtol, atol = TOLERANCES["fp32_exact_algebra"]
-    np.testing.assert_allclose(together, singles, rtol=rtol, atol=atol)
-
-
-def test_two_avatars_in_one_call(renderer, avatar, avatar2):
-    drivers = _drivers(4, seed=7)
-    order = [avatar, avatar2, avatar2, avatar]
-    mixed = renderer.render(order, drivers, output="layers").image
-    separate = np.stack([renderer.render(a, d, output="layers").image for a, d in zip(order, drivers)])
-    rtol, atol = TOLERANCES["fp32_exact_algebra"]
-    np.testing.assert_allclose(mixed, separate, rtol=rtol, atol=atol)
-    assert np.abs(mixed[0] - mixed[1]).max() > 1e-3  # the two avatars really differ
-
-
 def test_outputs_are_owned_float32_copies(renderer, avatar):
     """run() results survive the next forward (MNN reuses its buffers) and are contiguous float32."""
     backend, prepared = renderer._backend, renderer._prepare(avatar)
-    keypoints = renderer.normalize_landmarks(_drivers(3, seed=8)).astype(np.float32)
+    keypoints = renderer.normalize_landmarks(random_drivers(3, seed=8)).astype(np.float32)
     first = backend.run([(prepared, keypoints)])[0]
     kept = [a.copy() for a in (first.delta_uv, first.lf, first.mask_logits)]
     second = backend.run([(prepared, keypoints[::-1].copy())])[0]  # same batch size: same buffers
@@ -141,7 +92,7 @@ def test_prepare_prints_nothing(model, renderer, capfd):
     capfd.readouterr()
     fresh = Renderer(model, backend="mnn", threads=1)  # runtime manager creation prints without silencing
     avatar = fresh.create_avatar(*_photo(3))  # prepare: fold, convert, load
-    fresh.render(avatar, _drivers(2, seed=9))
+    fresh.render(avatar, random_drivers(2, seed=9))
     out, err = capfd.readouterr()
     assert out == "", out
     assert "MNN" not in err and "Convert" not in err, err

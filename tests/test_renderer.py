@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _builders import tiny_bilayer
+from _builders import random_drivers, random_photo, tiny_bilayer
 from _tolerances import TOLERANCES, UINT8_MAX_LSB
 from pybilayer import Renderer
 from pybilayer.errors import BackendUnavailableError, CheckpointError
@@ -28,11 +28,6 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def reference(model):
-    return Renderer(model, backend="torch", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def fast(model):
     return Renderer(model, backend="onnxruntime", device="cpu", threads=1)
 
@@ -43,31 +38,21 @@ def generic(model):
                     backend_options={"onnxruntime": {"graph": "generic"}})
 
 
+@pytest.fixture(scope="module")
+def mnn(model):
+    pytest.importorskip("MNN")
+    return Renderer(model, backend="mnn", device="cpu", threads=1)
+
+
 def _photo(seed: int, size: int = 200):
-    rng = np.random.default_rng(seed)
-    photo = rng.integers(0, 256, (size, size + 17, 3), dtype=np.uint8)
-    return photo, random_landmarks(1, size, seed=seed)[0]
-
-
-@pytest.fixture(scope="module")
-def avatar(reference):
-    return reference.create_avatar(*_photo(1))
-
-
-@pytest.fixture(scope="module")
-def avatar2(reference):
-    return reference.create_avatar(*_photo(2))
-
-
-def _drivers(n: int, seed: int = 3) -> np.ndarray:
-    return random_landmarks(n, 300, seed=seed)
+    return random_photo(seed, size)
 
 
 # ------------------------------------------------------------------ API
 
 
 def test_render_shapes_and_types(reference, avatar):
-    drivers = _drivers(3)
+    drivers = random_drivers(3)
     frame = reference.render(avatar, drivers[0])
     assert frame.shape == (SIZE, SIZE, 3) and frame.dtype == np.uint8
     frames = reference.render(avatar, drivers)
@@ -83,7 +68,7 @@ def test_render_shapes_and_types(reference, avatar):
 
 def test_torch_backend_is_the_model_itself(model, reference, avatar):
     """The Renderer's torch path equals Bilayer.render on the same normalised keypoints."""
-    drivers = _drivers(2)
+    drivers = random_drivers(2)
     layers = reference.render(avatar, drivers, output="layers")
     keypoints = torch.from_numpy(reference.normalize_landmarks(drivers))
     with torch.no_grad():
@@ -94,7 +79,7 @@ def test_torch_backend_is_the_model_itself(model, reference, avatar):
 
 
 def test_driver_landmarks_are_normalised_to_their_own_crop(reference, avatar):
-    drivers = _drivers(1)[0]
+    drivers = random_drivers(1)[0]
     moved = drivers * 1.7 + np.array([40.0, -25.0])  # same face, bigger and elsewhere in the frame
     a = reference.render(avatar, drivers, output="layers").image
     b = reference.render(avatar, moved, output="layers").image
@@ -104,7 +89,7 @@ def test_driver_landmarks_are_normalised_to_their_own_crop(reference, avatar):
 def test_explicit_crop_boxes(reference, avatar):
     from pybilayer.geometry import crop_box
 
-    drivers = _drivers(3, seed=14)
+    drivers = random_drivers(3, seed=14)
     own = [crop_box(d) for d in drivers]
     np.testing.assert_array_equal(reference.render(avatar, drivers, crop_boxes=own), reference.render(avatar, drivers))
     shifted = [(b.left + 9, b.top, b.right + 9, b.bottom) for b in own]
@@ -117,10 +102,10 @@ def test_explicit_crop_boxes(reference, avatar):
         reference.render(avatar, drivers, crop_boxes=[(0, 0, 10, 20)] * 3)  # not square
 
 
-@pytest.mark.parametrize("backend", ["fast", "generic"])
+@pytest.mark.parametrize("backend", ["fast", "generic", "mnn"])
 def test_cpu_backends_match_the_reference(backend, request, reference, avatar):
     renderer = request.getfixturevalue(backend)
-    drivers = _drivers(4, seed=5)
+    drivers = random_drivers(4, seed=5)
     ref = reference.render(avatar, drivers, output="layers")
     got = renderer.render(avatar, drivers, output="layers")
     _, atol = TOLERANCES["fast_cpu_render"]
@@ -128,6 +113,7 @@ def test_cpu_backends_match_the_reference(backend, request, reference, avatar):
         diff = np.abs(getattr(got, name) - getattr(ref, name)).max()
         assert diff <= atol, (name, diff)
     frames_ref, frames = reference.render(avatar, drivers), renderer.render(avatar, drivers)
+    assert frames.dtype == np.uint8 and frames.shape == (4, SIZE, SIZE, 3)
     assert np.abs(frames.astype(int) - frames_ref).max() <= UINT8_MAX_LSB
 
 
@@ -138,20 +124,20 @@ def test_auto_backend_on_cpu_is_onnxruntime_and_says_why(model):
         assert "skipped" in renderer.backend_reason and "tensorrt" in renderer.backend_reason
 
 
-@pytest.mark.parametrize("backend", ["fast", "generic", "reference"])
+@pytest.mark.parametrize("backend", ["fast", "generic", "reference", "mnn"])
 def test_batch_of_n_equals_n_singles(backend, request, avatar):
     renderer = request.getfixturevalue(backend)
-    drivers = _drivers(5, seed=6)
+    drivers = random_drivers(5, seed=6)
     together = renderer.render(avatar, drivers, output="layers").image
     singles = np.stack([renderer.render(avatar, d, output="layers").image for d in drivers])
     rtol, atol = TOLERANCES["fp32_exact_algebra"]
     np.testing.assert_allclose(together, singles, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("backend", ["fast", "generic", "reference"])
+@pytest.mark.parametrize("backend", ["fast", "generic", "reference", "mnn"])
 def test_many_avatars_in_one_call(backend, request, avatar, avatar2):
     renderer = request.getfixturevalue(backend)
-    drivers = _drivers(4, seed=7)
+    drivers = random_drivers(4, seed=7)
     order = [avatar, avatar2, avatar2, avatar]
     mixed = renderer.render(order, drivers, output="layers").image
     separate = np.stack([renderer.render(a, d, output="layers").image for a, d in zip(order, drivers)])
@@ -164,7 +150,7 @@ def test_many_avatars_in_one_call(backend, request, avatar, avatar2):
 
 
 def test_background_composites_with_the_mask(reference, avatar):
-    drivers = _drivers(2, seed=8)
+    drivers = random_drivers(2, seed=8)
     layers = reference.render(avatar, drivers, output="layers", background=(255, 255, 255))
     expected = (layers.lf + layers.hf) * layers.mask + 1.0 * (1 - layers.mask)
     np.testing.assert_allclose(layers.image, expected, atol=1e-5)
@@ -185,7 +171,7 @@ def test_avatar_save_load_round_trip(reference, fast, avatar, tmp_path):
     torch.testing.assert_close(loaded.texture, avatar.texture, rtol=0, atol=0)
     for name, tensor in avatar.params.flatten().items():
         torch.testing.assert_close(loaded.params.flatten()[name], tensor, rtol=0, atol=0)
-    drivers = _drivers(2, seed=9)
+    drivers = random_drivers(2, seed=9)
     np.testing.assert_array_equal(fast.render(loaded, drivers), fast.render(avatar, drivers))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
@@ -212,7 +198,7 @@ def test_avatar_of_another_model_is_refused(avatar, tmp_path):
     with pytest.raises(CheckpointError, match="different model"):
         other.load_avatar(path)
     with pytest.raises(CheckpointError, match="different model"):
-        other.render(avatar, _drivers(1)[0])
+        other.render(avatar, random_drivers(1)[0])
 
 
 def test_truncated_or_foreign_files(reference, avatar, tmp_path):
@@ -335,15 +321,15 @@ def test_bad_arguments_are_named(model, reference, avatar):
     with pytest.raises(BackendUnavailableError, match="unknown device"):
         Renderer(model, backend="torch", device="tpu")
     with pytest.raises(ValueError, match="output"):
-        reference.render(avatar, _drivers(1)[0], output="png")
+        reference.render(avatar, random_drivers(1)[0], output="png")
     with pytest.raises(ValueError, match="2 avatars but 3 landmark sets"):
-        reference.render([avatar, avatar], _drivers(3))
+        reference.render([avatar, avatar], random_drivers(3))
     with pytest.raises(TypeError, match="Avatar"):
-        reference.render("me.avatar", _drivers(1)[0])
+        reference.render("me.avatar", random_drivers(1)[0])
     with pytest.raises(ValueError, match="photo must be a uint8"):
-        reference.create_avatar(np.zeros((50, 50, 3), np.float32), _drivers(1)[0])
+        reference.create_avatar(np.zeros((50, 50, 3), np.float32), random_drivers(1)[0])
     with pytest.raises(ValueError, match="background"):
-        reference.render(avatar, _drivers(1)[0], background=(1.5, 0, 0))
+        reference.render(avatar, random_drivers(1)[0], background=(1.5, 0, 0))
     with pytest.raises(TypeError, match="checkpoint"):
         Renderer(42)
 
@@ -352,7 +338,7 @@ def test_bad_arguments_are_named(model, reference, avatar):
 def test_cuda_backend_matches_reference_in_fp16(model, avatar):
     cuda = Renderer(model, backend="cuda", device="cuda")
     reference = Renderer(model, backend="torch", device="cuda")
-    drivers = _drivers(3, seed=10)
+    drivers = random_drivers(3, seed=10)
     ref = reference.render(avatar, drivers, output="layers")
     for _ in range(2):  # first call captures the CUDA graph, the second replays it
         got = cuda.render(avatar, drivers, output="layers")
@@ -371,7 +357,7 @@ def _rss_bytes() -> int:
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_memory_stays_flat_over_many_frames(fast, avatar):
-    drivers = _drivers(20, seed=12)
+    drivers = random_drivers(20, seed=12)
     for i in range(30):  # warm-up: arenas and caches reach their steady size
         fast.render(avatar, drivers[i % 20])
     start = _rss_bytes()
@@ -384,7 +370,7 @@ def test_memory_stays_flat_over_many_frames(fast, avatar):
 @pytest.mark.parametrize("backend", ["fast", "reference"])
 def test_one_renderer_shared_by_threads(backend, request, avatar, avatar2):
     renderer = request.getfixturevalue(backend)
-    drivers = _drivers(6, seed=13)
+    drivers = random_drivers(6, seed=13)
     avatars = [avatar, avatar2]
     expected = [renderer.render(avatars[i % 2], drivers[i]) for i in range(6)]
     results: dict[int, np.ndarray] = {}

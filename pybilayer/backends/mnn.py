@@ -226,7 +226,7 @@ class MnnBackend(FrameBackend):
             # singles (the batch's intermediates outgrow the caches), and the module is never re-planned
             # for a new batch size.
             singles = [run_module(prepared.state, [keypoints[i:i + 1]]) for i in range(n)]
-            arrays = [np.concatenate(parts) for parts in zip(*singles)]
+            arrays = singles[0] if n == 1 else [np.concatenate(parts) for parts in zip(*singles)]
             for name, channels, array in zip(OUTPUT_NAMES, HEAD_CHANNELS, arrays):
                 if array.shape != (n, channels, size, size):
                     raise EngineError(f"MNN returned {name} of shape {array.shape}, expected "
