@@ -47,6 +47,17 @@ def test_selected_by_name_on_the_cpu(renderer):
     assert "1 threads" in renderer.backend_reason  # Renderer(threads=...) reaches MNN
 
 
+def test_prepare_runs_the_first_forward(renderer, avatar2, monkeypatch):
+    """MNN's first forward plans the graph: it belongs to avatar preparation, not to the first frame."""
+    calls = []
+    run = mnn_backend.run_module
+    monkeypatch.setattr(mnn_backend, "run_module", lambda module, inputs: calls.append(inputs) or run(module, inputs))
+    prepared = renderer._backend.prepare(avatar2)
+    assert len(calls) == 1 and calls[0][0].shape == (1, 68, 2)
+    keypoints = renderer.normalize_landmarks(random_drivers(1, seed=9))
+    assert renderer._backend.run([(prepared, keypoints)])[0].lf.shape == (1, 3, SIZE, SIZE)
+
+
 def test_outputs_are_owned_float32_copies(renderer, avatar):
     """run() results survive the next forward (MNN reuses its buffers) and are contiguous float32."""
     backend, prepared = renderer._backend, renderer._prepare(avatar)

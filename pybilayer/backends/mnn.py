@@ -7,10 +7,11 @@ per forward (released size, batch 1, 2 threads, 2-core AVX2) ~23.5 ms against on
 the same folded graph, outputs within ~3e-6 of it (the warped image within ~3e-5 of the torch reference).
 Precision "high": fp32 throughout, no fp16/bf16.
 
-Cost per avatar (released size, measured under load): ~0.3 s, counted as avatar creation: folding
-~0.06-0.14 s, writing the ONNX graph and converting it ~0.23 s, loading ~0.02 s. The converter reads
-and writes files only (there is no in-memory route), so both live in a temporary directory removed
-before ``prepare`` returns; the loaded module keeps its weights in memory, about as much resident
+Cost per avatar (released size, measured under load): ~0.4 s, counted as avatar creation: folding
+~0.06-0.14 s, writing the ONNX graph and converting it ~0.23 s, loading ~0.02 s, and one warm-up
+forward ~0.1 s (MNN's planning and weight transforms, which would otherwise delay the avatar's first
+frame). The converter reads and writes files only (there is no in-memory route), so both live in a
+temporary directory removed before ``prepare`` returns; the loaded module keeps its weights in memory, about as much resident
 memory per live avatar as the onnxruntime folded graph (~100 MiB).
 
 MNN's C++ code prints to stdout and stderr (at import, when converting and loading). Those calls run
@@ -215,7 +216,11 @@ class MnnBackend(FrameBackend):
     def prepare(self, avatar) -> PreparedAvatar:
         texture = avatar.texture.detach().float().numpy()
         graph = build_folded_graph(self.weights, avatar.flat_params())
-        return PreparedAvatar(texture, load_module(graph, [KEYPOINTS_INPUT], list(OUTPUT_NAMES), self._runtime))
+        module = load_module(graph, [KEYPOINTS_INPUT], list(OUTPUT_NAMES), self._runtime)
+        # MNN plans the graph and transforms the weights on the first forward (~80-130 ms at the released
+        # size): pay it here, with the avatar, rather than as a hitch on its first frame.
+        run_module(module, [np.zeros((1, 68, 2), np.float32)])
+        return PreparedAvatar(texture, module)
 
     def run(self, groups: Sequence[tuple[PreparedAvatar, np.ndarray]]) -> list[FrameOutputs]:
         size = self.image_size
