@@ -292,7 +292,8 @@ def print_results(kind: str, size: int, eager: dict, results: list[dict], skippe
           "batch-1 p50 over those turns")
     b = f"batch{batch}"
     header = (f"{'model':<8} {'backend':<12} {'init ms':>8} {'avatar ms':>9} {'b1 p50':>8} {'b1 p90':>8} {'b1 min':>8} "
-              f"{'b1 fps':>7} {b + ' p50/frame':>16} {b + ' fps':>10} {'comp. share':>11} {'eager p50':>9} {'speed-up':>8} "
+              f"{'b1 fps':>7} {b + ' p50/frame':>16} {b + ' fps':>10} {'comp. share':>11} {'eager p50':>9} "
+              f"{'speed-up':>8} "
               f"{'peak RSS MiB':>12}")
     print(header)
     print("-" * len(header))

@@ -3,7 +3,6 @@ backends, avatar files, model detection, mixing models up (its latency benchmark
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -44,12 +43,15 @@ def ort(model):
     return Renderer(model, backend="onnxruntime", device="cpu", threads=1)
 
 
+PHOTO_SIZE = 90
+
+
 @pytest.fixture(scope="module")
 def photo_size() -> int:
-    return 90
+    return PHOTO_SIZE
 
 
-def _photo(seed: int, size: int = 90):
+def _photo(seed: int, size: int = PHOTO_SIZE):
     return random_photo(seed, size)
 
 
@@ -137,7 +139,8 @@ def test_model_file_is_detected_from_its_metadata(model, reference, avatar, tmp_
     from_file = Renderer(str(path), backend="torch", device="cpu")
     assert "FSTH" in from_file.model_kind and isinstance(from_file.model, FSTH)
     assert from_file.fingerprint == reference.fingerprint  # same weights: avatars carry over
-    np.testing.assert_array_equal(from_file.render(avatar, random_drivers(1)[0]), reference.render(avatar, random_drivers(1)[0]))
+    driver = random_drivers(1)[0]
+    np.testing.assert_array_equal(from_file.render(avatar, driver), reference.render(avatar, driver))
     auto = Renderer(str(path), device="cpu")
     assert auto.backend == "onnxruntime" and "skipped" in auto.backend_reason
     random = Renderer(None, backend="torch", device="cpu", config=FSTHConfig.tiny())

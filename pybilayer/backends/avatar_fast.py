@@ -200,10 +200,9 @@ class FastAvatarCreator:
             from .mnn import create_runtime, load_cached_module, run_module
 
             names = [f"embed.{j}" for j in range(len(self.model.identity_embedder.net.dec_blocks))]
-            source = weights_fingerprint(
-                {"graph": "identity_embedder", "version": EMBEDDER_GRAPH_VERSION, "image_size": self.model.config.image_size},
-                {"identity_embedder": self.model.identity_embedder},
-            )
+            graph = {"graph": "identity_embedder", "version": EMBEDDER_GRAPH_VERSION,
+                     "image_size": self.model.config.image_size}
+            source = weights_fingerprint(graph, {"identity_embedder": self.model.identity_embedder})
             module = load_cached_module(lambda: build_embedder_graph(self.model), source, ["inputs"], names,
                                         create_runtime(self.threads or os.cpu_count() or 1))
             return lambda inputs: run_module(module, [inputs])

@@ -8,17 +8,17 @@ the same folded graph, outputs within ~3e-6 of it (the warped image within ~3e-5
 Precision "high": fp32 throughout, no fp16/bf16.
 
 Cost per avatar (released size, measured under load): ~0.4 s, counted as avatar creation: folding
-~0.06-0.14 s, writing the ONNX graph and converting it ~0.23 s, loading ~0.02 s, and one warm-up
-forward ~0.1 s (MNN's planning and weight transforms, which would otherwise delay the avatar's first
-frame). The converter reads and writes files only (there is no in-memory route), so both live in a
-temporary directory removed before ``prepare`` returns; the loaded module keeps its weights in memory, about as much resident
-memory per live avatar as the onnxruntime folded graph (~100 MiB).
+~0.06-0.14 s, writing the ONNX graph and converting it ~0.23 s, loading ~0.02 s, and one warm-up forward
+~0.1 s (MNN's planning and weight transforms, which would otherwise delay the avatar's first frame). The
+converter reads and writes files only (there is no in-memory route), so both live in a temporary
+directory removed before ``prepare`` returns; the loaded module keeps its weights in memory, about as
+much resident memory per live avatar as the onnxruntime folded graph (~100 MiB).
 
 MNN's C++ code prints to stdout and stderr (at import, when converting and loading). Those calls run
 with file descriptors 1 and 2 pointed at /dev/null, so nothing reaches a CLI's stdout; another thread's
 output during those moments is lost too.
 
-Graphs that are the same for every avatar (the identity embedder: ~3.3 s to convert) are converted once
+Graphs that are the same for every avatar (the identity embedder: ~2.5-3.3 s to convert) are converted once
 and kept in a cache folder (``cache_dir``), keyed by what they were made from; see ``load_cached_module``.
 """
 
