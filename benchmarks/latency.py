@@ -119,10 +119,9 @@ def official_gen_inf(gen_inf, params, pose_embed):
     the per-identity 1x1 convolution as a batched matmul at the high resolution (the official
     ``Upsample -> AdaptiveConv2d``; pybilayer's own module swaps the two, which is exact and 4x cheaper).
     """
-    import torch
     import torch.nn.functional as F
 
-    from pybilayer.models.blocks import NEGATIVE_SLOPE
+    from pybilayer.models.blocks import NEGATIVE_SLOPE, adaptive_conv1x1
 
     def ada_bn(norm, x, p):
         y = F.batch_norm(x, norm.norm_layer.running_mean, norm.norm_layer.running_var, eps=norm.norm_layer.eps)
@@ -140,10 +139,7 @@ def official_gen_inf(gen_inf, params, pose_embed):
         h = F.leaky_relu(h, NEGATIVE_SLOPE, inplace=True)
         h = F.leaky_relu(ada_bn(block.norm2, block.block_feats[2](h), p.norm2), NEGATIVE_SLOPE, inplace=True)
         h = block.block[1](up(h))
-        skip = up(x)
-        b, c, hh, ww = skip.shape
-        skip = (torch.bmm(p.skip.weight, skip.reshape(b, c, hh * ww)) + p.skip.bias[:, :, None]).view(b, -1, hh, ww)
-        x = h + skip
+        x = h + adaptive_conv1x1(up(x), p.skip)  # the bmm, at the high resolution
     x = F.leaky_relu(ada_bn(blocks[n], x, params.final_norm), NEGATIVE_SLOPE, inplace=True)
     return tuple(head(x) for head in gen_inf.heads)
 

@@ -146,7 +146,7 @@ def cache_dir() -> Path:
 
 def _mnn_version() -> str:
     mnn, _ = _import_mnn()
-    return str(getattr(mnn, "version", lambda: "unknown")())
+    return str(mnn.version())
 
 
 def cache_key(source_fingerprint: str) -> str:
