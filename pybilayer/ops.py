@@ -1,9 +1,13 @@
-"""The compositor: ``out = lf + bilinear(texture, identity_grid + delta_uv)``, masked, as a frame.
+"""The native kernels' entry points, each beside its PyTorch reference (the oracle the tests compare with).
 
-``composite`` runs the native kernel (CPU twin, or CUDA twin for GPU arrays) in one fused pass;
-``composite_reference`` is the same computation in plain PyTorch, the oracle the tests compare with.
+``composite`` (``composite_reference``): ``out = lf + bilinear(texture, identity_grid + delta_uv)``,
+masked, as a frame; the native CPU twin, or the CUDA twin for GPU arrays, in one fused pass.
 
-Convention:
+``heads`` (``heads_reference``): the per-frame network's last steps on the CPU, from the last block's
+low-resolution phase groups to delta-uv, the low-frequency image and the mask logits (the convention is
+in ``heads``).
+
+Compositor convention:
     - Per item b and output pixel (y, x) of an H x W frame, the sampling point is
       ``identity_grid + delta_uv[b]`` with the identity grid at pixel centres,
       ``((x + 0.5) / W * 2 - 1, (y + 0.5) / H * 2 - 1)``; ``delta_uv`` channel 0 is x, channel 1 is y.
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 
 from . import native
 
-__all__ = ["composite", "composite_reference", "identity_grid"]
+__all__ = ["composite", "composite_reference", "heads", "heads_reference", "identity_grid"]
 
 _OUT_KINDS = {"uint8": np.uint8, "float32": np.float32}
 _TYPESTR_NAMES = {"<f4": "float32", "<f2": "float16", "|u1": "uint8"}
@@ -151,6 +155,59 @@ def composite_reference(
     return value.cpu().numpy() if numpy_in else value
 
 
+def heads(
+    phases: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    slope: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    *,
+    num_threads: int | None = None,
+    vectorized: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-frame network's last steps in one native CPU pass: (delta_uv, lf, mask_logits).
+
+    ``phases`` (B, 4C, s+1, s+1) is the last block's up-sampling convolution computed at the low
+    resolution as four tap groups (``frame_graph.upsample_conv_taps``, DepthToSpace DCR order, bias and
+    skip included). Depth-to-space and a 2x2 box sum finish it at 2s x 2s; then per channel
+    ``t = prelu(x * scale + shift, slope)`` (C each), the three heads as one 3x3 convolution
+    (``weight`` (6, C, 3, 3), ``bias`` (6,), zero padding), and tanh on delta-uv (2) and lf (3).
+    float32 numpy arrays in, three new float32 arrays (B, 2|3|1, 2s, 2s) out.
+
+    ``num_threads``: None uses every core. ``vectorized=False`` forces the kernel's portable path.
+    Falls back to ``heads_reference`` (with a warning) where the native core is not built.
+    """
+    arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (phases, scale, shift, slope, weight, bias)]
+    if arrays[0].ndim != 4:
+        raise ValueError(f"phases: expected (B, 4C, s+1, s+1), got shape {arrays[0].shape}")
+    caps = native.capabilities()
+    if not caps.native:
+        _warn_fallback(caps.native_reason)
+        return tuple(t.numpy() for t in heads_reference(*(torch.from_numpy(a) for a in arrays)))
+    batch, size = arrays[0].shape[0], 2 * (arrays[0].shape[2] - 1)
+    outputs = tuple(np.empty((batch, c, size, size), np.float32) for c in (2, 3, 1))
+    native.load().heads(*arrays, *outputs, num_threads=0 if num_threads is None else int(num_threads),
+                        vectorized=bool(vectorized))
+    return outputs
+
+
+def heads_reference(phases: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, slope: torch.Tensor,
+                    weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``heads`` in plain PyTorch, in the inputs' dtype: depth-to-space (DCR), 2x2 box sum, activation,
+    one 3x3 convolution, tanh."""
+    batch, groups_channels, side, _ = phases.shape
+    channels = groups_channels // 4
+    # DCR order (group-major) to pixel_shuffle's CRD order (channel-major)
+    crd = phases.reshape(batch, 4, channels, side, side).transpose(1, 2).reshape(batch, groups_channels, side, side)
+    v = F.pixel_shuffle(crd, 2)[:, :, 1:, 1:]
+    box = torch.ones(channels, 1, 2, 2, dtype=phases.dtype)
+    x = F.conv2d(v, box, groups=channels) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    t = torch.where(x < 0, x * slope.view(1, -1, 1, 1), x)
+    h = F.conv2d(t, weight, bias, padding=1)
+    return torch.tanh(h[:, :2]), torch.tanh(h[:, 2:5]), h[:, 5:]
+
+
 def identity_grid(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(1, H, W, 2) pixel-centre grid in [-1, 1], x first. Computed in float64 and rounded once: the same
     bits as the native kernels' correctly rounded fp32 quotient (2i + 1 - size) / size."""
@@ -267,5 +324,5 @@ def _allocate_output(lf: Any, out: str) -> Any:
 @functools.cache
 def _warn_fallback(reason: str | None) -> None:
     warnings.warn(
-        f"pybilayer.ops.composite falls back to the PyTorch reference: {reason}", RuntimeWarning, stacklevel=3
+        f"pybilayer.ops falls back to the PyTorch reference: {reason}", RuntimeWarning, stacklevel=3
     )

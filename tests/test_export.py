@@ -15,10 +15,13 @@ ort = pytest.importorskip("onnxruntime")
 from pybilayer.backends.frame_graph import (  # noqa: E402
     MAX_FOLDED_SHIFT,
     OUTPUT_NAMES,
+    PHASES_OUTPUT,
     FrameWeights,
     build_folded_graph,
+    folded_heads,
     upsample_conv_taps,
 )
+from pybilayer import native, ops  # noqa: E402
 from pybilayer.backends.onnxruntime import create_session  # noqa: E402
 from pybilayer.export import build_onnx, export_onnx, fp16_quality, psnr  # noqa: E402
 from pybilayer.models import Bilayer, BilayerConfig, InferenceParams  # noqa: E402
@@ -156,6 +159,33 @@ def test_folded_graph_matches_reference(which, subpixel, request):
     out = session.run(OUTPUT_NAMES, {"keypoints": keypoints})
     _, atol = TOLERANCES["onnx_fp32"]
     assert max(_max_abs(out, ref)) <= atol, _max_abs(out, ref)
+
+
+@pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
+@pytest.mark.parametrize("which", ["tiny", "full"])
+def test_folded_graph_with_native_heads_matches_reference(which, request):
+    """The graph up to the last block's tap groups, then the native heads kernel: the fast CPU split."""
+    model = request.getfixturevalue(which)
+    weights = FrameWeights.from_model(model)
+    params = _with_edge_cases(_params(model, 1))  # the final norm too: explicit channels reach the kernel
+    flat = {k: v.numpy() for k, v in params.flatten().items()}
+    proto = build_folded_graph(weights, flat, native_heads=True)
+    onnx.checker.check_model(proto)
+    assert [o.name for o in proto.graph.output] == [PHASES_OUTPUT]
+    keypoints = _keypoints(model, 3, seed=4)
+    (phases,) = create_session(proto, threads=1).run([PHASES_OUTPUT], {"keypoints": keypoints})
+    out = ops.heads(phases, *folded_heads(weights, flat).arrays(), num_threads=2)
+    ref = _reference(model, keypoints, params.repeat_frames(3))
+    _, atol = TOLERANCES["onnx_fp32"]
+    assert max(_max_abs(out, ref)) <= atol, _max_abs(out, ref)
+    assert folded_heads(weights, flat).scale.tolist().count(1.0) < weights.heads_weight.shape[1]  # explicit ones
+
+
+def test_native_heads_need_the_last_block_at_the_low_resolution(tiny):
+    weights = FrameWeights.from_model(tiny)
+    flat = {k: v.numpy() for k, v in _params(tiny, 1).flatten().items()}
+    with pytest.raises(ValueError, match="native_heads"):
+        build_folded_graph(weights, flat, subpixel_blocks=[0], native_heads=True)
 
 
 def test_folded_shift_threshold_is_relative_to_the_norm_scale():

@@ -51,7 +51,8 @@ def test_prepare_runs_the_first_forward(renderer, avatar2, monkeypatch):
     """MNN's first forward plans the graph: it belongs to avatar preparation, not to the first frame."""
     calls = []
     run = mnn_backend.run_module
-    monkeypatch.setattr(mnn_backend, "run_module", lambda module, inputs: calls.append(inputs) or run(module, inputs))
+    monkeypatch.setattr(mnn_backend, "run_module",
+                        lambda module, inputs, copy=True: calls.append(inputs) or run(module, inputs, copy))
     prepared = renderer._backend.prepare(avatar2)
     assert len(calls) == 1 and calls[0][0].shape == (1, 68, 2)
     keypoints = renderer.normalize_landmarks(random_drivers(1, seed=9))
@@ -144,7 +145,7 @@ def test_failed_conversion_is_an_engine_error_and_leaves_no_files(renderer, avat
         def SerializeToString(self) -> bytes:
             return b"not an onnx model"
 
-    monkeypatch.setattr(mnn_backend, "build_folded_graph", lambda weights, params: NotOnnx())
+    monkeypatch.setattr(mnn_backend, "build_folded_graph", lambda weights, params, native_heads: NotOnnx())
     monkeypatch.setattr(mnn_backend.tempfile, "tempdir", str(tmp_path))
     with pytest.raises(EngineError, match="MNN failed to convert"):
         renderer._backend.prepare(avatar2)

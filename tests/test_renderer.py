@@ -10,7 +10,7 @@ import torch
 
 from _builders import random_drivers, random_photo, tiny_bilayer
 from _tolerances import TOLERANCES, UINT8_MAX_LSB
-from pybilayer import Renderer
+from pybilayer import Renderer, native
 from pybilayer.errors import BackendUnavailableError, CheckpointError
 from pybilayer.models import Bilayer, BilayerAvatar, BilayerConfig
 from pybilayer.synthetic import random_landmarks
@@ -42,6 +42,19 @@ def generic(model):
 def mnn(model):
     pytest.importorskip("MNN")
     return Renderer(model, backend="mnn", device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def fast_graph_heads(model):
+    """The folded graph with its own heads: what runs where the native core is not built."""
+    return Renderer(model, backend="onnxruntime", device="cpu", threads=1,
+                    backend_options={"onnxruntime": {"native_heads": False}})
+
+
+@pytest.fixture(scope="module")
+def mnn_graph_heads(model):
+    pytest.importorskip("MNN")
+    return Renderer(model, backend="mnn", device="cpu", threads=1, backend_options={"mnn": {"native_heads": False}})
 
 
 def _photo(seed: int, size: int = 200):
@@ -102,7 +115,7 @@ def test_explicit_crop_boxes(reference, avatar):
         reference.render(avatar, drivers, crop_boxes=[(0, 0, 10, 20)] * 3)  # not square
 
 
-@pytest.mark.parametrize("backend", ["fast", "generic", "mnn"])
+@pytest.mark.parametrize("backend", ["fast", "generic", "mnn", "fast_graph_heads", "mnn_graph_heads"])
 def test_cpu_backends_match_the_reference(backend, request, reference, avatar):
     renderer = request.getfixturevalue(backend)
     drivers = random_drivers(4, seed=5)
@@ -115,6 +128,27 @@ def test_cpu_backends_match_the_reference(backend, request, reference, avatar):
     frames_ref, frames = reference.render(avatar, drivers), renderer.render(avatar, drivers)
     assert frames.dtype == np.uint8 and frames.shape == (4, SIZE, SIZE, 3)
     assert np.abs(frames.astype(int) - frames_ref).max() <= UINT8_MAX_LSB
+
+
+@pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
+@pytest.mark.parametrize("backend, default", [("fast", True), ("mnn", True), ("fast_graph_heads", False),
+                                              ("mnn_graph_heads", False), ("generic", False)])
+def test_native_heads_are_used_where_built_and_said(backend, default, request):
+    renderer = request.getfixturevalue(backend)
+    assert renderer._backend.native_heads is default
+    assert ("native heads" in renderer.backend_reason) is default
+
+
+def test_native_heads_option_is_checked(model, monkeypatch):
+    with pytest.raises(ValueError, match="native_heads=True needs graph='folded'"):
+        Renderer(model, backend="onnxruntime", backend_options={"onnxruntime": {"graph": "generic", "native_heads": True}})
+    with pytest.raises(ValueError, match="native_heads must be"):
+        Renderer(model, backend="onnxruntime", backend_options={"onnxruntime": {"native_heads": "yes"}})
+    missing = native.Capabilities(native=False, native_reason="not built here", cuda=False, cuda_reason="not built here")
+    monkeypatch.setattr(native, "capabilities", lambda: missing)
+    with pytest.raises(BackendUnavailableError, match="native_heads=True needs the native core: not built here"):
+        Renderer(model, backend="onnxruntime", backend_options={"onnxruntime": {"native_heads": True}})
+    assert Renderer(model, backend="onnxruntime")._backend.native_heads is False  # default: the graph's heads
 
 
 def test_auto_backend_on_cpu_is_onnxruntime_and_says_why(model):

@@ -1,4 +1,4 @@
-// pybilayer._C: the compositor, device buffers and streams. Thin: checks and translation only.
+// pybilayer._C: the compositor, the heads, device buffers and streams. Thin: checks and translation only.
 #include <pybind11/pybind11.h>
 #include <pybind11/gil_safe_call_once.h>
 
@@ -12,7 +12,7 @@
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pybilayer native core: the fused compositor (CPU and CUDA twins), device buffers, streams.";
+  m.doc() = "pybilayer native core: the fused compositor (CPU and CUDA twins), the fused heads (CPU), device buffers, streams.";
 
   PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> backend_unavailable;
   backend_unavailable.call_once_and_store_result(
@@ -27,6 +27,7 @@ PYBIND11_MODULE(_C, m) {
 
   pybilayer::bindings::register_compositor(m);
   pybilayer::bindings::register_device(m);
+  pybilayer::bindings::register_heads(m);
 
   m.def("build_info", [] {
     py::dict info;

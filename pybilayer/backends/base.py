@@ -59,6 +59,22 @@ class FrameBackend(ABC):
         return f"{self.name} on {self.device}"
 
 
+def use_native_heads(requested: bool | None) -> bool:
+    """Whether a folded-graph backend ends its graph early and runs ``ops.heads``: ``requested``, or where
+    the native core is built when None. BackendUnavailableError when asked for and not built."""
+    from .. import native
+
+    if requested is None:
+        return native.capabilities().native
+    if not isinstance(requested, bool):
+        raise ValueError(f"native_heads must be True, False or None, got {requested!r}")
+    if requested and not native.capabilities().native:
+        from ..errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"native_heads=True needs the native core: {native.capabilities().native_reason}")
+    return requested
+
+
 def split_outputs(outputs: FrameOutputs, sizes: Sequence[int]) -> list[FrameOutputs]:
     """Cut a batched FrameOutputs into consecutive groups of ``sizes`` frames (views, no copies)."""
     result, start = [], 0

@@ -24,6 +24,11 @@ Two graphs come from the same weights (`FrameWeights`, read once from a Bilayer)
      the keypoint MLP.
   6. The three heads are one convolution with 6 output channels.
 
+  With ``native_heads`` the graph stops before the last depth-to-space (output ``phases``), and the
+  native kernel ``ops.heads`` does the rest in one pass (box sum, final activation, heads, tanh) with
+  ``folded_heads``: a graph runtime would write the full-resolution activation out and read it back
+  several times (the tail took ~5 ms of MNN's 25 ms frame, ~12 ms of onnxruntime's 46 ms).
+
 Graph I/O (both): input ``keypoints`` (N, 68, 2) float32 in [-1, 1] crop coordinates; outputs
 ``delta_uv`` (N, 2, S, S), ``lf`` (N, 3, S, S), ``mask_logits`` (N, 1, S, S), float32. Only the batch
 dimension N is dynamic.
@@ -31,6 +36,7 @@ dimension N is dynamic.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +46,7 @@ NEGATIVE_SLOPE = 0.2
 OPSET = 17
 IR_VERSION = 8  # opset 17; readable by onnxruntime >= 1.13 and TensorRT 10/11
 OUTPUT_NAMES = ("delta_uv", "lf", "mask_logits")
+PHASES_OUTPUT = "phases"  # the folded graph's output when the native kernel runs the heads
 KEYPOINTS_INPUT = "keypoints"
 HEAD_CHANNELS = (2, 3, 1)
 # A norm1 channel whose shift c/a exceeds this (in units of its BN standard deviation) keeps an explicit
@@ -412,36 +419,76 @@ class _InputNorm:
         return b.op("PRelu", [x, b.const(self.slope.reshape(1, c, 1, 1))])
 
 
+def _input_norm(weights: FrameWeights, affines: dict, j: int) -> _InputNorm:
+    """How block j's input (j = number of blocks: the final norm before the heads) is normalised."""
+    if j < len(weights.blocks):
+        a, c = affines[f"blocks.{j}.norm1"]
+        var = weights.blocks[j].norm1_var
+    else:
+        a, c = affines["final_norm"]
+        var = weights.final_norm_var
+    # std of x under the norm's running statistics: the scale at which the shift is judged
+    return _InputNorm.of(a, c, np.sqrt(var + weights.eps))
+
+
 def fold_inputs(x_norm: _InputNorm, weight: np.ndarray) -> np.ndarray:
     """The consumer conv's weights with the input gain folded in."""
     return weight * x_norm.gain[None, :, None, None]
 
 
-def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray], subpixel_blocks=None):
+@dataclass(frozen=True)
+class HeadsWeights:
+    """One avatar's final activation and heads in the form of the native heads kernel (``ops.heads``):
+    ``t = prelu(x * scale + shift, slope)`` per channel, then the three heads as one 3x3 convolution."""
+
+    scale: np.ndarray  # (C,) float32: the final norm's affine where it could not be folded, else 1
+    shift: np.ndarray  # (C,) float32: ... else 0
+    slope: np.ndarray  # (C,) float32
+    weight: np.ndarray  # (6, C, 3, 3) float32, the final norm's gain folded in
+    bias: np.ndarray  # (6,) float32
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.scale, self.shift, self.slope, self.weight, self.bias
+
+
+def _params_and_affines(weights: FrameWeights, flat_params: dict[str, np.ndarray]):
+    p = {k: np.asarray(v, dtype=np.float64).reshape(np.asarray(v).shape[1:]) for k, v in flat_params.items()}
+    return p, avatar_affines(weights, {k: v[None] for k, v in p.items()})
+
+
+def folded_heads(weights: FrameWeights, flat_params: dict[str, np.ndarray]) -> HeadsWeights:
+    """The tail that ``build_folded_graph(..., native_heads=True)`` leaves to the native kernel."""
+    _, affines = _params_and_affines(weights, flat_params)
+    final = _input_norm(weights, affines, len(weights.blocks))
+    f32 = functools.partial(np.ascontiguousarray, dtype=np.float32)
+    return HeadsWeights(
+        scale=f32(np.where(final.explicit, final.a, 1.0)),
+        shift=f32(np.where(final.explicit, final.c, 0.0)),
+        slope=f32(final.slope),
+        weight=f32(weights.heads_weight * final.gain[None, :, None, None]),
+        bias=f32(weights.heads_bias),
+    )
+
+
+def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray], subpixel_blocks=None,
+                       native_heads: bool = False):
     """One identity's per-frame network with its parameters folded into the weights (fp32).
 
     ``flat_params``: ``InferenceParams.flatten()`` of one identity as numpy arrays (batch dim 1).
     ``subpixel_blocks``: indices of blocks whose up-sampling + conv runs at the low resolution
     (``upsample_conv_taps``; default all), the others up-sample first.
+    ``native_heads``: the graph ends at the last block's four tap groups (output ``phases``,
+    (N, 4C, S/2 + 1, S/2 + 1)); the native kernel ``ops.heads`` with ``folded_heads`` finishes the frame.
     """
     from onnx import TensorProto
 
-    p = {k: np.asarray(v, dtype=np.float64).reshape(np.asarray(v).shape[1:]) for k, v in flat_params.items()}
-    affines = avatar_affines(weights, {k: v[None] for k, v in p.items()})
+    p, affines = _params_and_affines(weights, flat_params)
     n = len(weights.blocks)
     subpixel_blocks = set(range(n)) if subpixel_blocks is None else set(subpixel_blocks)
+    if native_heads and n - 1 not in subpixel_blocks:
+        raise ValueError("native_heads needs the last block's up-sampling at the low resolution (subpixel)")
     b = _Builder(np.float32)
     kp = b.add_input(KEYPOINTS_INPUT, ["N", 68, 2], TensorProto.FLOAT)
-
-    def input_norm(j: int) -> _InputNorm:
-        if j < n:
-            a, c = affines[f"blocks.{j}.norm1"]
-            var = weights.blocks[j].norm1_var
-        else:
-            a, c = affines["final_norm"]
-            var = weights.final_norm_var
-        # std of x under the norm's running statistics: the scale at which the shift is judged
-        return _InputNorm.of(a, c, np.sqrt(var + weights.eps))
 
     # Block 0: its first norm is a fixed affine (a0, c0); fold it and block 0's skip into the last Linear.
     s, c0 = weights.input_size, weights.input_channels
@@ -470,14 +517,19 @@ def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray]
         w1 = blk.conv1_weight * gain[None, :, None, None] * a2[:, None, None, None]
         b1 = blk.conv1_bias * a2 + c2
         h = b.lrelu(b.conv(t, w1, b1, hint=f"b{j}_conv1"))  # conv + norm2 + lrelu (fused by ORT)
-        nxt = input_norm(j + 1)
+        nxt = _input_norm(weights, affines, j + 1)
         b2 = blk.conv2_bias + nxt.shift  # the next norm's shift moves into this block's output
         if j in subpixel_blocks:
             groups = []
             for g, (k, pads) in enumerate(weights.conv2_taps(j)):
                 groups.append(b.conv(h, k, b2 if g == 0 else None, pads=pads, hint=f"b{j}_conv2"))
             groups[0] = b.op("Add", [groups[0], b.op("Pad", [skip, b.ints([0, 0, 1, 1, 0, 0, 0, 0])])])
-            v = b.op("DepthToSpace", [b.op("Concat", groups, axis=1)], blocksize=2, mode="DCR")
+            phases = b.op("Concat", groups, axis=1)
+            if native_heads and j == n - 1:
+                b.add_output(phases, PHASES_OUTPUT, ["N", 4 * c_out, s + 1, s + 1], TensorProto.FLOAT)
+                return b.model("bilayer_frame_folded_phases",
+                               doc="pybilayer per-frame network with one avatar folded in, up to the heads")
+            v = b.op("DepthToSpace", [phases], blocksize=2, mode="DCR")
             v = b.op("Slice", [v, b.ints([1, 1]), b.ints([2 * s + 2, 2 * s + 2]), b.ints([2, 3])])
             box = np.ones((c_out, 1, 2, 2))
             x = b.op("Conv", [v, b.const(box, "box")], hint=f"b{j}_box", kernel_shape=[2, 2], group=c_out)

@@ -37,9 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import ops
 from ..errors import BackendUnavailableError, EngineError
-from .base import FrameBackend, FrameOutputs, PreparedAvatar
-from .frame_graph import HEAD_CHANNELS, KEYPOINTS_INPUT, OUTPUT_NAMES, FrameWeights, build_folded_graph
+from .base import FrameBackend, FrameOutputs, PreparedAvatar, use_native_heads
+from .frame_graph import (HEAD_CHANNELS, KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, FrameWeights,
+                          build_folded_graph, folded_heads)
 
 INSTALL_HINT = "`pip install mnn==3.6.1`"
 CACHE_DIR_ENV = "PYBILAYER_CACHE_DIR"
@@ -182,23 +184,25 @@ def load_cached_module(build_graph: Callable[[], object], source_fingerprint: st
     return module
 
 
-def run_module(module, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """Forward float32 NCHW arrays; the outputs copied out of MNN's buffers (the next call reuses them)."""
+def run_module(module, inputs: list[np.ndarray], copy: bool = True) -> list[np.ndarray]:
+    """Forward float32 NCHW arrays; the outputs copied out of MNN's buffers, or with ``copy=False`` views of
+    them, valid only until the module's next forward."""
     mnn, _ = _import_mnn()
     F = mnn.expr
     outputs = module.forward([F.const(np.ascontiguousarray(a, dtype=np.float32), list(a.shape), F.NCHW) for a in inputs])
-    return [np.array(F.convert(var, F.NCHW).read(), dtype=np.float32, copy=True) for var in outputs]
+    return [np.array(F.convert(var, F.NCHW).read(), dtype=np.float32, copy=copy) for var in outputs]
 
 
 class MnnBackend(FrameBackend):
     """Per-frame network in MNN on the CPU, one module per avatar. ``threads``: MNN's threads per forward
-    (None: ``os.cpu_count()``)."""
+    (None: ``os.cpu_count()``). ``native_heads``: finish each frame with the native heads kernel; None
+    (default) wherever the native core is built, False for the graph's own heads."""
 
     name = "mnn"
     device = "cpu"
     thread_safe = False  # modules share one runtime manager (thread pool, scratch memory); not verified concurrent
 
-    def __init__(self, model, threads: int | None = None):
+    def __init__(self, model, threads: int | None = None, native_heads: bool | None = None):
         reason = mnn_unavailable_reason()
         if reason:
             raise BackendUnavailableError(reason)
@@ -209,18 +213,30 @@ class MnnBackend(FrameBackend):
         self.weights = FrameWeights.from_model(model)
         self.image_size = self.weights.image_size
         self._runtime = create_runtime(self.num_threads)
+        self.native_heads = use_native_heads(native_heads)
 
     def describe(self) -> str:
-        return f"mnn on cpu (folded graph, fp32, {self.num_threads} threads)"
+        heads = ", native heads" if self.native_heads else ""
+        return f"mnn on cpu (folded graph{heads}, fp32, {self.num_threads} threads)"
 
     def prepare(self, avatar) -> PreparedAvatar:
         texture = avatar.texture.detach().float().numpy()
-        graph = build_folded_graph(self.weights, avatar.flat_params())
-        module = load_module(graph, [KEYPOINTS_INPUT], list(OUTPUT_NAMES), self._runtime)
+        flat = avatar.flat_params()
+        graph = build_folded_graph(self.weights, flat, native_heads=self.native_heads)
+        outputs = [PHASES_OUTPUT] if self.native_heads else list(OUTPUT_NAMES)
+        module = load_module(graph, [KEYPOINTS_INPUT], outputs, self._runtime)
         # MNN plans the graph and transforms the weights on the first forward (~80-130 ms at the released
         # size): pay it here, with the avatar, rather than as a hitch on its first frame.
-        run_module(module, [np.zeros((1, 68, 2), np.float32)])
-        return PreparedAvatar(texture, module)
+        run_module(module, [np.zeros((1, 68, 2), np.float32)], copy=False)
+        heads = folded_heads(self.weights, flat) if self.native_heads else None
+        return PreparedAvatar(texture, (module, heads))
+
+    def _forward(self, module, heads, keypoints: np.ndarray) -> list[np.ndarray]:
+        """One frame's outputs: the graph's, or its phases finished by the native heads kernel."""
+        if heads is None:
+            return run_module(module, [keypoints])
+        (phases,) = run_module(module, [keypoints], copy=False)  # read before the next forward reuses it
+        return list(ops.heads(phases, *heads.arrays(), num_threads=self.num_threads))
 
     def run(self, groups: Sequence[tuple[PreparedAvatar, np.ndarray]]) -> list[FrameOutputs]:
         size = self.image_size
@@ -230,7 +246,7 @@ class MnnBackend(FrameBackend):
             # One frame per forward: 8 frames in one forward measured 27.8 ms per frame against 23.6 ms as
             # singles (the batch's intermediates outgrow the caches), and the module is never re-planned
             # for a new batch size.
-            singles = [run_module(prepared.state, [keypoints[i:i + 1]]) for i in range(n)]
+            singles = [self._forward(*prepared.state, keypoints[i:i + 1]) for i in range(n)]
             arrays = singles[0] if n == 1 else [np.concatenate(parts) for parts in zip(*singles)]
             for name, channels, array in zip(OUTPUT_NAMES, HEAD_CHANNELS, arrays):
                 if array.shape != (n, channels, size, size):

@@ -22,9 +22,11 @@ from typing import Literal
 
 import numpy as np
 
+from .. import ops
 from ..errors import BackendUnavailableError
-from .base import FrameBackend, FrameOutputs, PreparedAvatar, split_outputs
-from .frame_graph import KEYPOINTS_INPUT, OUTPUT_NAMES, FrameWeights, build_folded_graph, build_generic_graph
+from .base import FrameBackend, FrameOutputs, PreparedAvatar, split_outputs, use_native_heads
+from .frame_graph import (KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, FrameWeights, build_folded_graph,
+                          build_generic_graph, folded_heads)
 from .int8 import calibration_keypoints, quantize_folded_graph
 
 GraphMode = Literal["folded", "generic"]
@@ -70,6 +72,8 @@ class OnnxRuntimeBackend(FrameBackend):
 
     ``precision``: "fp32" (default, within 2e-3 of the reference) or "int8" (opt-in, folded graph only:
     lossy, ~1.5x faster per frame, a few seconds more per avatar; see ``int8``).
+    ``native_heads`` (folded graph): finish each frame with the native heads kernel; None (default)
+    wherever the native core is built, False for the graph's own heads.
     """
 
     name = "onnxruntime"
@@ -77,7 +81,7 @@ class OnnxRuntimeBackend(FrameBackend):
     thread_safe = True  # InferenceSession.run is safe to call concurrently
 
     def __init__(self, model, threads: int | None = None, graph: GraphMode = "folded",
-                 precision: Precision = "fp32"):
+                 precision: Precision = "fp32", native_heads: bool | None = None):
         reason = onnxruntime_unavailable_reason()
         if reason:
             raise BackendUnavailableError(reason)
@@ -85,6 +89,8 @@ class OnnxRuntimeBackend(FrameBackend):
             raise ValueError(f"graph must be 'folded' or 'generic', got {graph!r}")
         if precision not in ("fp32", "int8"):
             raise ValueError(f"precision must be 'fp32' or 'int8', got {precision!r}")
+        if native_heads and graph != "folded":
+            raise ValueError("native_heads=True needs graph='folded' (the generic graph keeps its heads)")
         if precision == "int8" and graph != "folded":
             raise ValueError("precision='int8' needs graph='folded' (activation ranges are calibrated per avatar)")
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
@@ -94,26 +100,33 @@ class OnnxRuntimeBackend(FrameBackend):
         self.precision = precision
         self.weights = FrameWeights.from_model(model)
         self._shared = create_session(build_generic_graph(self.weights), threads) if graph == "generic" else None
+        self.native_heads = graph == "folded" and use_native_heads(native_heads)
 
     def describe(self) -> str:
-        return f"onnxruntime on cpu ({self.graph} graph, {self.precision}, {self.threads or 'default'} threads)"
+        heads = ", native heads" if self.native_heads else ""
+        return f"onnxruntime on cpu ({self.graph} graph{heads}, {self.precision}, {self.threads or 'default'} threads)"
 
     def prepare(self, avatar) -> PreparedAvatar:
         texture = avatar.texture.detach().float().numpy()
         flat = avatar.flat_params()
         if self.graph == "folded":
-            graph = build_folded_graph(self.weights, flat)
+            graph = build_folded_graph(self.weights, flat, native_heads=self.native_heads)
             if self.precision == "int8":
                 graph = quantize_folded_graph(graph, KEYPOINTS_INPUT, calibration_keypoints(self.weights.image_size))
-            return PreparedAvatar(texture, create_session(graph, self.threads))
+            heads = folded_heads(self.weights, flat) if self.native_heads else None
+            return PreparedAvatar(texture, (create_session(graph, self.threads), heads))
         return PreparedAvatar(texture, flat)
 
     def run(self, groups: Sequence[tuple[PreparedAvatar, np.ndarray]]) -> list[FrameOutputs]:
         if self.graph == "folded":
             results = []
             for prepared, keypoints in groups:
-                delta_uv, lf, mask_logits = prepared.state.run(OUTPUT_NAMES, {KEYPOINTS_INPUT: keypoints})
-                results.append(FrameOutputs(delta_uv, lf, mask_logits))
+                session, heads = prepared.state
+                if heads is None:
+                    results.append(FrameOutputs(*session.run(OUTPUT_NAMES, {KEYPOINTS_INPUT: keypoints})))
+                    continue
+                (phases,) = session.run([PHASES_OUTPUT], {KEYPOINTS_INPUT: keypoints})
+                results.append(FrameOutputs(*ops.heads(phases, *heads.arrays(), num_threads=self.threads)))
             return results
         sizes = [len(kp) for _, kp in groups]
         feeds = {KEYPOINTS_INPUT: np.concatenate([kp for _, kp in groups])}

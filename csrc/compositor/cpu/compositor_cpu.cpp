@@ -9,16 +9,12 @@
 // compiler uses wide registers, and fp32 textures are read two texels per load) and portably (fmaf from
 // libm), picked once at run time. Both give bit-identical results.
 //
-// Threads: std::thread workers over contiguous row ranges, not OpenMP. torch ships its own OpenMP
-// runtime; a second one in the process oversubscribes cores and can clash, while a handful of plain
-// threads per call costs ~10 us each and is only used when every thread gets enough pixels.
+// Threads: parallel_rows (parallel.h), used only when every thread gets enough pixels.
 #include <algorithm>
-#include <exception>
-#include <system_error>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "../../parallel.h"
 #include "../compositor.h"
 #include "../sampling.h"
 
@@ -295,31 +291,8 @@ void run_rows(const CompositeParams& p, int64_t row_begin, int64_t row_end) {
 void composite_cpu(const CompositeParams& params, int num_threads) {
   const int64_t rows = params.batch * params.height;
   if (rows == 0 || params.width == 0) return;
-  if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const int64_t by_work = std::max<int64_t>(1, rows * params.width / kMinPixelsPerThread);
-  const int64_t workers = std::min<int64_t>({static_cast<int64_t>(num_threads), by_work, rows});
-
-  // Worker i takes rows [rows * i / workers, rows * (i + 1) / workers); the calling thread takes range 0,
-  // and any range whose thread could not be started. Errors travel back to the caller.
-  std::vector<std::exception_ptr> errors(workers);
-  const auto work = [&](int64_t i) {
-    try {
-      run_rows(params, rows * i / workers, rows * (i + 1) / workers);
-    } catch (...) {
-      errors[i] = std::current_exception();
-    }
-  };
-  std::vector<std::thread> threads;
-  int64_t started = 1;
-  try {
-    for (; started < workers; ++started) threads.emplace_back(work, started);
-  } catch (const std::system_error&) {
-  }
-  work(0);
-  for (int64_t i = started; i < workers; ++i) work(i);
-  for (std::thread& t : threads) t.join();
-  for (const std::exception_ptr& error : errors)
-    if (error) std::rethrow_exception(error);
+  parallel_rows(rows, worker_count(rows, params.width, kMinPixelsPerThread, num_threads),
+                [&](int64_t row_begin, int64_t row_end) { run_rows(params, row_begin, row_end); });
 }
 
 }  // namespace pybilayer

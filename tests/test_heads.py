@@ -1,0 +1,120 @@
+"""The native heads kernel (box sum + activation + heads + tanh) against its PyTorch reference.
+
+Fresh random inputs every run, shapes whose width is not a multiple of the vector step, both code paths
+(AVX2+FMA where the CPU has it, and the portable one), and outputs poisoned with NaN before the call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _tolerances import TOLERANCES
+
+from pybilayer import native, ops
+
+pytestmark = pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
+
+
+def make_inputs(batch: int, channels: int, low_size: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    side = low_size + 1
+    phases = rng.standard_normal((batch, 4 * channels, side, side)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    scale[::3] = 1.0  # folded channels: scale 1, shift 0
+    shift = rng.standard_normal(channels).astype(np.float32)
+    shift[::3] = 0.0
+    slope = rng.choice(np.array([0.2, 5.0], np.float32), channels)
+    weight = (rng.standard_normal((6, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+    return phases, scale, shift, slope, weight, bias
+
+
+def reference(inputs) -> list[np.ndarray]:
+    return [t.numpy() for t in ops.heads_reference(*(torch.from_numpy(a).double() for a in inputs))]
+
+
+def run_poisoned(inputs, **kwargs) -> list[np.ndarray]:
+    batch, size = inputs[0].shape[0], 2 * (inputs[0].shape[2] - 1)
+    outputs = [np.full((batch, c, size, size), np.nan, np.float32) for c in (2, 3, 1)]
+    native.load().heads(*inputs, *outputs, **kwargs)
+    return outputs
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(int(torch.randint(1 << 30, ()).item()))
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("batch, channels, low_size", [(1, 32, 64), (2, 5, 13), (3, 8, 24), (1, 3, 1), (2, 1, 9)])
+def test_matches_reference(batch, channels, low_size, vectorized, rng):
+    inputs = make_inputs(batch, channels, low_size, rng)
+    ref = reference(inputs)
+    rtol, atol = TOLERANCES["heads_fp32"]
+    for threads in (1, 3):
+        out = run_poisoned(inputs, num_threads=threads, vectorized=vectorized)
+        for o, r in zip(out, ref):
+            np.testing.assert_allclose(o, r, rtol=rtol, atol=atol)
+    assert all(np.abs(r).max() > 0.1 for r in ref)  # not a comparison of near-zero outputs
+
+
+def test_paths_and_thread_counts_agree(rng):
+    inputs = make_inputs(2, 16, 40, rng)
+    base = run_poisoned(inputs, num_threads=1, vectorized=False)
+    rtol, atol = TOLERANCES["heads_fp32"]
+    for kwargs in ({"num_threads": 1}, {"num_threads": 2}, {"num_threads": 7}, {"num_threads": 2, "vectorized": False}):
+        for o, b in zip(run_poisoned(inputs, **kwargs), base):
+            np.testing.assert_allclose(o, b, rtol=rtol, atol=atol)
+
+
+def test_ops_wrapper_allocates_and_matches(rng):
+    inputs = make_inputs(1, 4, 10, rng)
+    delta_uv, lf, mask_logits = ops.heads(*inputs, num_threads=2)
+    assert (delta_uv.shape, lf.shape, mask_logits.shape) == ((1, 2, 20, 20), (1, 3, 20, 20), (1, 1, 20, 20))
+    rtol, atol = TOLERANCES["heads_fp32"]
+    for o, r in zip((delta_uv, lf, mask_logits), reference(inputs)):
+        np.testing.assert_allclose(o, r, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_tanh_saturates_and_nan_propagates(vectorized, rng):
+    inputs = list(make_inputs(1, 4, 12, rng))
+    inputs[0] = inputs[0] * 1e4  # heads far into tanh's saturation
+    inputs[0][0, 5, 6, 6] = np.nan
+    ref = reference(inputs)
+    out = run_poisoned(inputs, num_threads=2, vectorized=vectorized)
+    for o, r in zip(out, ref):
+        np.testing.assert_array_equal(np.isnan(o), np.isnan(r))
+        assert np.isnan(r).any() and not np.isnan(r).all()
+    finite = ~np.isnan(ref[0])
+    np.testing.assert_allclose(out[0][finite], ref[0][finite], rtol=0, atol=1e-6)
+    assert np.abs(out[0][finite]).max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    "index, shape, dtype, match",
+    [
+        (0, (1, 30, 9, 9), np.float32, "phases: expected \\(B, 4C, s\\+1, s\\+1\\)"),
+        (0, (1, 32, 9, 8), np.float32, "phases"),
+        (1, (7,), np.float32, "scale: expected shape \\(8,\\)"),
+        (4, (6, 8, 1, 1), np.float32, "weight: expected shape \\(6, 8, 3, 3\\)"),
+        (5, (6,), np.float64, "bias: unsupported dtype"),
+        (5, (6,), np.float16, "bias: expected float32, got float16"),
+        (7, (1, 3, 15, 15), np.float32, "lf: expected shape \\(1, 3, 16, 16\\)"),
+    ],
+)
+def test_bad_arguments_name_the_argument(index, shape, dtype, match, rng):
+    inputs = list(make_inputs(1, 8, 8, rng))
+    outputs = [np.zeros((1, c, 16, 16), np.float32) for c in (2, 3, 1)]
+    arguments = inputs + outputs
+    arguments[index] = np.zeros(shape, dtype)
+    with pytest.raises(ValueError, match=match):
+        native.load().heads(*arguments)
+
+
+def test_read_only_output_is_rejected(rng):
+    inputs = make_inputs(1, 2, 4, rng)
+    outputs = [np.zeros((1, c, 8, 8), np.float32) for c in (2, 3, 1)]
+    outputs[2].flags.writeable = False
+    with pytest.raises(ValueError, match="mask_logits: the output array is read-only"):
+        native.load().heads(*inputs, *outputs)
