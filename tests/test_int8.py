@@ -23,9 +23,13 @@ def renderers():
     return fp32, int8
 
 
-def test_int8_is_close_to_fp32_on_held_out_poses(renderers):
+def test_int8_is_close_to_fp32_on_held_out_poses(renderers, caplog, capfd):
     fp32, int8 = renderers
     avatar = fp32.create_avatar(*random_photo(4, 200))
+    with caplog.at_level("WARNING"):
+        int8._prepare(avatar)  # calibration and quantisation
+    hints = [r for r in caplog.records if "pre-processing" in r.getMessage()]
+    assert not hints and "pre-processing" not in capfd.readouterr().err
     drivers = random_drivers(12, seed=17)  # not the calibration poses (their own seed, their own image size)
     ref_image, ref_lf, _, ref_mask = fp32.render(avatar, drivers, output="layers")
     image, lf, _, mask = int8.render(avatar, drivers, output="layers")
