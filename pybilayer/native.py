@@ -5,7 +5,7 @@ Importing this module never fails: a missing extension or a missing GPU is repor
 
     from pybilayer import native
     caps = native.capabilities()
-    caps.native, caps.native_reason     # the compiled extension (CPU twin of the compositor)
+    caps.native, caps.native_reason     # the compiled extension (CPU compositor and heads kernels)
     caps.cuda, caps.cuda_reason         # its CUDA twin and a usable GPU
 
 Native objects for callers that manage GPU memory without torch (e.g. TensorRT bindings); both raise

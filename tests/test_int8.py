@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
+import torch
 
 from _tolerances import TOLERANCES
 from pybilayer import Renderer
-from pybilayer.backends.int8 import calibration_keypoints
+from pybilayer.backends.frame_graph import FrameWeights, build_folded_graph
+from pybilayer.backends.int8 import calibration_keypoints, quantize_folded_graph
 from _builders import random_drivers, random_photo, tiny_bilayer
 
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -42,6 +46,19 @@ def test_int8_is_close_to_fp32_on_held_out_poses(renderers, caplog, capfd):
     assert np.sqrt(np.mean((image.astype(np.float64) - ref_image) ** 2)) <= rms_bound
     frames = int8.render(avatar, drivers)
     assert frames.shape == (12, 64, 64, 3) and frames.dtype == np.uint8
+
+
+def test_quantisation_leaves_the_root_logger_as_it_was(monkeypatch):
+    """An application without logging configuration keeps none: onnxruntime.quantization's module-level
+    logging.warning would otherwise install a stderr handler on the root logger for good."""
+    model = tiny_bilayer(11, 64)
+    with torch.no_grad():
+        params = model.inference_generator.project([torch.randn(1, c, 8, 8) for c in model.config.embedding_channels()])
+    graph = build_folded_graph(FrameWeights.from_model(model), {k: v.numpy() for k, v in params.flatten().items()})
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    quantize_folded_graph(graph, "keypoints", calibration_keypoints(64, n=2))
+    assert root.handlers == [] and root.filters == []
 
 
 def test_calibration_poses_are_normalised_and_reproducible():

@@ -5,10 +5,10 @@ with ranges calibrated per avatar (MinMax) on realistic poses from ``pybilayer.s
 kernel ORT runs fastest on AVX2; ``reduce_range`` keeps the weights to 7 bits so that AVX2's
 VPMADDUBSW (no VNNI) cannot saturate its 16-bit pair sums.
 
-Measured on the released-size random-weight model, batch 1, 2 AVX2 cores, same run: 30.3 vs 51.1 ms
-per frame for the fp32 folded graph (benchmarks/RESULTS.md); uint8 frames at 54.6-61.7 dB PSNR against
-the fp32 path over 200 held-out poses (random weights give low-contrast outputs, so quality is
-indicative only); calibration + quantisation add ~3.5 s per avatar.
+Measured on the released-size random-weight model, batch 1, 2 AVX2 cores, same run: 27.2 vs 39.4 ms
+per frame for the fp32 folded graph, both finished by the native heads in fp32 (benchmarks/RESULTS.md);
+uint8 frames at 55.9-62.5 dB PSNR against the fp32 path over 200 held-out poses (random weights give
+low-contrast outputs, so quality is indicative only); calibration + quantisation add ~3.5 s per avatar.
 Lossy: outside the 2e-3 bound of the fp32 paths, so never the default.
 """
 
@@ -45,13 +45,21 @@ class _DropPreprocessingHint(logging.Filter):
 
 
 @contextmanager
-def _without_preprocessing_hint() -> Iterator[None]:
+def _quiet_quantizer_logging() -> Iterator[None]:
+    """Drops that advice. Where the root logger has no handler, a placeholder also keeps the module-level
+    ``logging.warning`` from calling ``basicConfig()``, which would leave a stderr handler on the root
+    logger, and reformat every later warning of the process, after the first int8 avatar."""
     root, hint = logging.getLogger(), _DropPreprocessingHint()
+    placeholder = None if root.handlers else logging.NullHandler()
     root.addFilter(hint)
+    if placeholder is not None:
+        root.addHandler(placeholder)
     try:
         yield
     finally:
         root.removeFilter(hint)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
 
 
 def quantize_folded_graph(model_proto, keypoints_input: str, calibration: np.ndarray):
@@ -71,7 +79,7 @@ def quantize_folded_graph(model_proto, keypoints_input: str, calibration: np.nda
     with tempfile.TemporaryDirectory(prefix="pybilayer_int8_") as tmp:
         source, target = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
         onnx.save(model_proto, source)
-        with _without_preprocessing_hint():
+        with _quiet_quantizer_logging():
             quantize_static(source, target, _Poses(), quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)

@@ -2,9 +2,11 @@
 
 At ``prepare`` the avatar's parameters are folded into the weights (``frame_graph.build_folded_graph``,
 the graph the onnxruntime backend runs by default), MNN's converter turns that ONNX graph into an MNN
-model, and MNN loads it as a module of its own. MNN runs the 3x3 convolutions with Winograd kernels:
-per forward (released size, batch 1, 2 threads, 2-core AVX2) ~23.5 ms against onnxruntime's ~45 ms on
-the same folded graph, outputs within ~3e-6 of it (the warped image within ~3e-5 of the torch reference).
+model, and MNN loads it as a module of its own. MNN runs the 3x3 convolutions with Winograd kernels.
+Where the native core is built, the graph stops at the last block's tap groups and ``ops.heads`` finishes
+the frame (``native_heads``). Per frame (released size, batch 1, 2 threads, 2-core AVX2): the forward up
+to the tap groups ~20 ms and the native heads ~2.3 ms, against ~23.3 ms for the full graph in MNN and
+~45 ms for the full graph in onnxruntime; the warped image within ~3e-5 of the torch reference.
 Precision "high": fp32 throughout, no fp16/bf16.
 
 Cost per avatar (released size, measured under load): ~0.4 s, counted as avatar creation: folding
