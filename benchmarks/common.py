@@ -1,7 +1,8 @@
 """What every benchmark shares: timing (warm-up, then median and p90), machine metadata, JSON output.
 
-    from common import measure, run_metadata, write_json
+    from common import interleaved_times, measure, run_metadata, write_json
     timing = measure(lambda: work(), sync=torch.cuda.synchronize)   # Timing(median_s, p90_s, runs)
+    a_ms, b_ms = interleaved_times([run_a, run_b], repeats=100)    # A/B in alternating turns
     write_json(path, run_metadata(), rows)                            # {"metadata": ..., "results": ...}
 
 Never time a single call; numbers taken on a loaded machine say so (metadata carries the load average).
@@ -58,6 +59,26 @@ def measure(
         times.append(time.perf_counter() - t0)
     values = np.asarray(times)
     return Timing(float(np.median(values)), float(np.percentile(values, 90)), len(times))
+
+
+TURN_FRAMES = 5
+
+
+def interleaved_times(fns: list[Callable[[], object]], repeats: int) -> list[np.ndarray]:
+    """Each of ``fns`` timed in turn, ``TURN_FRAMES`` calls at a time, so that load drifts (a shared host's
+    slow phases last seconds) hit all of them alike; ``repeats`` times in ms per function. Every turn
+    starts with one untimed call: the other runtime's worker threads may still be spinning from the
+    previous turn (OpenMP's and MNN's do) and would slow its first call."""
+    rounds = -(-repeats // TURN_FRAMES)
+    out = np.empty((len(fns), rounds * TURN_FRAMES))
+    for r in range(rounds):
+        for k, fn in enumerate(fns):
+            fn()
+            for i in range(r * TURN_FRAMES, (r + 1) * TURN_FRAMES):
+                start = time.perf_counter()
+                fn()
+                out[k, i] = time.perf_counter() - start
+    return [row[:repeats] * 1e3 for row in out]
 
 
 def _cpu_model() -> str:

@@ -35,7 +35,7 @@ try:
 except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_metadata  # noqa: E402  (benchmarks/common.py)
+from common import TURN_FRAMES, interleaved_times, run_metadata  # noqa: E402  (benchmarks/common.py)
 from fsth import BACKENDS as COMPARED_BACKENDS  # noqa: E402  (benchmarks/fsth.py: the comparison table)
 from fsth import compare_paths, format_table, renderer_paths  # noqa: E402
 
@@ -44,25 +44,6 @@ def _metadata(threads: int) -> dict:
     meta = dict(run_metadata())
     meta["threads"] = threads
     return meta
-
-
-TURN_FRAMES = 5
-
-
-def _interleaved_times(fns, repeats: int) -> list[np.ndarray]:
-    """Each of ``fns`` timed in turn, ``TURN_FRAMES`` calls at a time, so that load drifts hit all of them
-    alike. Every turn starts with one untimed call: the other runtime's worker threads may still be
-    spinning from the previous turn (OpenMP's and MNN's do) and would slow its first call."""
-    rounds = -(-repeats // TURN_FRAMES)
-    out = np.empty((len(fns), rounds * TURN_FRAMES))
-    for r in range(rounds):
-        for k, fn in enumerate(fns):
-            fn()
-            for i in range(r * TURN_FRAMES, (r + 1) * TURN_FRAMES):
-                start = time.perf_counter()
-                fn()
-                out[k, i] = time.perf_counter() - start
-    return [row[:repeats] * 1e3 for row in out]  # ms
 
 
 def _times(fn, repeats: int, warmup: int = 2) -> np.ndarray:
@@ -193,7 +174,7 @@ def bench_backend(name: str, model, photo, landmarks, drivers, eager, args, opti
         i[0] = (i[0] + 1) % len(drivers)
         renderer.render(avatar, drivers[i[0]])
 
-    backend_ms, eager_ms = _interleaved_times([one, eager], args.repeats)
+    backend_ms, eager_ms = interleaved_times([one, eager], args.repeats)
     result["batch1"], result["eager_interleaved"] = _stats(backend_ms), _stats(eager_ms)
     result["speedup_vs_eager"] = result["eager_interleaved"]["p50_ms"] / result["batch1"]["p50_ms"]
     batch = drivers[: args.batch]

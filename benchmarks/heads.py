@@ -1,0 +1,146 @@
+"""The native heads: the kernel against its PyTorch reference, and whole frames with and without it.
+
+    python benchmarks/heads.py                 # released size: the kernel, then frames on onnxruntime and mnn
+    python benchmarks/heads.py --quick         # smoke run: tiny random model, few frames
+    python benchmarks/heads.py --json results.json
+
+Kernel: ``ops.heads`` on random tap groups of the model's last block against ``ops.heads_reference``
+(torch: pixel_shuffle, box convolution, activation, 3x3 convolution, tanh) on the same inputs, in fp32.
+Frames: ``Renderer.render``, landmarks in -> uint8 frame out, batch 1, for each folded-graph backend with
+``native_heads`` on and off (off: the graph computes its own heads), timed in alternating turns in one
+process, so that a shared host's slow phases hit both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import TURN_FRAMES, interleaved_times, measure, print_table, run_metadata, write_json  # noqa: E402
+
+try:
+    from pybilayer import Renderer, native, ops
+except ImportError:  # a source checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from pybilayer import Renderer, native, ops
+
+from pybilayer.backends import unavailable_reason  # noqa: E402
+from pybilayer.models import Bilayer, BilayerConfig  # noqa: E402
+from pybilayer.synthetic import random_landmarks  # noqa: E402
+
+FRAME_BACKENDS = ("onnxruntime", "mnn")
+
+
+def kernel_rows(channels: int, low_size: int, threads: list[int], min_time_s: float) -> list[dict]:
+    rng = np.random.default_rng(0)
+    inputs = (
+        rng.standard_normal((1, 4 * channels, low_size + 1, low_size + 1)).astype(np.float32),
+        rng.uniform(0.5, 2.0, channels).astype(np.float32),
+        rng.standard_normal(channels).astype(np.float32),
+        np.full(channels, 0.2, np.float32),
+        (rng.standard_normal((6, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32),
+        rng.standard_normal(6).astype(np.float32),
+    )
+    tensors = [torch.from_numpy(a) for a in inputs]
+    rows = []
+    for n in threads:
+        torch.set_num_threads(n)
+        kernel = measure(lambda: ops.heads(*inputs, num_threads=n), min_time_s=min_time_s)
+        with torch.no_grad():
+            reference = measure(lambda: ops.heads_reference(*tensors), min_time_s=min_time_s)
+        rows.append(dict(kind="kernel", size=f"{2 * low_size}x{2 * low_size}", channels=channels, threads=n,
+                         native_ms=kernel.median_s * 1e3, reference_ms=reference.median_s * 1e3,
+                         speedup=reference.median_s / kernel.median_s))
+    return rows
+
+
+def frame_rows(model: Bilayer, backends: list[str], threads: int, repeats: int) -> list[dict]:
+    size = model.config.image_size
+    photo_size = int(size * 1.25)
+    photo = np.random.default_rng(3).integers(0, 256, (photo_size, photo_size, 3), dtype=np.uint8)
+    photo_landmarks = random_landmarks(1, photo_size, seed=3)[0]
+    landmarks = random_landmarks(64, 256, seed=5)
+    rows = []
+    for name in backends:
+        reason = unavailable_reason(name, "cpu")
+        if reason:
+            print(f"  {name}: skipped ({reason})")
+            continue
+        with_kernel = Renderer(model, backend=name, device="cpu", threads=threads,
+                               backend_options={name: {"native_heads": True}})
+        graph_only = Renderer(model, backend=name, device="cpu", threads=threads,
+                              backend_options={name: {"native_heads": False}})
+        avatar = with_kernel.create_avatar(photo, photo_landmarks)
+        graph_only._prepare(avatar)  # the same avatar, prepared for the other renderer too (not timed)
+        frame = iter(range(1 << 30))
+
+        def render(renderer):
+            return lambda: renderer.render(avatar, landmarks[next(frame) % len(landmarks)])
+
+        native_ms, graph_ms = interleaved_times([render(with_kernel), render(graph_only)], repeats)
+        difference = np.abs(with_kernel.render(avatar, landmarks[:4], output="layers").image
+                            - graph_only.render(avatar, landmarks[:4], output="layers").image).max()
+        rows.append(dict(kind="frame", backend=name, size=f"{size}x{size}", threads=threads,
+                         native_ms=float(np.median(native_ms)), native_min_ms=float(native_ms.min()),
+                         graph_ms=float(np.median(graph_ms)), graph_min_ms=float(graph_ms.min()),
+                         speedup=float(np.median(graph_ms) / np.median(native_ms)),
+                         max_abs_image_difference=float(difference)))
+    return rows
+
+
+KERNEL_COLUMNS = [("size", "size"), ("channels", "C"), ("threads", "threads"), ("native_ms", "native ms"),
+                  ("reference_ms", "torch ms"), ("speedup", "speed-up")]
+FRAME_COLUMNS = [("backend", "backend"), ("size", "size"), ("graph_ms", "graph heads p50"),
+                 ("graph_min_ms", "min"), ("native_ms", "native heads p50"), ("native_min_ms", "min"),
+                 ("speedup", "speed-up"), ("max_abs_image_difference", "max abs image diff")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the frames (kernel: 1 and this)")
+    parser.add_argument("--repeats", type=int, default=200, help="timed frames per variant and backend")
+    parser.add_argument("--backends", default=",".join(FRAME_BACKENDS))
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed kernel calls")
+    parser.add_argument("--quick", action="store_true", help="tiny random model, few frames, short timings")
+    parser.add_argument("--json", type=Path, help="also write {metadata, results} here")
+    args = parser.parse_args(argv)
+
+    caps = native.capabilities()
+    if not caps.native:
+        print(f"native extension unavailable: {caps.native_reason}", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    if args.quick:
+        config = BilayerConfig.tiny(64, texture_enhancer=False, discriminator=False)
+        args.repeats, args.min_time = 2 * TURN_FRAMES, 0.1
+    else:
+        config = BilayerConfig(texture_enhancer=False, discriminator=False)
+    model = Bilayer(config).eval()
+    spec = config.inference_generator_spec()
+    metadata = run_metadata()
+    metadata["threads"] = args.threads
+    print(f"# native heads  cpu: {metadata['cpu']}  load: {metadata['load_average']}  git {metadata['git_sha']}")
+
+    print(f"\n## kernel: ops.heads against ops.heads_reference (torch), C = {spec.block_out[-1]}")
+    threads = sorted({1, args.threads})
+    results = kernel_rows(spec.block_out[-1], config.image_size // 2, threads, args.min_time)
+    print_table(results, KERNEL_COLUMNS)
+
+    print(f"\n## frames: Renderer.render, batch 1, {args.threads} threads, native heads on and off in turns of "
+          f"{TURN_FRAMES} frames, {args.repeats} frames each")
+    rows = frame_rows(model, [b for b in args.backends.split(",") if b], args.threads, args.repeats)
+    print_table(rows, FRAME_COLUMNS)
+    results += rows
+    if args.json:
+        write_json(args.json, metadata, results)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
