@@ -47,15 +47,18 @@ def kernel_rows(channels: int, low_size: int, threads: list[int], min_time_s: fl
         rng.standard_normal(6).astype(np.float32),
     )
     tensors = [torch.from_numpy(a) for a in inputs]
-    rows = []
-    for n in threads:
-        torch.set_num_threads(n)
-        kernel = measure(lambda: ops.heads(*inputs, num_threads=n), min_time_s=min_time_s)
-        with torch.no_grad():
-            reference = measure(lambda: ops.heads_reference(*tensors), min_time_s=min_time_s)
-        rows.append(dict(kind="kernel", size=f"{2 * low_size}x{2 * low_size}", channels=channels, threads=n,
-                         native_ms=kernel.median_s * 1e3, reference_ms=reference.median_s * 1e3,
-                         speedup=reference.median_s / kernel.median_s))
+    rows, torch_threads = [], torch.get_num_threads()
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            kernel = measure(lambda: ops.heads(*inputs, num_threads=n), min_time_s=min_time_s)
+            with torch.no_grad():
+                reference = measure(lambda: ops.heads_reference(*tensors), min_time_s=min_time_s)
+            rows.append(dict(kind="kernel", size=f"{2 * low_size}x{2 * low_size}", channels=channels, threads=n,
+                             native_ms=kernel.median_s * 1e3, reference_ms=reference.median_s * 1e3,
+                             speedup=reference.median_s / kernel.median_s))
+    finally:
+        torch.set_num_threads(torch_threads)
     return rows
 
 
