@@ -21,7 +21,7 @@ from pybilayer.backends.frame_graph import (  # noqa: E402
     folded_heads,
     upsample_conv_taps,
 )
-from pybilayer import native, ops  # noqa: E402
+from pybilayer import native  # noqa: E402
 from pybilayer.backends.onnxruntime import create_session  # noqa: E402
 from pybilayer.export import build_onnx, export_onnx, fp16_quality, psnr  # noqa: E402
 from pybilayer.models import Bilayer, BilayerConfig, InferenceParams  # noqa: E402
@@ -174,7 +174,7 @@ def test_folded_graph_with_native_heads_matches_reference(which, request):
     assert [o.name for o in proto.graph.output] == [PHASES_OUTPUT]
     keypoints = _keypoints(model, 3, seed=4)
     (phases,) = create_session(proto, threads=1).run([PHASES_OUTPUT], {"keypoints": keypoints})
-    out = ops.heads(phases, *folded_heads(weights, flat).arrays(), num_threads=2)
+    out = folded_heads(weights, flat).finish(phases, num_threads=2)
     ref = _reference(model, keypoints, params.repeat_frames(3))
     _, atol = TOLERANCES["onnx_fp32"]
     assert max(_max_abs(out, ref)) <= atol, _max_abs(out, ref)

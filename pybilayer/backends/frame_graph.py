@@ -447,8 +447,11 @@ class HeadsWeights:
     weight: np.ndarray  # (6, C, 3, 3) float32, the final norm's gain folded in
     bias: np.ndarray  # (6,) float32
 
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        return self.scale, self.shift, self.slope, self.weight, self.bias
+    def finish(self, phases: np.ndarray, num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(delta_uv, lf, mask_logits) from the folded graph's ``phases`` output (``ops.heads``)."""
+        from .. import ops
+
+        return ops.heads(phases, self.scale, self.shift, self.slope, self.weight, self.bias, num_threads=num_threads)
 
 
 def _params_and_affines(weights: FrameWeights, flat_params: dict[str, np.ndarray]):
@@ -468,6 +471,13 @@ def folded_heads(weights: FrameWeights, flat_params: dict[str, np.ndarray]) -> H
         weight=f32(weights.heads_weight * final.gain[None, :, None, None]),
         bias=f32(weights.heads_bias),
     )
+
+
+def build_folded_frame(weights: FrameWeights, flat_params: dict[str, np.ndarray], native_heads: bool):
+    """What a folded-graph backend prepares per avatar: the graph, and with ``native_heads`` the heads
+    that ``HeadsWeights.finish`` runs on its ``phases`` output (else None)."""
+    graph = build_folded_graph(weights, flat_params, native_heads=native_heads)
+    return graph, folded_heads(weights, flat_params) if native_heads else None
 
 
 def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray], subpixel_blocks=None,

@@ -39,11 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import ops
 from ..errors import BackendUnavailableError, EngineError
 from .base import FrameBackend, FrameOutputs, PreparedAvatar, use_native_heads
 from .frame_graph import (HEAD_CHANNELS, KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, FrameWeights,
-                          build_folded_graph, folded_heads)
+                          build_folded_frame)
 
 INSTALL_HINT = "`pip install mnn==3.6.1`"
 CACHE_DIR_ENV = "PYBILAYER_CACHE_DIR"
@@ -223,14 +222,12 @@ class MnnBackend(FrameBackend):
 
     def prepare(self, avatar) -> PreparedAvatar:
         texture = avatar.texture.detach().float().numpy()
-        flat = avatar.flat_params()
-        graph = build_folded_graph(self.weights, flat, native_heads=self.native_heads)
+        graph, heads = build_folded_frame(self.weights, avatar.flat_params(), self.native_heads)
         outputs = [PHASES_OUTPUT] if self.native_heads else list(OUTPUT_NAMES)
         module = load_module(graph, [KEYPOINTS_INPUT], outputs, self._runtime)
         # MNN plans the graph and transforms the weights on the first forward (~80-130 ms at the released
         # size): pay it here, with the avatar, rather than as a hitch on its first frame.
         run_module(module, [np.zeros((1, 68, 2), np.float32)], copy=False)
-        heads = folded_heads(self.weights, flat) if self.native_heads else None
         return PreparedAvatar(texture, (module, heads))
 
     def _forward(self, module, heads, keypoints: np.ndarray) -> list[np.ndarray]:
@@ -238,7 +235,7 @@ class MnnBackend(FrameBackend):
         if heads is None:
             return run_module(module, [keypoints])
         (phases,) = run_module(module, [keypoints], copy=False)  # read before the next forward reuses it
-        return list(ops.heads(phases, *heads.arrays(), num_threads=self.num_threads))
+        return list(heads.finish(phases, self.num_threads))
 
     def run(self, groups: Sequence[tuple[PreparedAvatar, np.ndarray]]) -> list[FrameOutputs]:
         size = self.image_size

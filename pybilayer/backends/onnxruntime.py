@@ -22,11 +22,10 @@ from typing import Literal
 
 import numpy as np
 
-from .. import ops
 from ..errors import BackendUnavailableError
 from .base import FrameBackend, FrameOutputs, PreparedAvatar, split_outputs, use_native_heads
-from .frame_graph import (KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, FrameWeights, build_folded_graph,
-                          build_generic_graph, folded_heads)
+from .frame_graph import (KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, FrameWeights, build_folded_frame,
+                          build_generic_graph)
 from .int8 import calibration_keypoints, quantize_folded_graph
 
 GraphMode = Literal["folded", "generic"]
@@ -110,10 +109,9 @@ class OnnxRuntimeBackend(FrameBackend):
         texture = avatar.texture.detach().float().numpy()
         flat = avatar.flat_params()
         if self.graph == "folded":
-            graph = build_folded_graph(self.weights, flat, native_heads=self.native_heads)
+            graph, heads = build_folded_frame(self.weights, flat, self.native_heads)
             if self.precision == "int8":
                 graph = quantize_folded_graph(graph, KEYPOINTS_INPUT, calibration_keypoints(self.weights.image_size))
-            heads = folded_heads(self.weights, flat) if self.native_heads else None
             return PreparedAvatar(texture, (create_session(graph, self.threads), heads))
         return PreparedAvatar(texture, flat)
 
@@ -126,7 +124,7 @@ class OnnxRuntimeBackend(FrameBackend):
                     results.append(FrameOutputs(*session.run(OUTPUT_NAMES, {KEYPOINTS_INPUT: keypoints})))
                     continue
                 (phases,) = session.run([PHASES_OUTPUT], {KEYPOINTS_INPUT: keypoints})
-                results.append(FrameOutputs(*ops.heads(phases, *heads.arrays(), num_threads=self.threads)))
+                results.append(FrameOutputs(*heads.finish(phases, self.threads)))
             return results
         sizes = [len(kp) for _, kp in groups]
         feeds = {KEYPOINTS_INPUT: np.concatenate([kp for _, kp in groups])}
