@@ -98,7 +98,12 @@ def mnn_unavailable_reason() -> str | None:
 
 
 def convert_to_mnn(graph, directory: str) -> str:
-    """Write the ONNX ``graph`` under ``directory`` and convert it; the path of the MNN model."""
+    """Write the ONNX ``graph`` under ``directory`` and convert it; the path of the MNN model.
+
+    Calls the converter's extension (``_tools.mnnconvert``) directly. MNN's ``mnnconvert`` command and
+    ``MNN.tools.mnnconvert`` wrap it with a usage logger that runs ``pip install aliyun-log-python-sdk``
+    when that package is missing (which downgrades protobuf below what onnx needs) and reports each
+    conversion over the network: never call those."""
     _, tools = _import_mnn()
     src, dst = os.path.join(directory, "frame.onnx"), os.path.join(directory, "frame.mnn")
     with open(src, "wb") as f:
