@@ -5,7 +5,8 @@ masked, as a frame; the native CPU twin, or the CUDA twin for GPU arrays, in one
 
 ``heads`` (``heads_reference``): the per-frame network's last steps on the CPU, from the last block's
 low-resolution phase groups to delta-uv, the low-frequency image and the mask logits (the convention is
-in ``heads``).
+in ``heads``). ``depth_to_space_box`` (``depth_to_space_box_reference``): the same phase groups to the
+block's output alone, at a block boundary.
 
 Compositor convention:
     - Per item b and output pixel (y, x) of an H x W frame, the sampling point is
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 
 from . import native
 
-__all__ = ["composite", "composite_reference", "heads", "heads_reference", "identity_grid"]
+__all__ = ["composite", "composite_reference", "depth_to_space_box", "depth_to_space_box_reference", "heads",
+           "heads_reference", "identity_grid"]
 
 _OUT_KINDS = {"uint8": np.uint8, "float32": np.float32}
 _TYPESTR_NAMES = {"<f4": "float32", "<f2": "float16", "|u1": "uint8"}
@@ -196,16 +198,38 @@ def heads_reference(phases: torch.Tensor, scale: torch.Tensor, shift: torch.Tens
                     weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``heads`` in plain PyTorch, in the inputs' dtype: depth-to-space (DCR), 2x2 box sum, activation,
     one 3x3 convolution, tanh."""
+    x = depth_to_space_box_reference(phases) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    t = torch.where(x < 0, x * slope.view(1, -1, 1, 1), x)
+    h = F.conv2d(t, weight, bias, padding=1)
+    return torch.tanh(h[:, :2]), torch.tanh(h[:, 2:5]), h[:, 5:]
+
+
+def depth_to_space_box(phases: np.ndarray, *, num_threads: int | None = None, vectorized: bool = True) -> np.ndarray:
+    """The end of an up-sampling convolution computed as four tap groups (``heads``' first two steps):
+    (B, 4C, s+1, s+1) float32 -> a new (B, C, 2s, 2s) float32 array, in one native CPU pass.
+    Falls back to ``depth_to_space_box_reference`` (with a warning) where the native core is not built."""
+    phases = np.ascontiguousarray(phases, dtype=np.float32)
+    if phases.ndim != 4:
+        raise ValueError(f"phases: expected (B, 4C, s+1, s+1), got shape {phases.shape}")
+    caps = native.capabilities()
+    if not caps.native:
+        _warn_fallback(caps.native_reason)
+        return depth_to_space_box_reference(torch.from_numpy(phases)).numpy()
+    batch, groups_channels, side, _ = phases.shape
+    out = np.empty((batch, groups_channels // 4, 2 * (side - 1), 2 * (side - 1)), np.float32)
+    native.load().depth_to_space_box(phases, out, num_threads=0 if num_threads is None else int(num_threads),
+                                     vectorized=bool(vectorized))
+    return out
+
+
+def depth_to_space_box_reference(phases: torch.Tensor) -> torch.Tensor:
+    """``depth_to_space_box`` in plain PyTorch, in the input's dtype: depth-to-space (DCR), 2x2 box sum."""
     batch, groups_channels, side, _ = phases.shape
     channels = groups_channels // 4
     # DCR order (group-major) to pixel_shuffle's CRD order (channel-major)
     crd = phases.reshape(batch, 4, channels, side, side).transpose(1, 2).reshape(batch, groups_channels, side, side)
     v = F.pixel_shuffle(crd, 2)[:, :, 1:, 1:]
-    box = torch.ones(channels, 1, 2, 2, dtype=phases.dtype)
-    x = F.conv2d(v, box, groups=channels) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    t = torch.where(x < 0, x * slope.view(1, -1, 1, 1), x)
-    h = F.conv2d(t, weight, bias, padding=1)
-    return torch.tanh(h[:, :2]), torch.tanh(h[:, 2:5]), h[:, 5:]
+    return F.conv2d(v, torch.ones(channels, 1, 2, 2, dtype=phases.dtype), groups=channels)
 
 
 def identity_grid(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:

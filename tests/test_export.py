@@ -181,11 +181,42 @@ def test_folded_graph_with_native_heads_matches_reference(which, request):
     assert folded_heads(weights, flat).scale.tolist().count(1.0) < weights.heads_weight.shape[1]  # explicit ones
 
 
+@pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
+@pytest.mark.parametrize("which", ["tiny", "full"])
+def test_per_block_graphs_with_native_passes_match_reference(which, request):
+    """One graph per block, joined by ops.depth_to_space_box and finished by ops.heads (onnxruntime's path)."""
+    from pybilayer import ops
+    from pybilayer.backends.frame_graph import STAGE_INPUT, build_folded_stages
+
+    model = request.getfixturevalue(which)
+    weights = FrameWeights.from_model(model)
+    params = _with_edge_cases(_params(model, 1))  # norm1 edge cases now sit at graph boundaries
+    flat = {k: v.numpy() for k, v in params.flatten().items()}
+    stages = build_folded_stages(weights, flat)
+    assert len(stages) == len(weights.blocks)
+    keypoints = _keypoints(model, 3, seed=4)
+    x, inputs = keypoints, []
+    for stage in stages:
+        onnx.checker.check_model(stage)
+        inputs.append(stage.graph.input[0].name)
+        (phases,) = create_session(stage, threads=1).run([PHASES_OUTPUT], {inputs[-1]: x})
+        x = ops.depth_to_space_box(phases, num_threads=2)
+    assert inputs == ["keypoints"] + [STAGE_INPUT] * (len(stages) - 1)
+    out = folded_heads(weights, flat).finish(phases, num_threads=2)
+    ref = _reference(model, keypoints, params.repeat_frames(3))
+    _, atol = TOLERANCES["onnx_fp32"]
+    assert max(_max_abs(out, ref)) <= atol, _max_abs(out, ref)
+
+
 def test_native_heads_need_the_last_block_at_the_low_resolution(tiny):
     weights = FrameWeights.from_model(tiny)
     flat = {k: v.numpy() for k, v in _params(tiny, 1).flatten().items()}
     with pytest.raises(ValueError, match="native_heads"):
         build_folded_graph(weights, flat, subpixel_blocks=[0], native_heads=True)
+    from pybilayer.backends.frame_graph import build_folded_frame
+
+    with pytest.raises(ValueError, match="per_block graphs need native_heads"):
+        build_folded_frame(weights, flat, native_heads=False, per_block=True)
 
 
 def test_folded_shift_threshold_is_relative_to_the_norm_scale():

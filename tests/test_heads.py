@@ -67,6 +67,31 @@ def test_paths_and_thread_counts_agree(rng):
             np.testing.assert_allclose(o, b, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("batch, channels, low_size", [(1, 16, 32), (2, 5, 13), (3, 1, 1)])
+def test_depth_to_space_box_matches_reference(batch, channels, low_size, vectorized, rng):
+    phases = make_inputs(batch, channels, low_size, rng)[0]
+    ref = ops.depth_to_space_box_reference(torch.from_numpy(phases).double()).numpy()
+    rtol, atol = TOLERANCES["heads_fp32"]
+    for threads in (1, 3):
+        out = np.full((batch, channels, 2 * low_size, 2 * low_size), np.nan, np.float32)
+        native.load().depth_to_space_box(phases, out, num_threads=threads, vectorized=vectorized)
+        np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol)
+    np.testing.assert_array_equal(ops.depth_to_space_box(phases, vectorized=False), ops.depth_to_space_box(phases))
+
+
+def test_heads_are_the_box_then_activation_and_convolution(rng):
+    """The two kernels share one convention: heads = activation + 3x3 convolution of depth_to_space_box."""
+    phases, scale, shift, slope, weight, bias = make_inputs(1, 6, 11, rng)
+    x = torch.from_numpy(ops.depth_to_space_box(phases)).double()
+    v = x * torch.from_numpy(scale).double().view(1, -1, 1, 1) + torch.from_numpy(shift).double().view(1, -1, 1, 1)
+    t = torch.where(v < 0, v * torch.from_numpy(slope).double().view(1, -1, 1, 1), v)
+    h = torch.nn.functional.conv2d(t, torch.from_numpy(weight).double(), torch.from_numpy(bias).double(), padding=1)
+    rtol, atol = TOLERANCES["heads_fp32"]
+    for o, r in zip(ops.heads(phases, scale, shift, slope, weight, bias), (h[:, :2].tanh(), h[:, 2:5].tanh(), h[:, 5:])):
+        np.testing.assert_allclose(o, r.numpy(), rtol=rtol, atol=atol)
+
+
 def test_ops_wrapper_allocates_and_matches(rng):
     inputs = make_inputs(1, 4, 10, rng)
     delta_uv, lf, mask_logits = ops.heads(*inputs, num_threads=2)
@@ -110,6 +135,16 @@ def test_bad_arguments_name_the_argument(index, shape, dtype, match, rng):
     arguments[index] = np.zeros(shape, dtype)
     with pytest.raises(ValueError, match=match):
         native.load().heads(*arguments)
+
+
+def test_depth_to_space_box_names_bad_arguments(rng):
+    phases = make_inputs(1, 4, 6, rng)[0]
+    with pytest.raises(ValueError, match="out: expected shape \\(1, 4, 12, 12\\)"):
+        native.load().depth_to_space_box(phases, np.zeros((1, 4, 12, 13), np.float32))
+    with pytest.raises(ValueError, match="phases: expected \\(B, 4C, s\\+1, s\\+1\\)"):
+        native.load().depth_to_space_box(phases[:, :15], np.zeros((1, 4, 12, 12), np.float32))
+    with pytest.raises(ValueError, match="phases: expected \\(B, 4C, s\\+1, s\\+1\\)"):
+        ops.depth_to_space_box(phases[0])
 
 
 def test_read_only_output_is_rejected(rng):

@@ -145,7 +145,7 @@ def test_failed_conversion_is_an_engine_error_and_leaves_no_files(renderer, avat
         def SerializeToString(self) -> bytes:
             return b"not an onnx model"
 
-    monkeypatch.setattr(mnn_backend, "build_folded_frame", lambda weights, params, native_heads: (NotOnnx(), None))
+    monkeypatch.setattr(mnn_backend, "build_folded_frame", lambda weights, params, native_heads: ([NotOnnx()], None))
     monkeypatch.setattr(mnn_backend.tempfile, "tempdir", str(tmp_path))
     with pytest.raises(EngineError, match="MNN failed to convert"):
         renderer._backend.prepare(avatar2)

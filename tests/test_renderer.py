@@ -133,10 +133,13 @@ def test_cpu_backends_match_the_reference(backend, request, reference, avatar):
 @pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
 @pytest.mark.parametrize("backend, default", [("fast", True), ("mnn", True), ("fast_graph_heads", False),
                                               ("mnn_graph_heads", False), ("generic", False)])
-def test_native_heads_are_used_where_built_and_said(backend, default, request):
+def test_native_heads_are_used_where_built_and_said(backend, default, request, avatar):
     renderer = request.getfixturevalue(backend)
     assert renderer._backend.native_heads is default
     assert ("native heads" in renderer.backend_reason) is default
+    if backend == "fast":  # onnxruntime fp32: one graph per block, joined by native passes
+        sessions, heads = renderer._prepare(avatar).state
+        assert len(sessions) == renderer.model.inference_generator.num_blocks and heads is not None
 
 
 def test_native_heads_option_is_checked(model, monkeypatch):

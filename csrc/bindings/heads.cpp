@@ -1,4 +1,4 @@
-// pybilayer._C.heads: array views -> HeadsParams -> the fused heads on the CPU.
+// pybilayer._C.heads and depth_to_space_box: array views -> params -> the CPU kernels of heads.h.
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
@@ -34,20 +34,31 @@ float* writable_floats(const ArrayView& a, const std::vector<int64_t>& shape) {
   return const_cast<float*>(host_floats(a, shape));
 }
 
+// The (B, 4C, s+1, s+1) tap groups: B, C, s.
+struct PhasesShape {
+  int64_t batch, channels, low_size;
+};
+
+PhasesShape phases_shape(const ArrayView& phases) {
+  const std::vector<int64_t>& shape = phases.shape;
+  if (shape.size() != 4 || shape[1] < 4 || shape[1] % 4 != 0 || shape[2] < 2 || shape[3] != shape[2])
+    throw std::invalid_argument("phases: expected (B, 4C, s+1, s+1) with C >= 1 and s >= 1, got " +
+                                phases.shape_string());
+  host_floats(phases, shape);
+  return {shape[0], shape[1] / 4, shape[2] - 1};
+}
+
 void heads(py::handle phases, py::handle scale, py::handle shift, py::handle slope, py::handle weight,
            py::handle bias, py::handle delta_uv, py::handle lf, py::handle mask_logits, int num_threads,
            bool vectorized) {
   const ArrayView phases_view = view_array(phases, "phases");
-  const std::vector<int64_t>& shape = phases_view.shape;
-  if (shape.size() != 4 || shape[1] < 4 || shape[1] % 4 != 0 || shape[2] < 2 || shape[3] != shape[2])
-    throw std::invalid_argument("phases: expected (B, 4C, s+1, s+1) with C >= 1 and s >= 1, got " +
-                                phases_view.shape_string());
+  const PhasesShape shape = phases_shape(phases_view);
   HeadsParams p;
-  p.batch = shape[0];
-  p.channels = shape[1] / 4;
-  p.low_size = shape[2] - 1;
+  p.batch = shape.batch;
+  p.channels = shape.channels;
+  p.low_size = shape.low_size;
   const int64_t B = p.batch, C = p.channels, S = 2 * p.low_size;
-  p.phases = host_floats(phases_view, shape);
+  p.phases = static_cast<const float*>(phases_view.data);
   p.scale = host_floats(view_array(scale, "scale"), {C});
   p.shift = host_floats(view_array(shift, "shift"), {C});
   p.slope = host_floats(view_array(slope, "slope"), {C});
@@ -59,6 +70,20 @@ void heads(py::handle phases, py::handle scale, py::handle shift, py::handle slo
 
   py::gil_scoped_release release;
   heads_cpu(p, num_threads, vectorized);
+}
+
+void depth_to_space_box(py::handle phases, py::handle out, int num_threads, bool vectorized) {
+  const ArrayView phases_view = view_array(phases, "phases");
+  const PhasesShape shape = phases_shape(phases_view);
+  DepthToSpaceBoxParams p;
+  p.batch = shape.batch;
+  p.channels = shape.channels;
+  p.low_size = shape.low_size;
+  p.phases = static_cast<const float*>(phases_view.data);
+  p.out = writable_floats(view_array(out, "out"), {p.batch, p.channels, 2 * p.low_size, 2 * p.low_size});
+
+  py::gil_scoped_release release;
+  depth_to_space_box_cpu(p, num_threads, vectorized);
 }
 
 }  // namespace
@@ -73,6 +98,12 @@ The per-frame network's last steps on the CPU, written into ``delta_uv``, ``lf``
 
 Host float32 C-contiguous arrays, read and written without a copy. ``num_threads``: 0 uses every core.
 ``vectorized=False`` forces the portable code path (the AVX2+FMA one is used where the CPU has it).
+)pbdoc");
+  m.def("depth_to_space_box", &depth_to_space_box, py::arg("phases"), py::arg("out"), py::kw_only(),
+        py::arg("num_threads") = 0, py::arg("vectorized") = true,
+        R"pbdoc(
+The depth-to-space and 2x2 box sum that finish an up-sampling convolution computed as four tap groups,
+written into ``out`` (B, C, 2s, 2s) (see pybilayer.ops.depth_to_space_box). Same array rules as ``heads``.
 )pbdoc");
 }
 

@@ -1,7 +1,10 @@
-// The last steps of the per-frame network, fused for the CPU: the end of the last block's up-sampling
-// convolution, the final norm's activation and the three heads (delta-uv, low-frequency image, mask).
+// The ends of the per-frame network's up-sampling convolutions on the CPU, each computed by the graph as
+// four tap groups at the low resolution (`phases`):
+//   - depth_to_space_box_cpu: the depth-to-space and 2x2 box sum that finish one (a block boundary);
+//   - heads_cpu: the same fused with the final norm's activation and the three heads (delta-uv,
+//     low-frequency image, mask), the last steps of the network.
 //
-// Convention (pybilayer.ops.heads_reference computes the same in torch):
+// Convention (pybilayer.ops.depth_to_space_box_reference and heads_reference compute the same in torch):
 //   `phases` (B, 4C, s+1, s+1) is the last block's nearest-upsample + 3x3 convolution computed at the low
 //   resolution as four tap groups (frame_graph.upsample_conv_taps: ee, eo, oe, oo in DepthToSpace DCR
 //   order, with the bias and the block's skip already added). For item b, channel c and pixel (y, x) of
@@ -39,5 +42,14 @@ struct HeadsParams {
 // `num_threads` <= 0 uses every core (small frames use fewer). `vectorized` = false forces the portable
 // code path, which the AVX2+FMA one matches within float rounding (tests run both).
 void heads_cpu(const HeadsParams& params, int num_threads, bool vectorized = true);
+
+struct DepthToSpaceBoxParams {
+  int64_t batch = 0, channels = 0, low_size = 0;  // B, C, s
+  const float* phases = nullptr;  // (B, 4C, s+1, s+1)
+  float* out = nullptr;           // (B, C, 2s, 2s): x of the convention
+};
+
+// Same arguments; the AVX2 path rounds exactly as the portable one (additions only).
+void depth_to_space_box_cpu(const DepthToSpaceBoxParams& params, int num_threads, bool vectorized = true);
 
 }  // namespace pybilayer

@@ -1,4 +1,4 @@
-// The fused heads on the CPU (convention in heads.h).
+// The fused heads and the plain depth-to-space + box sum on the CPU (convention in heads.h).
 //
 // Work is split into output rows. A worker keeps, per channel, the box-filtered rows of V it needs
 // (R(m)[x] = V[m][x+1] + V[m][x+2], so x = R(y+1) + R(y+2) and each row of `phases` is read once) and
@@ -12,6 +12,7 @@
 // tanh differ by float rounding only.
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "../parallel.h"
@@ -103,6 +104,15 @@ PYBILAYER_AVX2 void activate_avx2(const float* r0, const float* r1, float scale,
   activate_portable(r0, r1, scale, shift, slope, t, x, S);
 }
 #endif
+
+bool has_avx2_fma() {
+#ifdef PYBILAYER_HEADS_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
 
 // A worker's rows; see the file comment.
 class Rows {
@@ -247,6 +257,32 @@ PYBILAYER_AVX2 void heads_row_avx2(const HeadsParams& p, const Rows& rows, int64
 }
 #endif
 
+// Planes [begin, end) of B x C: box row R(m) of one plane into `out`.
+void depth_to_space_box_planes(const DepthToSpaceBoxParams& p, int64_t begin, int64_t end, bool avx2) {
+  const int64_t C = p.channels, s = p.low_size, S = 2 * s, P = s + 1, plane = P * P, group = C * plane;
+  std::vector<float> rows(2 * S);
+  for (int64_t bc = begin; bc < end; ++bc) {
+    const float* base = p.phases + (bc / C) * 4 * group + (bc % C) * plane;
+    const auto box_row = [&](int64_t m, float* out) {
+      const float* even = base + ((m % 2) * 2 + 0) * group + (m / 2) * P;
+      const float* odd = base + ((m % 2) * 2 + 1) * group + (m / 2) * P;
+#ifdef PYBILAYER_HEADS_AVX2
+      if (avx2) return box_row_avx2(even, odd, out, s);
+#endif
+      box_row_portable(even, odd, out, 0, s);
+    };
+    float* upper = rows.data();  // R(y+1)
+    float* lower = upper + S;    // R(y+2)
+    box_row(1, upper);
+    float* __restrict__ x = p.out + bc * S * S;
+    for (int64_t y = 0; y < S; ++y, x += S) {
+      box_row(y + 2, lower);
+      for (int64_t i = 0; i < S; ++i) x[i] = upper[i] + lower[i];
+      std::swap(upper, lower);
+    }
+  }
+}
+
 void heads_rows(const HeadsParams& p, int64_t row_begin, int64_t row_end, const float* packed) {
   const int64_t S = 2 * p.low_size;
   Rows rows(p, packed != nullptr);
@@ -276,11 +312,7 @@ void heads_rows(const HeadsParams& p, int64_t row_begin, int64_t row_end, const 
 void heads_cpu(const HeadsParams& p, int num_threads, bool vectorized) {
   const int64_t S = 2 * p.low_size, rows = p.batch * S, C = p.channels;
   if (rows == 0 || C == 0) return;
-  bool avx2 = false;
-#ifdef PYBILAYER_HEADS_AVX2
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  avx2 = vectorized && has_avx2;
-#endif
+  const bool avx2 = vectorized && has_avx2_fma();
   std::vector<float> packed;
   if (avx2) {
     packed.resize(C * 9 * kHeadChannels);
@@ -290,6 +322,15 @@ void heads_cpu(const HeadsParams& p, int num_threads, bool vectorized) {
   // A null `packed` selects the portable path.
   parallel_rows(rows, worker_count(rows, S, kMinPixelsPerThread, num_threads),
                 [&](int64_t begin, int64_t end) { heads_rows(p, begin, end, avx2 ? packed.data() : nullptr); });
+}
+
+void depth_to_space_box_cpu(const DepthToSpaceBoxParams& p, int num_threads, bool vectorized) {
+  const int64_t planes = p.batch * p.channels, S = 2 * p.low_size;
+  if (planes == 0 || S == 0) return;
+  const bool avx2 = vectorized && has_avx2_fma();
+  // A memory-bound pass: a thread pays off from ~64K output pixels.
+  parallel_rows(planes, worker_count(planes, S * S, 8 * kMinPixelsPerThread, num_threads),
+                [&](int64_t begin, int64_t end) { depth_to_space_box_planes(p, begin, end, avx2); });
 }
 
 }  // namespace pybilayer

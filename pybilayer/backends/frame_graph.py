@@ -28,6 +28,8 @@ Two graphs come from the same weights (`FrameWeights`, read once from a Bilayer)
   native kernel ``ops.heads`` does the rest in one pass (box sum, final activation, heads, tanh) with
   ``folded_heads``: a graph runtime would write the full-resolution activation out and read it back
   several times (in turns, whole frames: mnn 25.8 -> 24.1 ms, onnxruntime 44.1 -> 36.3 ms).
+  ``build_folded_stages`` goes further for runtimes with slow depth-to-space: one graph per block, with
+  ``ops.depth_to_space_box`` between them.
 
 Graph I/O (both): input ``keypoints`` (N, 68, 2) float32 in [-1, 1] crop coordinates; outputs
 ``delta_uv`` (N, 2, S, S), ``lf`` (N, 3, S, S), ``mask_logits`` (N, 1, S, S), float32. Only the batch
@@ -47,6 +49,7 @@ OPSET = 17
 IR_VERSION = 8  # opset 17; readable by onnxruntime >= 1.13 and TensorRT 10/11
 OUTPUT_NAMES = ("delta_uv", "lf", "mask_logits")
 PHASES_OUTPUT = "phases"  # the folded graph's output when the native kernel runs the heads
+STAGE_INPUT = "x"  # input of the per-block folded graphs after the first: the previous block's output
 KEYPOINTS_INPUT = "keypoints"
 HEAD_CHANNELS = (2, 3, 1)
 # A norm1 channel whose shift c/a exceeds this (in units of its BN standard deviation) keeps an explicit
@@ -473,11 +476,16 @@ def folded_heads(weights: FrameWeights, flat_params: dict[str, np.ndarray]) -> H
     )
 
 
-def build_folded_frame(weights: FrameWeights, flat_params: dict[str, np.ndarray], native_heads: bool):
-    """What a folded-graph backend prepares per avatar: the graph, and with ``native_heads`` the heads
-    that ``HeadsWeights.finish`` runs on its ``phases`` output (else None)."""
-    graph = build_folded_graph(weights, flat_params, native_heads=native_heads)
-    return graph, folded_heads(weights, flat_params) if native_heads else None
+def build_folded_frame(weights: FrameWeights, flat_params: dict[str, np.ndarray], native_heads: bool,
+                       per_block: bool = False):
+    """What a folded-graph backend prepares per avatar: its graphs (one, or with ``per_block`` one per
+    block, see ``build_folded_stages``), and with ``native_heads`` the heads that ``HeadsWeights.finish``
+    runs on the last graph's ``phases`` output (else None)."""
+    if per_block and not native_heads:
+        raise ValueError("per_block graphs need native_heads (their boundaries run native kernels)")
+    graphs = (build_folded_stages(weights, flat_params) if per_block
+              else [build_folded_graph(weights, flat_params, native_heads=native_heads)])
+    return graphs, folded_heads(weights, flat_params) if native_heads else None
 
 
 def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray], subpixel_blocks=None,
@@ -490,13 +498,30 @@ def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray]
     ``native_heads``: the graph ends at the last block's four tap groups (output ``phases``,
     (N, 4C, S/2 + 1, S/2 + 1)); the native kernel ``ops.heads`` with ``folded_heads`` finishes the frame.
     """
+    (graph,) = _folded_graphs(weights, flat_params, subpixel_blocks, "heads" if native_heads else "none")
+    return graph
+
+
+def build_folded_stages(weights: FrameWeights, flat_params: dict[str, np.ndarray]) -> list:
+    """The folded network as one graph per block, each ending at its block's four tap groups (``phases``).
+    The first takes ``keypoints``; each later one takes ``x`` (N, C, S, S), the previous block's output,
+    which ``ops.depth_to_space_box`` makes from the previous ``phases``; ``ops.heads`` finishes the last.
+    onnxruntime runs depth-to-space, slice and box slowly (with layout reorders around them: ~9 ms of its
+    frame), the native pass in ~0.5 ms for all blocks."""
+    return _folded_graphs(weights, flat_params, None, "blocks")
+
+
+def _folded_graphs(weights: FrameWeights, flat_params: dict[str, np.ndarray], subpixel_blocks,
+                   split: Literal["none", "heads", "blocks"]) -> list:
     from onnx import TensorProto
 
     p, affines = _params_and_affines(weights, flat_params)
     n = len(weights.blocks)
     subpixel_blocks = set(range(n)) if subpixel_blocks is None else set(subpixel_blocks)
-    if native_heads and n - 1 not in subpixel_blocks:
+    if split == "heads" and n - 1 not in subpixel_blocks:
         raise ValueError("native_heads needs the last block's up-sampling at the low resolution (subpixel)")
+    doc = {"heads": "up to the heads", "blocks": "one block"}.get(split, "")
+    graphs = []
     b = _Builder(np.float32)
     kp = b.add_input(KEYPOINTS_INPUT, ["N", 68, 2], TensorProto.FLOAT)
 
@@ -535,14 +560,19 @@ def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray]
                 groups.append(b.conv(h, k, b2 if g == 0 else None, pads=pads, hint=f"b{j}_conv2"))
             groups[0] = b.op("Add", [groups[0], b.op("Pad", [skip, b.ints([0, 0, 1, 1, 0, 0, 0, 0])])])
             phases = b.op("Concat", groups, axis=1)
-            if native_heads and j == n - 1:
+            if (split == "heads" and j == n - 1) or split == "blocks":
                 b.add_output(phases, PHASES_OUTPUT, ["N", 4 * c_out, s + 1, s + 1], TensorProto.FLOAT)
-                return b.model("bilayer_frame_folded_phases",
-                               doc="pybilayer per-frame network with one avatar folded in, up to the heads")
-            v = b.op("DepthToSpace", [phases], blocksize=2, mode="DCR")
-            v = b.op("Slice", [v, b.ints([1, 1]), b.ints([2 * s + 2, 2 * s + 2]), b.ints([2, 3])])
-            box = np.ones((c_out, 1, 2, 2))
-            x = b.op("Conv", [v, b.const(box, "box")], hint=f"b{j}_box", kernel_shape=[2, 2], group=c_out)
+                name = f"bilayer_frame_folded_block{j}" if split == "blocks" else "bilayer_frame_folded_phases"
+                graphs.append(b.model(name, doc=f"pybilayer per-frame network with one avatar folded in, {doc}"))
+                if j == n - 1:
+                    return graphs
+                b = _Builder(np.float32)
+                x = b.add_input(STAGE_INPUT, ["N", c_out, 2 * s, 2 * s], TensorProto.FLOAT)
+            else:
+                v = b.op("DepthToSpace", [phases], blocksize=2, mode="DCR")
+                v = b.op("Slice", [v, b.ints([1, 1]), b.ints([2 * s + 2, 2 * s + 2]), b.ints([2, 3])])
+                box = np.ones((c_out, 1, 2, 2))
+                x = b.op("Conv", [v, b.const(box, "box")], hint=f"b{j}_box", kernel_shape=[2, 2], group=c_out)
         else:
             up = b.conv(b.upsample2(h), blk.conv2_weight, b2, hint=f"b{j}_conv2")
             x = b.op("Add", [up, b.upsample2(skip)])
@@ -554,4 +584,4 @@ def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray]
         t = nxt.apply(b, x)
         gain = nxt.gain
     _heads(b, t, weights.heads_weight * gain[None, :, None, None], weights.heads_bias, s)
-    return b.model("bilayer_frame_folded", doc="pybilayer per-frame network with one avatar folded in")
+    return [b.model("bilayer_frame_folded", doc="pybilayer per-frame network with one avatar folded in")]

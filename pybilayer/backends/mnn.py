@@ -227,7 +227,7 @@ class MnnBackend(FrameBackend):
 
     def prepare(self, avatar) -> PreparedAvatar:
         texture = avatar.texture.detach().float().numpy()
-        graph, heads = build_folded_frame(self.weights, avatar.flat_params(), self.native_heads)
+        (graph,), heads = build_folded_frame(self.weights, avatar.flat_params(), self.native_heads)
         outputs = [PHASES_OUTPUT] if self.native_heads else list(OUTPUT_NAMES)
         module = load_module(graph, [KEYPOINTS_INPUT], outputs, self._runtime)
         # MNN plans the graph and transforms the weights on the first forward (~80-130 ms at the released

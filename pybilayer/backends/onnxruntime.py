@@ -22,10 +22,11 @@ from typing import Literal
 
 import numpy as np
 
+from .. import ops
 from ..errors import BackendUnavailableError
 from .base import FrameBackend, FrameOutputs, PreparedAvatar, split_outputs, use_native_heads
-from .frame_graph import (KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, FrameWeights, build_folded_frame,
-                          build_generic_graph)
+from .frame_graph import (KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, STAGE_INPUT, FrameWeights,
+                          build_folded_frame, build_generic_graph)
 from .int8 import calibration_keypoints, quantize_folded_graph
 
 GraphMode = Literal["folded", "generic"]
@@ -109,21 +110,27 @@ class OnnxRuntimeBackend(FrameBackend):
         texture = avatar.texture.detach().float().numpy()
         flat = avatar.flat_params()
         if self.graph == "folded":
-            graph, heads = build_folded_frame(self.weights, flat, self.native_heads)
+            # fp32 with the native core: one graph per block (int8 calibrates one graph on keypoints alone)
+            per_block = self.native_heads and self.precision == "fp32"
+            graphs, heads = build_folded_frame(self.weights, flat, self.native_heads, per_block=per_block)
             if self.precision == "int8":
-                graph = quantize_folded_graph(graph, KEYPOINTS_INPUT, calibration_keypoints(self.weights.image_size))
-            return PreparedAvatar(texture, (create_session(graph, self.threads), heads))
+                graphs = [quantize_folded_graph(graphs[0], KEYPOINTS_INPUT,
+                                                calibration_keypoints(self.weights.image_size))]
+            return PreparedAvatar(texture, ([create_session(g, self.threads) for g in graphs], heads))
         return PreparedAvatar(texture, flat)
 
     def run(self, groups: Sequence[tuple[PreparedAvatar, np.ndarray]]) -> list[FrameOutputs]:
         if self.graph == "folded":
             results = []
             for prepared, keypoints in groups:
-                session, heads = prepared.state
+                sessions, heads = prepared.state
                 if heads is None:
-                    results.append(FrameOutputs(*session.run(OUTPUT_NAMES, {KEYPOINTS_INPUT: keypoints})))
+                    results.append(FrameOutputs(*sessions[0].run(OUTPUT_NAMES, {KEYPOINTS_INPUT: keypoints})))
                     continue
-                (phases,) = session.run([PHASES_OUTPUT], {KEYPOINTS_INPUT: keypoints})
+                (phases,) = sessions[0].run([PHASES_OUTPUT], {KEYPOINTS_INPUT: keypoints})
+                for session in sessions[1:]:  # per-block graphs: the native pass joins them
+                    x = ops.depth_to_space_box(phases, num_threads=self.threads)
+                    (phases,) = session.run([PHASES_OUTPUT], {STAGE_INPUT: x})
                 results.append(FrameOutputs(*heads.finish(phases, self.threads)))
             return results
         sizes = [len(kp) for _, kp in groups]
