@@ -7,8 +7,9 @@
 Kernel: ``ops.heads`` on random tap groups of the model's last block against ``ops.heads_reference``
 (torch: pixel_shuffle, box convolution, activation, 3x3 convolution, tanh) on the same inputs, in fp32.
 Frames: ``Renderer.render``, landmarks in -> uint8 frame out, batch 1, for each folded-graph backend with
-``native_heads`` on and off (off: the graph computes its own heads), timed in alternating turns in one
-process, so that a shared host's slow phases hit both alike.
+``native_heads`` on and off (off: one graph computes everything; on: the native heads finish the frame,
+and onnxruntime also runs one graph per block joined by ``ops.depth_to_space_box``), timed in alternating
+turns in one process, so that a shared host's slow phases hit both alike.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ kernel ORT runs fastest on AVX2; ``reduce_range`` keeps the weights to 7 bits so
 VPMADDUBSW (no VNNI) cannot saturate its 16-bit pair sums.
 
 Measured on the released-size random-weight model, batch 1, 2 AVX2 cores, same run: 27.2 vs 39.4 ms
-per frame for the fp32 folded graph, both finished by the native heads in fp32 (benchmarks/RESULTS.md);
+per frame for the fp32 folded graph, both finished by the native heads in fp32 (benchmarks/RESULTS.md;
+the fp32 path has since become ~34 ms, one graph per block, which int8 does not use);
 uint8 frames at 55.9-62.5 dB PSNR against the fp32 path over 200 held-out poses (random weights give
 low-contrast outputs, so quality is indicative only); calibration + quantisation add ~3.5 s per avatar.
 Lossy: outside the 2e-3 bound of the fp32 paths, so never the default.

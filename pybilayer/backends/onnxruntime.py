@@ -71,7 +71,7 @@ class OnnxRuntimeBackend(FrameBackend):
     """Per-frame network in onnxruntime on the CPU. ``threads``: intra-op threads (None: ORT's default).
 
     ``precision``: "fp32" (default, within 2e-3 of the reference) or "int8" (opt-in, folded graph only:
-    lossy, ~1.4x faster per frame, a few seconds more per avatar; see ``int8``).
+    lossy, ~1.25x faster per frame, a few seconds more per avatar; see ``int8``).
     ``native_heads`` (folded graph): finish each frame with the native heads kernel; None (default)
     wherever the native core is built, False for the graph's own heads.
     """
