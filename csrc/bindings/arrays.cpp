@@ -9,11 +9,13 @@ namespace py = pybind11;
 namespace pybilayer {
 namespace bindings {
 
-std::string ArrayView::shape_string() const {
+std::string shape_string(const std::vector<int64_t>& shape) {
   std::string s = "(";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + (shape.size() == 1 ? ",)" : ")");
 }
+
+std::string ArrayView::shape_string() const { return bindings::shape_string(shape); }
 
 std::string ArrayView::type_string() const {
   switch (type) {

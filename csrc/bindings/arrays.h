@@ -28,6 +28,9 @@ struct ArrayView {
   std::string residence_string() const;
 };
 
+// "(2, 3)", "(5,)": a shape as Python prints it.
+std::string shape_string(const std::vector<int64_t>& shape);
+
 // Reads the array interface of `obj`; requires a C-contiguous float32, float16 or uint8 array.
 ArrayView view_array(pybind11::handle obj, const char* name);
 

@@ -15,17 +15,14 @@ namespace pybilayer {
 namespace bindings {
 namespace {
 
-std::string shape_string(const std::vector<int64_t>& shape) {
-  std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + (shape.size() == 1 ? ",)" : ")");
-}
-
 // A host float32 array of exactly `shape`.
 const float* host_floats(const ArrayView& a, const std::vector<int64_t>& shape) {
-  if (a.residence != Residence::kHost) throw std::invalid_argument(a.name + ": must be in host memory (the heads run on the CPU)");
-  if (a.type != ScalarType::kFloat32) throw std::invalid_argument(a.name + ": expected float32, got " + a.type_string());
-  if (a.shape != shape) throw std::invalid_argument(a.name + ": expected shape " + shape_string(shape) + ", got " + a.shape_string());
+  if (a.residence != Residence::kHost)
+    throw std::invalid_argument(a.name + ": must be in host memory (the heads run on the CPU)");
+  if (a.type != ScalarType::kFloat32)
+    throw std::invalid_argument(a.name + ": expected float32, got " + a.type_string());
+  if (a.shape != shape)
+    throw std::invalid_argument(a.name + ": expected shape " + shape_string(shape) + ", got " + a.shape_string());
   return static_cast<const float*>(a.data);
 }
 
@@ -34,31 +31,22 @@ float* writable_floats(const ArrayView& a, const std::vector<int64_t>& shape) {
   return const_cast<float*>(host_floats(a, shape));
 }
 
-// The (B, 4C, s+1, s+1) tap groups: B, C, s.
-struct PhasesShape {
-  int64_t batch, channels, low_size;
-};
-
-PhasesShape phases_shape(const ArrayView& phases) {
-  const std::vector<int64_t>& shape = phases.shape;
+// The (B, 4C, s+1, s+1) tap groups, checked.
+Phases read_phases(py::handle phases) {
+  const ArrayView view = view_array(phases, "phases");
+  const std::vector<int64_t>& shape = view.shape;
   if (shape.size() != 4 || shape[1] < 4 || shape[1] % 4 != 0 || shape[2] < 2 || shape[3] != shape[2])
     throw std::invalid_argument("phases: expected (B, 4C, s+1, s+1) with C >= 1 and s >= 1, got " +
-                                phases.shape_string());
-  host_floats(phases, shape);
-  return {shape[0], shape[1] / 4, shape[2] - 1};
+                                view.shape_string());
+  return {shape[0], shape[1] / 4, shape[2] - 1, host_floats(view, shape)};
 }
 
 void heads(py::handle phases, py::handle scale, py::handle shift, py::handle slope, py::handle weight,
            py::handle bias, py::handle delta_uv, py::handle lf, py::handle mask_logits, int num_threads,
            bool vectorized) {
-  const ArrayView phases_view = view_array(phases, "phases");
-  const PhasesShape shape = phases_shape(phases_view);
   HeadsParams p;
-  p.batch = shape.batch;
-  p.channels = shape.channels;
-  p.low_size = shape.low_size;
-  const int64_t B = p.batch, C = p.channels, S = 2 * p.low_size;
-  p.phases = static_cast<const float*>(phases_view.data);
+  p.phases = read_phases(phases);
+  const int64_t B = p.phases.batch, C = p.phases.channels, S = 2 * p.phases.low_size;
   p.scale = host_floats(view_array(scale, "scale"), {C});
   p.shift = host_floats(view_array(shift, "shift"), {C});
   p.slope = host_floats(view_array(slope, "slope"), {C});
@@ -73,14 +61,10 @@ void heads(py::handle phases, py::handle scale, py::handle shift, py::handle slo
 }
 
 void depth_to_space_box(py::handle phases, py::handle out, int num_threads, bool vectorized) {
-  const ArrayView phases_view = view_array(phases, "phases");
-  const PhasesShape shape = phases_shape(phases_view);
   DepthToSpaceBoxParams p;
-  p.batch = shape.batch;
-  p.channels = shape.channels;
-  p.low_size = shape.low_size;
-  p.phases = static_cast<const float*>(phases_view.data);
-  p.out = writable_floats(view_array(out, "out"), {p.batch, p.channels, 2 * p.low_size, 2 * p.low_size});
+  p.phases = read_phases(phases);
+  const int64_t S = 2 * p.phases.low_size;
+  p.out = writable_floats(view_array(out, "out"), {p.phases.batch, p.phases.channels, S, S});
 
   py::gil_scoped_release release;
   depth_to_space_box_cpu(p, num_threads, vectorized);

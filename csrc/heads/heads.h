@@ -24,10 +24,14 @@ namespace pybilayer {
 
 constexpr int kHeadChannels = 6;  // delta_uv (2) + lf (3) + mask logits (1)
 
-struct HeadsParams {
-  int64_t batch = 0, channels = 0, low_size = 0;  // B, C, s; the output frames are 2s x 2s
+// The tap groups (B, 4C, s+1, s+1) that both kernels read.
+struct Phases {
+  int64_t batch = 0, channels = 0, low_size = 0;  // B, C, s; the outputs are 2s x 2s
+  const float* data = nullptr;
+};
 
-  const float* phases = nullptr;  // (B, 4C, s+1, s+1)
+struct HeadsParams {
+  Phases phases;
   const float* scale = nullptr;   // (C,) the final norm, where it was not folded into the weights
   const float* shift = nullptr;   // (C,)
   const float* slope = nullptr;   // (C,) negative slope of each channel's activation
@@ -44,9 +48,8 @@ struct HeadsParams {
 void heads_cpu(const HeadsParams& params, int num_threads, bool vectorized = true);
 
 struct DepthToSpaceBoxParams {
-  int64_t batch = 0, channels = 0, low_size = 0;  // B, C, s
-  const float* phases = nullptr;  // (B, 4C, s+1, s+1)
-  float* out = nullptr;           // (B, C, 2s, 2s): x of the convention
+  Phases phases;
+  float* out = nullptr;  // (B, C, 2s, 2s): x of the convention
 };
 
 // Same arguments; the AVX2 path rounds exactly as the portable one (additions only).

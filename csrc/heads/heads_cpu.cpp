@@ -118,7 +118,7 @@ bool has_avx2_fma() {
 class Rows {
  public:
   Rows(const HeadsParams& p, bool avx2)
-      : p_(p), avx2_(avx2), C_(p.channels), s_(p.low_size), S_(2 * p.low_size), stride_(S_ + 2 + kBlock),
+      : p_(p), avx2_(avx2), C_(p.phases.channels), s_(p.phases.low_size), S_(2 * s_), stride_(S_ + 2 + kBlock),
         box_(2 * C_ * S_), act_(3 * C_ * stride_, 0.f) {}
 
   // Activation row t(y) of channel c, with t(y)[-1] and t(y)[S] zero; valid after fill(b, y). Channel c's
@@ -133,7 +133,8 @@ class Rows {
       last_box_row_ = -1;
     }
     if (y < 0 || y >= S_) {
-      for (int64_t c = 0; c < C_; ++c) std::memset(act_.data() + (c * 3 + slot(y)) * stride_, 0, sizeof(float) * stride_);
+      for (int64_t c = 0; c < C_; ++c)
+        std::memset(act_.data() + (c * 3 + slot(y)) * stride_, 0, sizeof(float) * stride_);
       return;
     }
     if (last_box_row_ != y + 1) box_rows(y + 1);
@@ -159,7 +160,7 @@ class Rows {
   // Box row R(m) of every channel of the current item.
   void box_rows(int64_t m) {
     const int64_t P = s_ + 1, plane = P * P, group = C_ * plane, parity = m % 2;
-    const float* base = p_.phases + item_ * 4 * group + (m / 2) * P;
+    const float* base = p_.phases.data + item_ * 4 * group + (m / 2) * P;
     for (int64_t c = 0; c < C_; ++c) {
       const float* even = base + (parity * 2 + 0) * group + c * plane;
       const float* odd = base + (parity * 2 + 1) * group + c * plane;
@@ -185,7 +186,7 @@ class Rows {
 struct OutputRows {
   float* row[kHeadChannels];
   OutputRows(const HeadsParams& p, int64_t b, int64_t y) {
-    const int64_t S = 2 * p.low_size, plane = S * S;
+    const int64_t S = 2 * p.phases.low_size, plane = S * S;
     for (int o = 0; o < 2; ++o) row[o] = p.delta_uv + (b * 2 + o) * plane + y * S;
     for (int o = 0; o < 3; ++o) row[2 + o] = p.lf + (b * 3 + o) * plane + y * S;
     row[5] = p.mask_logits + b * plane + y * S;
@@ -194,7 +195,7 @@ struct OutputRows {
 
 // The heads of pixels [x_begin, S) of row y, one output channel at a time.
 void heads_row_portable(const HeadsParams& p, const Rows& rows, int64_t y, int64_t x_begin, const OutputRows& out) {
-  const int64_t C = p.channels, S = 2 * p.low_size;
+  const int64_t C = p.phases.channels, S = 2 * p.phases.low_size;
   for (int o = 0; o < kHeadChannels; ++o) {
     float* __restrict__ h = out.row[o];
     for (int64_t x = x_begin; x < S; ++x) h[x] = p.bias[o];
@@ -215,7 +216,8 @@ void heads_row_portable(const HeadsParams& p, const Rows& rows, int64_t y, int64
 // `packed`: the weights as (C, 3, 3, 6), so one step's six weights are adjacent.
 PYBILAYER_AVX2 void heads_row_avx2(const HeadsParams& p, const Rows& rows, int64_t y, const float* packed,
                                    const OutputRows& out) {
-  const int64_t C = p.channels, S = 2 * p.low_size, vector_end = S - S % kBlock, cs = rows.channel_stride();
+  const int64_t C = p.phases.channels, S = 2 * p.phases.low_size, vector_end = S - S % kBlock;
+  const int64_t cs = rows.channel_stride();
   const float* const above = rows.act(0, y - 1) - 1;
   const float* const here = rows.act(0, y) - 1;
   const float* const below = rows.act(0, y + 1) - 1;
@@ -259,10 +261,10 @@ PYBILAYER_AVX2 void heads_row_avx2(const HeadsParams& p, const Rows& rows, int64
 
 // Planes [begin, end) of B x C: box row R(m) of one plane into `out`.
 void depth_to_space_box_planes(const DepthToSpaceBoxParams& p, int64_t begin, int64_t end, bool avx2) {
-  const int64_t C = p.channels, s = p.low_size, S = 2 * s, P = s + 1, plane = P * P, group = C * plane;
+  const int64_t C = p.phases.channels, s = p.phases.low_size, S = 2 * s, P = s + 1, plane = P * P, group = C * plane;
   std::vector<float> rows(2 * S);
   for (int64_t bc = begin; bc < end; ++bc) {
-    const float* base = p.phases + (bc / C) * 4 * group + (bc % C) * plane;
+    const float* base = p.phases.data + (bc / C) * 4 * group + (bc % C) * plane;
     const auto box_row = [&](int64_t m, float* out) {
       const float* even = base + ((m % 2) * 2 + 0) * group + (m / 2) * P;
       const float* odd = base + ((m % 2) * 2 + 1) * group + (m / 2) * P;
@@ -284,7 +286,7 @@ void depth_to_space_box_planes(const DepthToSpaceBoxParams& p, int64_t begin, in
 }
 
 void heads_rows(const HeadsParams& p, int64_t row_begin, int64_t row_end, const float* packed) {
-  const int64_t S = 2 * p.low_size;
+  const int64_t S = 2 * p.phases.low_size;
   Rows rows(p, packed != nullptr);
   int64_t item = -1, next = 0;  // t rows of `item` are filled up to, not including, row `next`
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -310,7 +312,7 @@ void heads_rows(const HeadsParams& p, int64_t row_begin, int64_t row_end, const 
 }  // namespace
 
 void heads_cpu(const HeadsParams& p, int num_threads, bool vectorized) {
-  const int64_t S = 2 * p.low_size, rows = p.batch * S, C = p.channels;
+  const int64_t S = 2 * p.phases.low_size, rows = p.phases.batch * S, C = p.phases.channels;
   if (rows == 0 || C == 0) return;
   const bool avx2 = vectorized && has_avx2_fma();
   std::vector<float> packed;
@@ -325,7 +327,7 @@ void heads_cpu(const HeadsParams& p, int num_threads, bool vectorized) {
 }
 
 void depth_to_space_box_cpu(const DepthToSpaceBoxParams& p, int num_threads, bool vectorized) {
-  const int64_t planes = p.batch * p.channels, S = 2 * p.low_size;
+  const int64_t planes = p.phases.batch * p.phases.channels, S = 2 * p.phases.low_size;
   if (planes == 0 || S == 0) return;
   const bool avx2 = vectorized && has_avx2_fma();
   // A memory-bound pass: a thread pays off from ~64K output pixels.
