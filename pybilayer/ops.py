@@ -180,9 +180,8 @@ def heads(
     ``num_threads``: None uses every core. ``vectorized=False`` forces the kernel's portable path.
     Falls back to ``heads_reference`` (with a warning) where the native core is not built.
     """
-    arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (phases, scale, shift, slope, weight, bias)]
-    if arrays[0].ndim != 4:
-        raise ValueError(f"phases: expected (B, 4C, s+1, s+1), got shape {arrays[0].shape}")
+    arrays = [_phases_array(phases)] + [np.ascontiguousarray(a, dtype=np.float32)
+                                        for a in (scale, shift, slope, weight, bias)]
     caps = native.capabilities()
     if not caps.native:
         _warn_fallback(caps.native_reason)
@@ -208,9 +207,7 @@ def depth_to_space_box(phases: np.ndarray, *, num_threads: int | None = None, ve
     """The end of an up-sampling convolution computed as four tap groups (``heads``' first two steps):
     (B, 4C, s+1, s+1) float32 -> a new (B, C, 2s, 2s) float32 array, in one native CPU pass.
     Falls back to ``depth_to_space_box_reference`` (with a warning) where the native core is not built."""
-    phases = np.ascontiguousarray(phases, dtype=np.float32)
-    if phases.ndim != 4:
-        raise ValueError(f"phases: expected (B, 4C, s+1, s+1), got shape {phases.shape}")
+    phases = _phases_array(phases)
     caps = native.capabilities()
     if not caps.native:
         _warn_fallback(caps.native_reason)
@@ -261,6 +258,15 @@ def _as_array(a: Any) -> Any:
     if hasattr(a, "__dlpack__"):
         return torch.from_dlpack(a)
     return a  # the native layer names it in its error
+
+
+def _phases_array(phases: Any) -> np.ndarray:
+    """The tap groups both native kernels read, as a C-contiguous float32 (B, 4C, s+1, s+1) array (the
+    native layer checks the rest of the shape)."""
+    phases = np.ascontiguousarray(phases, dtype=np.float32)
+    if phases.ndim != 4:
+        raise ValueError(f"phases: expected (B, 4C, s+1, s+1), got shape {phases.shape}")
+    return phases
 
 
 def _as_tensor(a: Any) -> torch.Tensor | None:
