@@ -4,12 +4,14 @@
     python benchmarks/heads.py --quick         # smoke run: tiny random model, few frames
     python benchmarks/heads.py --json results.json
 
-Kernel: ``ops.heads`` on random tap groups of the model's last block against ``ops.heads_reference``
-(torch: pixel_shuffle, box convolution, activation, 3x3 convolution, tanh) on the same inputs, in fp32.
+Kernel: ``ops.heads`` from a random input of the model's last up-sampling convolution (``ops.UpsampleConv``,
+as the backends call it) against ``ops.heads_reference`` (torch: nearest up-sampling, 3x3 convolution,
+activation, 3x3 convolution, tanh) on the same inputs, in fp32.
 Frames: ``Renderer.render``, landmarks in -> uint8 frame out, batch 1, for each folded-graph backend with
-``native_heads`` on and off (off: one graph computes everything; on: the native heads finish the frame,
-and onnxruntime also runs one graph per block joined by ``ops.depth_to_space_box``), timed in alternating
-turns in one process, so that a shared host's slow phases hit both alike.
+``native_heads`` on and off (off: one graph computes everything; on: the native heads finish the frame
+from the last block's up-sampling convolution, and onnxruntime also runs one graph per block joined by
+``ops.depth_to_space_box``), timed in alternating turns in one process, so that a shared host's slow
+phases hit both alike.
 """
 
 from __future__ import annotations
@@ -38,16 +40,23 @@ FRAME_BACKENDS = ("onnxruntime", "mnn")
 
 
 def kernel_rows(channels: int, low_size: int, threads: list[int], min_time_s: float) -> list[dict]:
+    in_channels = channels  # the last block's convolution after its up-sampling: C -> C
     rng = np.random.default_rng(0)
+    conv = ops.UpsampleConv(
+        input=rng.standard_normal((1, in_channels, low_size, low_size)).astype(np.float32),
+        weight=(rng.standard_normal((channels, in_channels, 3, 3)) / np.sqrt(4 * in_channels)).astype(np.float32),
+        bias=rng.standard_normal(channels).astype(np.float32),
+        skip=rng.standard_normal((1, channels, low_size, low_size)).astype(np.float32),
+    )
     inputs = (
-        rng.standard_normal((1, 4 * channels, low_size + 1, low_size + 1)).astype(np.float32),
+        conv,
         rng.uniform(0.5, 2.0, channels).astype(np.float32),
         rng.standard_normal(channels).astype(np.float32),
         np.full(channels, 0.2, np.float32),
         (rng.standard_normal((6, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32),
         rng.standard_normal(6).astype(np.float32),
     )
-    tensors = [torch.from_numpy(a) for a in inputs]
+    tensors = [ops.UpsampleConv(*map(torch.from_numpy, conv))] + [torch.from_numpy(a) for a in inputs[1:]]
     rows, torch_threads = [], torch.get_num_threads()
     try:
         for n in threads:

@@ -4,9 +4,10 @@
 masked, as a frame; the native CPU twin, or the CUDA twin for GPU arrays, in one fused pass.
 
 ``heads`` (``heads_reference``): the per-frame network's last steps on the CPU, from the last block's
-low-resolution phase groups to delta-uv, the low-frequency image and the mask logits (the convention is
-in ``heads``). ``depth_to_space_box`` (``depth_to_space_box_reference``): the same phase groups to the
-block's output alone, at a block boundary.
+up-sampling convolution (its input, ``UpsampleConv``, or its low-resolution tap groups) to delta-uv, the
+low-frequency image and the mask logits (the convention is in ``heads``). ``upsample_conv``
+(``upsample_conv_reference``) and ``depth_to_space_box`` (``depth_to_space_box_reference``): the same to
+the block's output alone, at a block boundary.
 
 Compositor convention:
     - Per item b and output pixel (y, x) of an H x W frame, the sampling point is
@@ -26,7 +27,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,8 +35,8 @@ import torch.nn.functional as F
 
 from . import native
 
-__all__ = ["composite", "composite_reference", "depth_to_space_box", "depth_to_space_box_reference", "heads",
-           "heads_reference", "identity_grid"]
+__all__ = ["UpsampleConv", "composite", "composite_reference", "depth_to_space_box", "depth_to_space_box_reference",
+           "heads", "heads_reference", "identity_grid", "upsample_conv", "upsample_conv_reference"]
 
 _OUT_KINDS = {"uint8": np.uint8, "float32": np.float32}
 _TYPESTR_NAMES = {"<f4": "float32", "<f2": "float16", "|u1": "uint8"}
@@ -157,8 +158,20 @@ def composite_reference(
     return value.cpu().numpy() if numpy_in else value
 
 
+class UpsampleConv(NamedTuple):
+    """A nearest 2x up-sampling + 3x3 convolution (padding 1) plus an up-sampled skip, given by its input:
+    ``conv3x3(up2(input), weight) + bias + up2(skip)``. The native kernels compute it at the low
+    resolution as four tap groups (9 multiply-adds per low-resolution pixel and channel pair, against 36),
+    a row at a time, so the groups never reach memory."""
+
+    input: np.ndarray  # (B, Cin, s, s)
+    weight: np.ndarray  # (C, Cin, 3, 3)
+    bias: np.ndarray  # (C,)
+    skip: np.ndarray | None = None  # (B, C, s, s)
+
+
 def heads(
-    phases: np.ndarray,
+    groups: np.ndarray | UpsampleConv,
     scale: np.ndarray,
     shift: np.ndarray,
     slope: np.ndarray,
@@ -170,9 +183,10 @@ def heads(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The per-frame network's last steps in one native CPU pass: (delta_uv, lf, mask_logits).
 
-    ``phases`` (B, 4C, s+1, s+1) is the last block's up-sampling convolution computed at the low
-    resolution as four tap groups (``frame_graph.upsample_conv_taps``, DepthToSpace DCR order, bias and
-    skip included). Depth-to-space and a 2x2 box sum finish it at 2s x 2s; then per channel
+    ``groups`` is the last block's up-sampling convolution: an ``UpsampleConv`` (its input), or
+    ``phases`` (B, 4C, s+1, s+1), the convolution computed at the low resolution as four tap groups
+    (``frame_graph.upsample_conv_taps``, DepthToSpace DCR order, bias and skip included) that
+    depth-to-space and a 2x2 box sum finish at 2s x 2s. Then per channel
     ``t = prelu(x * scale + shift, slope)`` (C each), the three heads as one 3x3 convolution
     (``weight`` (6, C, 3, 3), ``bias`` (6,), zero padding), and tanh on delta-uv (2) and lf (3).
     float32 numpy arrays in, three new float32 arrays (B, 2|3|1, 2s, 2s) out.
@@ -180,34 +194,64 @@ def heads(
     ``num_threads``: None uses every core. ``vectorized=False`` forces the kernel's portable path.
     Falls back to ``heads_reference`` (with a warning) where the native core is not built.
     """
-    arrays = [_phases_array(phases)] + [np.ascontiguousarray(a, dtype=np.float32)
-                                        for a in (scale, shift, slope, weight, bias)]
+    groups = _groups_arrays(groups)
+    params = [np.ascontiguousarray(a, dtype=np.float32) for a in (scale, shift, slope, weight, bias)]
     caps = native.capabilities()
     if not caps.native:
         _warn_fallback(caps.native_reason)
-        return tuple(t.numpy() for t in heads_reference(*(torch.from_numpy(a) for a in arrays)))
-    batch, size = arrays[0].shape[0], 2 * (arrays[0].shape[2] - 1)
+        return tuple(t.numpy() for t in heads_reference(_as_torch_groups(groups), *map(torch.from_numpy, params)))
+    batch, size = _output_batch_size(groups)
     outputs = tuple(np.empty((batch, c, size, size), np.float32) for c in (2, 3, 1))
-    native.load().heads(*arrays, *outputs, num_threads=0 if num_threads is None else int(num_threads),
-                        vectorized=bool(vectorized))
+    options = {"num_threads": 0 if num_threads is None else int(num_threads), "vectorized": bool(vectorized)}
+    if isinstance(groups, UpsampleConv):
+        native.load().upsample_conv_heads(*groups, *params, *outputs, **options)
+    else:
+        native.load().heads(groups, *params, *outputs, **options)
     return outputs
 
 
-def heads_reference(phases: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, slope: torch.Tensor,
-                    weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``heads`` in plain PyTorch, in the inputs' dtype: depth-to-space (DCR), 2x2 box sum, activation,
-    one 3x3 convolution, tanh."""
-    x = depth_to_space_box_reference(phases) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+def heads_reference(groups: torch.Tensor | UpsampleConv, scale: torch.Tensor, shift: torch.Tensor,
+                    slope: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``heads`` in plain PyTorch, in the inputs' dtype: the block output (``upsample_conv_reference`` or
+    ``depth_to_space_box_reference``), activation, one 3x3 convolution, tanh."""
+    x = upsample_conv_reference(*groups) if isinstance(groups, UpsampleConv) else depth_to_space_box_reference(groups)
+    x = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
     t = torch.where(x < 0, x * slope.view(1, -1, 1, 1), x)
     h = F.conv2d(t, weight, bias, padding=1)
     return torch.tanh(h[:, :2]), torch.tanh(h[:, 2:5]), h[:, 5:]
+
+
+def upsample_conv(input: np.ndarray, weight: np.ndarray, bias: np.ndarray, skip: np.ndarray | None = None, *,
+                  num_threads: int | None = None, vectorized: bool = True) -> np.ndarray:
+    """``conv3x3(up2(input), weight, padding 1) + bias + up2(skip)`` for nearest 2x up-sampling, a block's
+    output, in one native CPU pass at the low resolution (see ``UpsampleConv``): (B, Cin, s, s) float32
+    -> a new (B, C, 2s, 2s) float32 array.
+    Falls back to ``upsample_conv_reference`` (with a warning) where the native core is not built."""
+    groups = _groups_arrays(UpsampleConv(input, weight, bias, skip))
+    caps = native.capabilities()
+    if not caps.native:
+        _warn_fallback(caps.native_reason)
+        return upsample_conv_reference(*_as_torch_groups(groups)).numpy()
+    batch, size = _output_batch_size(groups)
+    out = np.empty((batch, groups.weight.shape[0], size, size), np.float32)
+    native.load().upsample_conv(*groups, out, num_threads=0 if num_threads is None else int(num_threads),
+                                vectorized=bool(vectorized))
+    return out
+
+
+def upsample_conv_reference(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            skip: torch.Tensor | None = None) -> torch.Tensor:
+    """``upsample_conv`` in plain PyTorch, in the inputs' dtype."""
+    x = F.conv2d(F.interpolate(input, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+    return x if skip is None else x + F.interpolate(skip, scale_factor=2, mode="nearest")
 
 
 def depth_to_space_box(phases: np.ndarray, *, num_threads: int | None = None, vectorized: bool = True) -> np.ndarray:
     """The end of an up-sampling convolution computed as four tap groups (``heads``' first two steps):
     (B, 4C, s+1, s+1) float32 -> a new (B, C, 2s, 2s) float32 array, in one native CPU pass.
     Falls back to ``depth_to_space_box_reference`` (with a warning) where the native core is not built."""
-    phases = _phases_array(phases)
+    phases = _groups_arrays(phases)
     caps = native.capabilities()
     if not caps.native:
         _warn_fallback(caps.native_reason)
@@ -260,13 +304,32 @@ def _as_array(a: Any) -> Any:
     return a  # the native layer names it in its error
 
 
-def _phases_array(phases: Any) -> np.ndarray:
-    """The tap groups both native kernels read, as a C-contiguous float32 (B, 4C, s+1, s+1) array (the
-    native layer checks the rest of the shape)."""
-    phases = np.ascontiguousarray(phases, dtype=np.float32)
+def _groups_arrays(groups: Any) -> np.ndarray | UpsampleConv:
+    """What the native kernels read as C-contiguous float32 arrays: a (B, 4C, s+1, s+1) ``phases`` array, or
+    an ``UpsampleConv`` whose input is (B, Cin, s, s) (the native layer checks the rest of the shapes)."""
+    if isinstance(groups, UpsampleConv):
+        as_floats = functools.partial(np.ascontiguousarray, dtype=np.float32)
+        converted = UpsampleConv(*(None if a is None else as_floats(a) for a in groups))
+        if converted.input.ndim != 4:
+            raise ValueError(f"input: expected (B, Cin, s, s), got shape {converted.input.shape}")
+        return converted
+    phases = np.ascontiguousarray(groups, dtype=np.float32)
     if phases.ndim != 4:
         raise ValueError(f"phases: expected (B, 4C, s+1, s+1), got shape {phases.shape}")
     return phases
+
+
+def _output_batch_size(groups: np.ndarray | UpsampleConv) -> tuple[int, int]:
+    """(B, 2s) of the output for checked ``_groups_arrays``."""
+    if isinstance(groups, UpsampleConv):
+        return groups.input.shape[0], 2 * groups.input.shape[2]
+    return groups.shape[0], 2 * (groups.shape[2] - 1)
+
+
+def _as_torch_groups(groups: np.ndarray | UpsampleConv) -> torch.Tensor | UpsampleConv:
+    if isinstance(groups, UpsampleConv):
+        return UpsampleConv(*(None if a is None else torch.from_numpy(a) for a in groups))
+    return torch.from_numpy(groups)
 
 
 def _as_tensor(a: Any) -> torch.Tensor | None:

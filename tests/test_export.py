@@ -16,6 +16,8 @@ from pybilayer.backends.frame_graph import (  # noqa: E402
     MAX_FOLDED_SHIFT,
     OUTPUT_NAMES,
     PHASES_OUTPUT,
+    SKIP_OUTPUT,
+    UPSAMPLE_INPUT,
     FrameWeights,
     build_folded_graph,
     folded_heads,
@@ -164,17 +166,18 @@ def test_folded_graph_matches_reference(which, subpixel, request):
 @pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
 @pytest.mark.parametrize("which", ["tiny", "full"])
 def test_folded_graph_with_native_heads_matches_reference(which, request):
-    """The graph up to the last block's tap groups, then the native heads kernel: the fast CPU split."""
+    """The graph up to the last block's up-sampling convolution, then the native heads kernel: the fast CPU
+    split."""
     model = request.getfixturevalue(which)
     weights = FrameWeights.from_model(model)
     params = _with_edge_cases(_params(model, 1))  # the final norm too: explicit channels reach the kernel
     flat = {k: v.numpy() for k, v in params.flatten().items()}
     proto = build_folded_graph(weights, flat, native_heads=True)
     onnx.checker.check_model(proto)
-    assert [o.name for o in proto.graph.output] == [PHASES_OUTPUT]
+    assert [o.name for o in proto.graph.output] == [UPSAMPLE_INPUT, SKIP_OUTPUT]
     keypoints = _keypoints(model, 3, seed=4)
-    (phases,) = create_session(proto, threads=1).run([PHASES_OUTPUT], {"keypoints": keypoints})
-    out = folded_heads(weights, flat).finish(phases, num_threads=2)
+    upsample_input, skip = create_session(proto, threads=1).run([UPSAMPLE_INPUT, SKIP_OUTPUT], {"keypoints": keypoints})
+    out = folded_heads(weights, flat).finish(upsample_input, skip, num_threads=2)
     ref = _reference(model, keypoints, params.repeat_frames(3))
     _, atol = TOLERANCES["onnx_fp32"]
     assert max(_max_abs(out, ref)) <= atol, _max_abs(out, ref)
@@ -196,25 +199,26 @@ def test_per_block_graphs_with_native_passes_match_reference(which, request):
     assert len(stages) == len(weights.blocks)
     keypoints = _keypoints(model, 3, seed=4)
     x, inputs = keypoints, []
-    for stage in stages:
+    for stage in stages[:-1]:
         onnx.checker.check_model(stage)
         inputs.append(stage.graph.input[0].name)
         (phases,) = create_session(stage, threads=1).run([PHASES_OUTPUT], {inputs[-1]: x})
         x = ops.depth_to_space_box(phases, num_threads=2)
+    onnx.checker.check_model(stages[-1])
+    inputs.append(stages[-1].graph.input[0].name)
+    upsample_input, skip = create_session(stages[-1], threads=1).run([UPSAMPLE_INPUT, SKIP_OUTPUT], {inputs[-1]: x})
     assert inputs == ["keypoints"] + [STAGE_INPUT] * (len(stages) - 1)
-    out = folded_heads(weights, flat).finish(phases, num_threads=2)
+    out = folded_heads(weights, flat).finish(upsample_input, skip, num_threads=2)
     ref = _reference(model, keypoints, params.repeat_frames(3))
     _, atol = TOLERANCES["onnx_fp32"]
     assert max(_max_abs(out, ref)) <= atol, _max_abs(out, ref)
 
 
-def test_native_heads_need_the_last_block_at_the_low_resolution(tiny):
-    weights = FrameWeights.from_model(tiny)
-    flat = {k: v.numpy() for k, v in _params(tiny, 1).flatten().items()}
-    with pytest.raises(ValueError, match="native_heads"):
-        build_folded_graph(weights, flat, subpixel_blocks=[0], native_heads=True)
+def test_per_block_graphs_need_native_heads(tiny):
     from pybilayer.backends.frame_graph import build_folded_frame
 
+    weights = FrameWeights.from_model(tiny)
+    flat = {k: v.numpy() for k, v in _params(tiny, 1).flatten().items()}
     with pytest.raises(ValueError, match="per_block graphs need native_heads"):
         build_folded_frame(weights, flat, native_heads=False, per_block=True)
 

@@ -1,4 +1,5 @@
-"""The native heads kernel (box sum + activation + heads + tanh) against its PyTorch reference.
+"""The native heads kernel (box sum + activation + heads + tanh) and the block output kernels (tap groups
+given, or computed from the up-sampling convolution's input) against their PyTorch references.
 
 Fresh random inputs every run, shapes whose width is not a multiple of the vector step, both code paths
 (AVX2+FMA where the CPU has it, and the portable one), and outputs poisoned with NaN before the call.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from _tolerances import TOLERANCES
 
 from pybilayer import native, ops
@@ -175,3 +177,103 @@ def test_benchmark_runs_end_to_end(tmp_path, capsys):
     assert [r["backend"] for r in frames] == ["onnxruntime"]
     assert frames[0]["max_abs_image_difference"] <= TOLERANCES["fast_cpu_render"][1]
     assert "native heads p50" in capsys.readouterr().out
+
+
+# --- tap groups computed from the up-sampling convolution's input (ops.UpsampleConv) ------------------
+
+
+def make_conv(batch: int, in_channels: int, channels: int, low_size: int, rng: np.random.Generator,
+              with_skip: bool = True) -> ops.UpsampleConv:
+    return ops.UpsampleConv(
+        input=rng.standard_normal((batch, in_channels, low_size, low_size)).astype(np.float32),
+        weight=(rng.standard_normal((channels, in_channels, 3, 3)) / np.sqrt(4 * in_channels)).astype(np.float32),
+        bias=rng.standard_normal(channels).astype(np.float32),
+        skip=rng.standard_normal((batch, channels, low_size, low_size)).astype(np.float32) if with_skip else None,
+    )
+
+
+def conv_reference(conv: ops.UpsampleConv) -> np.ndarray:
+    return ops.upsample_conv_reference(*(None if a is None else torch.from_numpy(a).double() for a in conv)).numpy()
+
+
+def run_conv_poisoned(conv: ops.UpsampleConv, **kwargs) -> np.ndarray:
+    batch, size = conv.input.shape[0], 2 * conv.input.shape[2]
+    out = np.full((batch, conv.weight.shape[0], size, size), np.nan, np.float32)
+    native.load().upsample_conv(*conv, out, **kwargs)
+    return out
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("batch, in_channels, channels, low_size, with_skip",
+                         [(1, 32, 32, 40, True), (2, 5, 3, 13, True), (1, 4, 7, 7, False), (2, 3, 2, 15, True),
+                          (1, 2, 1, 1, True), (3, 6, 5, 24, False)])
+def test_upsample_conv_matches_reference(batch, in_channels, channels, low_size, with_skip, vectorized, rng):
+    """Odd channel counts (a half-used channel pair), s + 1 a multiple of the vector step or not, s = 1."""
+    conv = make_conv(batch, in_channels, channels, low_size, rng, with_skip)
+    ref = conv_reference(conv)
+    rtol, atol = TOLERANCES["heads_fp32"]
+    for threads in (1, 3):
+        np.testing.assert_allclose(run_conv_poisoned(conv, num_threads=threads, vectorized=vectorized), ref,
+                                   rtol=rtol, atol=atol)
+    assert np.abs(ref).max() > 0.5
+    np.testing.assert_allclose(ops.upsample_conv(*conv, num_threads=2, vectorized=vectorized), ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("batch, in_channels, channels, low_size", [(1, 16, 32, 20), (2, 3, 5, 9), (1, 2, 3, 1)])
+def test_heads_from_upsample_conv_match_reference(batch, in_channels, channels, low_size, vectorized, rng):
+    conv = make_conv(batch, in_channels, channels, low_size, rng)
+    params = make_inputs(batch, channels, low_size, rng)[1:]
+    ref = ops.heads_reference(ops.UpsampleConv(*(None if a is None else torch.from_numpy(a).double() for a in conv)),
+                              *(torch.from_numpy(a).double() for a in params))
+    rtol, atol = TOLERANCES["heads_fp32"]
+    for threads in (1, 3):
+        out = ops.heads(conv, *params, num_threads=threads, vectorized=vectorized)
+        for o, r in zip(out, ref):
+            np.testing.assert_allclose(o, r.numpy(), rtol=rtol, atol=atol)
+    # the same frame as from the tap groups that the graph used to compute (phases)
+    phases = _phases_of(conv)
+    for o, p in zip(ops.heads(conv, *params, num_threads=2), ops.heads(phases, *params, num_threads=2)):
+        np.testing.assert_allclose(o, p, rtol=rtol, atol=atol)
+
+
+def _phases_of(conv: ops.UpsampleConv) -> np.ndarray:
+    """The four tap groups of frame_graph.upsample_conv_taps, computed in float64 torch."""
+    from pybilayer.backends.frame_graph import upsample_conv_taps
+
+    x = torch.from_numpy(conv.input).double()
+    groups = [F.conv2d(F.pad(x, (left, right, top, bottom)), torch.from_numpy(np.ascontiguousarray(k)).double())
+              for k, (top, left, bottom, right) in upsample_conv_taps(conv.weight.astype(np.float64))]
+    groups[0] = groups[0] + torch.from_numpy(conv.bias).double().view(1, -1, 1, 1)
+    if conv.skip is not None:
+        groups[0] = groups[0] + F.pad(torch.from_numpy(conv.skip).double(), (1, 0, 1, 0))
+    return torch.cat(groups, 1).float().numpy()
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_upsample_conv_spreads_nan_as_the_reference(vectorized, rng):
+    conv = make_conv(1, 4, 3, 11, rng)
+    conv.input[0, 2, 5, 0] = np.nan  # a border column too
+    conv.input[0, 1, 8, 7] = np.nan
+    ref = conv_reference(conv)
+    out = run_conv_poisoned(conv, num_threads=2, vectorized=vectorized)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    assert 0 < np.isnan(ref).sum() < ref.size / 4
+
+
+def test_upsample_conv_names_bad_arguments(rng):
+    conv = make_conv(1, 4, 3, 6, rng)
+    out = np.zeros((1, 3, 12, 12), np.float32)
+    bad = {
+        "input": (conv.input[:, :, :, :5], "input: expected \\(B, Cin, s, s\\)"),
+        "weight": (conv.weight[:, :3], "conv_weight: expected shape \\(3, 4, 3, 3\\)"),
+        "bias": (conv.bias[:2], "conv_bias: expected shape \\(3,\\)"),
+        "skip": (conv.skip[:, :, :5], "skip: expected shape \\(1, 3, 6, 6\\)"),
+    }
+    for argument, (wrong, match) in bad.items():
+        with pytest.raises(ValueError, match=match):
+            native.load().upsample_conv(*conv._replace(**{argument: np.ascontiguousarray(wrong)}), out)
+    with pytest.raises(ValueError, match="out: expected shape \\(1, 3, 12, 12\\)"):
+        native.load().upsample_conv(*conv, np.zeros((1, 3, 12, 11), np.float32))
+    with pytest.raises(ValueError, match="input: expected \\(B, Cin, s, s\\)"):
+        ops.upsample_conv(conv.input[0], conv.weight, conv.bias)

@@ -1,4 +1,5 @@
-// pybilayer._C.heads and depth_to_space_box: array views -> params -> the CPU kernels of heads.h.
+// pybilayer._C.heads, upsample_conv_heads, depth_to_space_box and upsample_conv: array views -> params ->
+// the CPU kernels of heads.h.
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
@@ -41,12 +42,27 @@ Phases read_phases(py::handle phases) {
   return {shape[0], shape[1] / 4, shape[2] - 1, host_floats(view, shape)};
 }
 
-void heads(py::handle phases, py::handle scale, py::handle shift, py::handle slope, py::handle weight,
-           py::handle bias, py::handle delta_uv, py::handle lf, py::handle mask_logits, int num_threads,
-           bool vectorized) {
-  HeadsParams p;
-  p.phases = read_phases(phases);
-  const int64_t B = p.phases.batch, C = p.phases.channels, S = 2 * p.phases.low_size;
+// The up-sampling convolution's input (B, Cin, s, s), weight (C, Cin, 3, 3), bias (C,) and skip (B, C, s, s)
+// or None, checked.
+UpsampleConv read_upsample_conv(py::handle input, py::handle weight, py::handle bias, py::handle skip) {
+  const ArrayView in = view_array(input, "input"), w = view_array(weight, "conv_weight");
+  if (in.shape.size() != 4 || in.shape[1] < 1 || in.shape[2] < 1 || in.shape[3] != in.shape[2])
+    throw std::invalid_argument("input: expected (B, Cin, s, s) with Cin >= 1 and s >= 1, got " + in.shape_string());
+  if (w.shape.size() != 4 || w.shape[0] < 1)
+    throw std::invalid_argument("conv_weight: expected (C, Cin, 3, 3) with C >= 1, got " + w.shape_string());
+  UpsampleConv conv;
+  conv.batch = in.shape[0], conv.in_channels = in.shape[1], conv.channels = w.shape[0], conv.low_size = in.shape[2];
+  const int64_t B = conv.batch, C = conv.channels, s = conv.low_size;
+  conv.input = host_floats(in, in.shape);
+  conv.weight = host_floats(w, {C, conv.in_channels, 3, 3});
+  conv.bias = host_floats(view_array(bias, "conv_bias"), {C});
+  if (!skip.is_none()) conv.skip = host_floats(view_array(skip, "skip"), {B, C, s, s});
+  return conv;
+}
+
+void run_heads(HeadsParams& p, int64_t B, int64_t C, int64_t S, py::handle scale, py::handle shift, py::handle slope,
+               py::handle weight, py::handle bias, py::handle delta_uv, py::handle lf, py::handle mask_logits,
+               int num_threads, bool vectorized) {
   p.scale = host_floats(view_array(scale, "scale"), {C});
   p.shift = host_floats(view_array(shift, "shift"), {C});
   p.slope = host_floats(view_array(slope, "slope"), {C});
@@ -60,14 +76,46 @@ void heads(py::handle phases, py::handle scale, py::handle shift, py::handle slo
   heads_cpu(p, num_threads, vectorized);
 }
 
-void depth_to_space_box(py::handle phases, py::handle out, int num_threads, bool vectorized) {
-  DepthToSpaceBoxParams p;
-  p.phases = read_phases(phases);
-  const int64_t S = 2 * p.phases.low_size;
-  p.out = writable_floats(view_array(out, "out"), {p.phases.batch, p.phases.channels, S, S});
+void heads(py::handle phases, py::handle scale, py::handle shift, py::handle slope, py::handle weight,
+           py::handle bias, py::handle delta_uv, py::handle lf, py::handle mask_logits, int num_threads,
+           bool vectorized) {
+  HeadsParams p;
+  const Phases groups = read_phases(phases);
+  p.groups = groups;
+  run_heads(p, groups.batch, groups.channels, 2 * groups.low_size, scale, shift, slope, weight, bias, delta_uv, lf,
+            mask_logits, num_threads, vectorized);
+}
+
+void upsample_conv_heads(py::handle input, py::handle conv_weight, py::handle conv_bias, py::handle skip,
+                         py::handle scale, py::handle shift, py::handle slope, py::handle weight, py::handle bias,
+                         py::handle delta_uv, py::handle lf, py::handle mask_logits, int num_threads,
+                         bool vectorized) {
+  HeadsParams p;
+  const UpsampleConv conv = read_upsample_conv(input, conv_weight, conv_bias, skip);
+  p.groups = conv;
+  run_heads(p, conv.batch, conv.channels, 2 * conv.low_size, scale, shift, slope, weight, bias, delta_uv, lf,
+            mask_logits, num_threads, vectorized);
+}
+
+void block_output(const TapGroups& groups, int64_t B, int64_t C, int64_t S, py::handle out, int num_threads,
+                  bool vectorized) {
+  BlockOutputParams p;
+  p.groups = groups;
+  p.out = writable_floats(view_array(out, "out"), {B, C, S, S});
 
   py::gil_scoped_release release;
-  depth_to_space_box_cpu(p, num_threads, vectorized);
+  block_output_cpu(p, num_threads, vectorized);
+}
+
+void depth_to_space_box(py::handle phases, py::handle out, int num_threads, bool vectorized) {
+  const Phases groups = read_phases(phases);
+  block_output(groups, groups.batch, groups.channels, 2 * groups.low_size, out, num_threads, vectorized);
+}
+
+void upsample_conv(py::handle input, py::handle conv_weight, py::handle conv_bias, py::handle skip, py::handle out,
+                   int num_threads, bool vectorized) {
+  const UpsampleConv conv = read_upsample_conv(input, conv_weight, conv_bias, skip);
+  block_output(conv, conv.batch, conv.channels, 2 * conv.low_size, out, num_threads, vectorized);
 }
 
 }  // namespace
@@ -83,11 +131,27 @@ The per-frame network's last steps on the CPU, written into ``delta_uv``, ``lf``
 Host float32 C-contiguous arrays, read and written without a copy. ``num_threads``: 0 uses every core.
 ``vectorized=False`` forces the portable code path (the AVX2+FMA one is used where the CPU has it).
 )pbdoc");
+  m.def("upsample_conv_heads", &upsample_conv_heads, py::arg("input"), py::arg("conv_weight"), py::arg("conv_bias"),
+        py::arg("skip"), py::arg("scale"), py::arg("shift"), py::arg("slope"), py::arg("weight"), py::arg("bias"),
+        py::arg("delta_uv"), py::arg("lf"), py::arg("mask_logits"), py::kw_only(), py::arg("num_threads") = 0,
+        py::arg("vectorized") = true,
+        R"pbdoc(
+``heads`` with the tap groups computed from the last up-sampling convolution's input (B, Cin, s, s),
+``conv_weight`` (C, Cin, 3, 3), ``conv_bias`` (C,) and ``skip`` (B, C, s, s) or None (see
+pybilayer.ops.heads). Same array rules as ``heads``.
+)pbdoc");
   m.def("depth_to_space_box", &depth_to_space_box, py::arg("phases"), py::arg("out"), py::kw_only(),
         py::arg("num_threads") = 0, py::arg("vectorized") = true,
         R"pbdoc(
 The depth-to-space and 2x2 box sum that finish an up-sampling convolution computed as four tap groups,
 written into ``out`` (B, C, 2s, 2s) (see pybilayer.ops.depth_to_space_box). Same array rules as ``heads``.
+)pbdoc");
+  m.def("upsample_conv", &upsample_conv, py::arg("input"), py::arg("conv_weight"), py::arg("conv_bias"),
+        py::arg("skip"), py::arg("out"), py::kw_only(), py::arg("num_threads") = 0, py::arg("vectorized") = true,
+        R"pbdoc(
+conv3x3(up2(input), conv_weight, padding 1) + conv_bias + up2(skip) for nearest 2x up-sampling, written
+into ``out`` (B, C, 2s, 2s), computed at the low resolution as four tap groups (see
+pybilayer.ops.upsample_conv). Same array rules as ``heads``; ``skip`` may be None.
 )pbdoc");
 }
 

@@ -1,10 +1,17 @@
-// The fused heads and the plain depth-to-space + box sum on the CPU (convention in heads.h).
+// The fused heads and the block output (depth-to-space + box sum) on the CPU (convention in heads.h).
 //
 // Work is split into output rows. A worker keeps, per channel, the box-filtered rows of V it needs
-// (R(m)[x] = V[m][x+1] + V[m][x+2], so x = R(y+1) + R(y+2) and each row of `phases` is read once) and
-// a ring of three activation rows t(y-1), t(y), t(y+1) with a zero column on each side. The heads read
-// only that ring, which stays in L2 (C = 32, S = 256: 170 KiB with the box rows), instead of the
-// full-resolution activation that a graph would write out and read back.
+// (R(m)[x] = V[m][x+1] + V[m][x+2], so x = R(y+1) + R(y+2) and each row of the tap groups is used once)
+// and, for the heads, a ring of three activation rows t(y-1), t(y), t(y+1) with a zero column on each
+// side. The heads read only that ring, which stays in L2 (C = 32, S = 256: 170 KiB with the box rows),
+// instead of the full-resolution activation that a graph would write out and read back.
+//
+// Tap groups given as an UpsampleConv are computed a row at a time (GroupRows): row g of the groups of
+// one row parity needs input rows g-1 and g only, kept zero-padded per worker. The AVX2 version computes
+// 2 output channels x 16 pixels per step, pixels along the vector; the odd-column group's two taps,
+// w0 * in[k-1] + w2 * in[k], are accumulated as U[k] = w0 * in[k-1] and T[k] = w2 * in[k-1] and added as
+// U[k] + T[k+1] afterwards, so every accumulator takes one multiply-add per input channel (no chain of
+// two dependent ones) and each step loads one input vector per 16 pixels' half.
 //
 // Each row kernel has an AVX2+FMA version (the heads: 16 pixels x 6 outputs per step in 12 registers,
 // pixels along the vector, weights broadcast) and a portable one (plain loops), picked at run time. Both
@@ -13,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "../parallel.h"
@@ -114,12 +122,227 @@ bool has_avx2_fma() {
 #endif
 }
 
+struct GroupsShape {
+  int64_t batch, channels, low_size;
+};
+
+GroupsShape shape_of(const TapGroups& groups) {
+  if (const Phases* p = std::get_if<Phases>(&groups)) return {p->batch, p->channels, p->low_size};
+  const UpsampleConv& c = std::get<UpsampleConv>(groups);
+  return {c.batch, c.channels, c.low_size};
+}
+
+// An UpsampleConv's weights in the order the AVX2 group rows read them: per kernel row ky, output channel
+// pair and input channel, {w[ky][1], w[ky][0], w[ky][2]} of the pair's first channel, then of its second
+// (zeros for the missing second channel of an odd C). Built once per call, shared by the workers.
+std::vector<float> pack_upsample_weights(const UpsampleConv& conv) {
+  const int64_t C = conv.channels, Cin = conv.in_channels, pairs = (C + 1) / 2;
+  std::vector<float> packed(3 * pairs * Cin * 6, 0.f);
+  for (int64_t ky = 0; ky < 3; ++ky)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t ci = 0; ci < Cin; ++ci) {
+        const float* w = conv.weight + ((c * Cin + ci) * 3 + ky) * 3;
+        float* out = packed.data() + ((ky * pairs + c / 2) * Cin + ci) * 6 + (c % 2) * 3;
+        out[0] = w[1], out[1] = w[0], out[2] = w[2];
+      }
+  return packed;
+}
+
+// One kernel row's contribution to a row of tap groups: input row (zero-padded, channel 0; channel ci at
+// + ci * stride) and its weights (kernel row ky of `pack_upsample_weights`, or of conv.weight).
+struct GroupTap {
+  const float* row;
+  int64_t ky;
+};
+
+#ifdef PYBILAYER_HEADS_AVX2
+// Columns [k, k + 8 NV), NV = 1 or 2, of the group rows of output channels c0 = 2 * pair and c0 + 1:
+// even-column group E, and U, T of the odd-column group (file comment). `init` (or null): E's starting
+// values, channel c0's row (c0 + 1 at + init_stride). Padded index k holds input column k - 1. Named
+// accumulators, not arrays: GCC kept arrays of them in memory, storing all twelve in every step.
+template <int NV>
+PYBILAYER_AVX2 inline void group_columns_avx2(const GroupTap* taps, int ntaps, const float* packed, int64_t pairs,
+                                              int64_t pair, int64_t cin, int64_t stride, int64_t k,
+                                              const float* init, int64_t init_stride, float* e0, float* u0,
+                                              float* t0, float* e1, float* u1, float* t1) {
+  static_assert(NV == 1 || NV == 2, "one or two vectors of pixels");
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 e0a = init ? _mm256_loadu_ps(init + k) : zero, e1a = init ? _mm256_loadu_ps(init + init_stride + k) : zero;
+  __m256 e0b = zero, e1b = zero;
+  if (NV == 2 && init) e0b = _mm256_loadu_ps(init + k + 8), e1b = _mm256_loadu_ps(init + init_stride + k + 8);
+  __m256 u0a = zero, u0b = zero, t0a = zero, t0b = zero, u1a = zero, u1b = zero, t1a = zero, t1b = zero;
+  for (int t = 0; t < ntaps; ++t) {
+    const float* in = taps[t].row + k;
+    const float* w = packed + (taps[t].ky * pairs + pair) * cin * 6;
+    for (int64_t ci = 0; ci < cin; ++ci, in += stride, w += 6) {
+      const __m256 a = _mm256_loadu_ps(in), b = NV == 2 ? _mm256_loadu_ps(in + 8) : zero;
+      __m256 x = _mm256_broadcast_ss(w + 0);
+      e0a = _mm256_fmadd_ps(a, x, e0a);
+      if (NV == 2) e0b = _mm256_fmadd_ps(b, x, e0b);
+      x = _mm256_broadcast_ss(w + 1);
+      u0a = _mm256_fmadd_ps(a, x, u0a);
+      if (NV == 2) u0b = _mm256_fmadd_ps(b, x, u0b);
+      x = _mm256_broadcast_ss(w + 2);
+      t0a = _mm256_fmadd_ps(a, x, t0a);
+      if (NV == 2) t0b = _mm256_fmadd_ps(b, x, t0b);
+      x = _mm256_broadcast_ss(w + 3);
+      e1a = _mm256_fmadd_ps(a, x, e1a);
+      if (NV == 2) e1b = _mm256_fmadd_ps(b, x, e1b);
+      x = _mm256_broadcast_ss(w + 4);
+      u1a = _mm256_fmadd_ps(a, x, u1a);
+      if (NV == 2) u1b = _mm256_fmadd_ps(b, x, u1b);
+      x = _mm256_broadcast_ss(w + 5);
+      t1a = _mm256_fmadd_ps(a, x, t1a);
+      if (NV == 2) t1b = _mm256_fmadd_ps(b, x, t1b);
+    }
+  }
+  _mm256_storeu_ps(e0 + k, e0a), _mm256_storeu_ps(u0 + k, u0a), _mm256_storeu_ps(t0 + k, t0a);
+  _mm256_storeu_ps(e1 + k, e1a), _mm256_storeu_ps(u1 + k, u1a), _mm256_storeu_ps(t1 + k, t1a);
+  if (NV == 2) {
+    _mm256_storeu_ps(e0 + k + 8, e0b), _mm256_storeu_ps(u0 + k + 8, u0b), _mm256_storeu_ps(t0 + k + 8, t0b);
+    _mm256_storeu_ps(e1 + k + 8, e1b), _mm256_storeu_ps(u1 + k + 8, u1b), _mm256_storeu_ps(t1 + k + 8, t1b);
+  }
+}
+#endif
+
+// A worker's rows of the four tap groups: views into `phases`, or computed from an UpsampleConv.
+class GroupRows {
+ public:
+  GroupRows(const TapGroups& groups, const float* packed)
+      : groups_(groups), packed_(packed), shape_(shape_of(groups)), P_(shape_.low_size + 1) {
+    if (const UpsampleConv* conv = std::get_if<UpsampleConv>(&groups_)) {
+      conv_ = conv;
+      const int64_t padded_channels = 2 * ((conv->channels + 1) / 2);
+      // Group columns 0 .. s, rounded up to whole vectors: the last vector's extra columns cost less than
+      // finishing one at a time. Input columns -1 .. s and beyond, zero outside 0 .. s-1.
+      width_ = (P_ + 7) / 8 * 8;
+      input_.assign(2 * conv->in_channels * width_, 0.f);
+      init_.assign(padded_channels * width_, 0.f);
+      even_.assign(padded_channels * width_, 0.f);
+      odd_.assign(padded_channels * width_, 0.f);
+      odd_shift_.assign(padded_channels * width_, 0.f);
+    }
+  }
+
+  // Row g of the even- and odd-column groups of row parity `parity` for item b, channel 0; channel c's rows
+  // at + c * stride(). Rows computed for an UpsampleConv stay valid until the next call.
+  std::pair<const float*, const float*> get(int64_t b, int64_t parity, int64_t g, bool avx2) {
+    if (conv_ == nullptr) {
+      const Phases& p = std::get<Phases>(groups_);
+      const int64_t plane = P_ * P_, group = shape_.channels * plane;
+      const float* base = p.data + (b * 4 + parity * 2) * group + g * P_;
+      return {base, base + group};
+    }
+    compute(b, parity, g, avx2);
+    return {even_.data(), odd_.data()};
+  }
+  int64_t stride() const { return conv_ == nullptr ? P_ * P_ : width_; }
+
+ private:
+  // Input row r of item b, zero-padded (nullptr outside the image): slot r % 2, loaded once.
+  const float* input_row(int64_t b, int64_t r) {
+    const int64_t s = shape_.low_size, cin = conv_->in_channels;
+    if (r < 0 || r >= s) return nullptr;
+    float* row = input_.data() + (r % 2) * cin * width_;
+    if (loaded_[r % 2] != b * s + r) {
+      const float* src = conv_->input + (b * cin * s + r) * s;
+      for (int64_t ci = 0; ci < cin; ++ci) std::memcpy(row + ci * width_ + 1, src + ci * s * s, sizeof(float) * s);
+      loaded_[r % 2] = b * s + r;
+    }
+    return row;
+  }
+
+  void compute(int64_t b, int64_t parity, int64_t g, bool avx2) {
+    const UpsampleConv& conv = *conv_;
+    const int64_t C = conv.channels, s = shape_.low_size;
+    // Kernel rows: the even parity reads input row g-1 with w[1]; the odd one g-1 with w[0], g with w[2].
+    GroupTap taps[2];
+    int ntaps = 0;
+    if (parity == 0) {
+      if (const float* row = input_row(b, g - 1)) taps[ntaps++] = {row, 1};
+    } else {
+      if (const float* row = input_row(b, g - 1)) taps[ntaps++] = {row, 0};
+      if (const float* row = input_row(b, g)) taps[ntaps++] = {row, 2};
+    }
+    // The even-parity, even-column group (ee) starts from the bias and the skip (row g-1, column k-1).
+    const bool with_init = parity == 0;
+    if (with_init)
+      for (int64_t c = 0; c < C; ++c) {
+        float* init = init_.data() + c * width_;
+        const bool has_skip = conv.skip != nullptr && g >= 1;
+        init[0] = conv.bias[c];
+        for (int64_t x = 0; x < s; ++x)
+          init[x + 1] = conv.bias[c] + (has_skip ? conv.skip[((b * C + c) * s + g - 1) * s + x] : 0.f);
+      }
+#ifdef PYBILAYER_HEADS_AVX2
+    if (avx2) return compute_avx2(taps, ntaps, with_init);
+#endif
+    compute_portable(taps, ntaps, with_init);
+  }
+
+#ifdef PYBILAYER_HEADS_AVX2
+  PYBILAYER_AVX2 void compute_avx2(const GroupTap* taps, int ntaps, bool with_init) {
+    const int64_t C = conv_->channels, cin = conv_->in_channels, pairs = (C + 1) / 2, W = width_;
+    for (int64_t pair = 0; pair < pairs; ++pair) {
+      const int64_t c0 = 2 * pair;
+      float *e0 = even_.data() + c0 * W, *u0 = odd_.data() + c0 * W, *t0 = odd_shift_.data() + c0 * W;
+      const float* init = with_init ? init_.data() + c0 * W : nullptr;
+      int64_t k = 0;
+      for (; k + 16 <= W; k += 16)
+        group_columns_avx2<2>(taps, ntaps, packed_, pairs, pair, cin, W, k, init, W, e0, u0, t0, e0 + W, u0 + W, t0 + W);
+      if (k < W)
+        group_columns_avx2<1>(taps, ntaps, packed_, pairs, pair, cin, W, k, init, W, e0, u0, t0, e0 + W, u0 + W, t0 + W);
+    }
+    finish_odd();
+  }
+#endif
+
+  void compute_portable(const GroupTap* taps, int ntaps, bool with_init) {
+    const UpsampleConv& conv = *conv_;
+    const int64_t C = conv.channels, cin = conv.in_channels, W = width_;
+    for (int64_t c = 0; c < C; ++c) {
+      float *e = even_.data() + c * W, *u = odd_.data() + c * W, *t_row = odd_shift_.data() + c * W;
+      for (int64_t k = 0; k < P_; ++k) e[k] = with_init ? init_[c * W + k] : 0.f, u[k] = t_row[k] = 0.f;
+      for (int t = 0; t < ntaps; ++t)
+        for (int64_t ci = 0; ci < cin; ++ci) {
+          const float* w = conv.weight + ((c * cin + ci) * 3 + taps[t].ky) * 3;
+          const float* in = taps[t].row + ci * W;
+          for (int64_t k = 0; k < P_; ++k) {
+            e[k] += w[1] * in[k];
+            u[k] += w[0] * in[k];
+            t_row[k] += w[2] * in[k];
+          }
+        }
+    }
+    finish_odd();
+  }
+
+  // odd[k] = U[k] + T[k + 1] for k < s; T[s + 1] (input column s) is zero.
+  void finish_odd() {
+    for (int64_t c = 0; c < conv_->channels; ++c) {
+      float* u = odd_.data() + c * width_;
+      const float* t = odd_shift_.data() + c * width_ + 1;
+      for (int64_t k = 0; k + 1 < P_; ++k) u[k] += t[k];
+    }
+  }
+
+  const TapGroups& groups_;
+  const float* packed_;
+  const GroupsShape shape_;
+  const int64_t P_;
+  const UpsampleConv* conv_ = nullptr;
+  int64_t width_ = 0;  // columns of every row buffer below
+  std::vector<float> input_, init_, even_, odd_, odd_shift_;
+  int64_t loaded_[2] = {-1, -1};
+};
+
 // A worker's rows; see the file comment.
 class Rows {
  public:
-  Rows(const HeadsParams& p, bool avx2)
-      : p_(p), avx2_(avx2), C_(p.phases.channels), s_(p.phases.low_size), S_(2 * s_), stride_(S_ + 2 + kBlock),
-        box_(2 * C_ * S_), act_(3 * C_ * stride_, 0.f) {}
+  Rows(const HeadsParams& p, bool avx2, const float* packed_conv)
+      : p_(p), avx2_(avx2), groups_(p.groups, packed_conv), C_(shape_of(p.groups).channels),
+        s_(shape_of(p.groups).low_size), S_(2 * s_), stride_(S_ + 2 + kBlock), box_(2 * C_ * S_),
+        act_(3 * C_ * stride_, 0.f) {}
 
   // Activation row t(y) of channel c, with t(y)[-1] and t(y)[S] zero; valid after fill(b, y). Channel c's
   // row is channel 0's plus c * channel_stride().
@@ -159,24 +382,31 @@ class Rows {
 
   // Box row R(m) of every channel of the current item.
   void box_rows(int64_t m) {
-    const int64_t P = s_ + 1, plane = P * P, group = C_ * plane, parity = m % 2;
-    const float* base = p_.phases.data + item_ * 4 * group + (m / 2) * P;
-    for (int64_t c = 0; c < C_; ++c) {
-      const float* even = base + (parity * 2 + 0) * group + c * plane;
-      const float* odd = base + (parity * 2 + 1) * group + c * plane;
-#ifdef PYBILAYER_HEADS_AVX2
-      if (avx2_) {
-        box_row_avx2(even, odd, box(c, m), s_);
-        continue;
-      }
-#endif
-      box_row_portable(even, odd, box(c, m), 0, s_);
-    }
+    box_rows_of(groups_, item_, m, avx2_, C_, s_, [&](int64_t c) { return box(c, m); });
     last_box_row_ = m;
   }
 
+ public:
+  // Box row R(m) of every channel c of item b into out(c), from the group rows of m's parity.
+  template <typename Out>
+  static void box_rows_of(GroupRows& groups, int64_t b, int64_t m, bool avx2, int64_t C, int64_t s, const Out& out) {
+    const auto [even, odd] = groups.get(b, m % 2, m / 2, avx2);
+    const int64_t stride = groups.stride();
+    for (int64_t c = 0; c < C; ++c) {
+#ifdef PYBILAYER_HEADS_AVX2
+      if (avx2) {
+        box_row_avx2(even + c * stride, odd + c * stride, out(c), s);
+        continue;
+      }
+#endif
+      box_row_portable(even + c * stride, odd + c * stride, out(c), 0, s);
+    }
+  }
+
+ private:
   const HeadsParams& p_;
   const bool avx2_;
+  GroupRows groups_;
   const int64_t C_, s_, S_, stride_;
   std::vector<float> box_, act_;
   int64_t item_ = -1, last_box_row_ = -1;
@@ -186,7 +416,7 @@ class Rows {
 struct OutputRows {
   float* row[kHeadChannels];
   OutputRows(const HeadsParams& p, int64_t b, int64_t y) {
-    const int64_t S = 2 * p.phases.low_size, plane = S * S;
+    const int64_t S = 2 * shape_of(p.groups).low_size, plane = S * S;
     for (int o = 0; o < 2; ++o) row[o] = p.delta_uv + (b * 2 + o) * plane + y * S;
     for (int o = 0; o < 3; ++o) row[2 + o] = p.lf + (b * 3 + o) * plane + y * S;
     row[5] = p.mask_logits + b * plane + y * S;
@@ -195,7 +425,8 @@ struct OutputRows {
 
 // The heads of pixels [x_begin, S) of row y, one output channel at a time.
 void heads_row_portable(const HeadsParams& p, const Rows& rows, int64_t y, int64_t x_begin, const OutputRows& out) {
-  const int64_t C = p.phases.channels, S = 2 * p.phases.low_size;
+  const GroupsShape shape = shape_of(p.groups);
+  const int64_t C = shape.channels, S = 2 * shape.low_size;
   for (int o = 0; o < kHeadChannels; ++o) {
     float* __restrict__ h = out.row[o];
     for (int64_t x = x_begin; x < S; ++x) h[x] = p.bias[o];
@@ -216,7 +447,8 @@ void heads_row_portable(const HeadsParams& p, const Rows& rows, int64_t y, int64
 // `packed`: the weights as (C, 3, 3, 6), so one step's six weights are adjacent.
 PYBILAYER_AVX2 void heads_row_avx2(const HeadsParams& p, const Rows& rows, int64_t y, const float* packed,
                                    const OutputRows& out) {
-  const int64_t C = p.phases.channels, S = 2 * p.phases.low_size, vector_end = S - S % kBlock;
+  const GroupsShape shape = shape_of(p.groups);
+  const int64_t C = shape.channels, S = 2 * shape.low_size, vector_end = S - S % kBlock;
   const int64_t cs = rows.channel_stride();
   const float* const above = rows.act(0, y - 1) - 1;
   const float* const here = rows.act(0, y) - 1;
@@ -259,35 +491,32 @@ PYBILAYER_AVX2 void heads_row_avx2(const HeadsParams& p, const Rows& rows, int64
 }
 #endif
 
-// Planes [begin, end) of B x C: box row R(m) of one plane into `out`.
-void depth_to_space_box_planes(const DepthToSpaceBoxParams& p, int64_t begin, int64_t end, bool avx2) {
-  const int64_t C = p.phases.channels, s = p.phases.low_size, S = 2 * s, P = s + 1, plane = P * P, group = C * plane;
-  std::vector<float> rows(2 * S);
-  for (int64_t bc = begin; bc < end; ++bc) {
-    const float* base = p.phases.data + (bc / C) * 4 * group + (bc % C) * plane;
-    const auto box_row = [&](int64_t m, float* out) {
-      const float* even = base + ((m % 2) * 2 + 0) * group + (m / 2) * P;
-      const float* odd = base + ((m % 2) * 2 + 1) * group + (m / 2) * P;
-#ifdef PYBILAYER_HEADS_AVX2
-      if (avx2) return box_row_avx2(even, odd, out, s);
-#endif
-      box_row_portable(even, odd, out, 0, s);
-    };
-    float* upper = rows.data();  // R(y+1)
-    float* lower = upper + S;    // R(y+2)
-    box_row(1, upper);
-    float* __restrict__ x = p.out + bc * S * S;
-    for (int64_t y = 0; y < S; ++y, x += S) {
-      box_row(y + 2, lower);
+// Output rows [row_begin, row_end) of B x S of every channel: x(y) = R(y+1) + R(y+2).
+void block_output_rows(const BlockOutputParams& p, int64_t row_begin, int64_t row_end, bool avx2,
+                       const float* packed_conv) {
+  const GroupsShape shape = shape_of(p.groups);
+  const int64_t C = shape.channels, s = shape.low_size, S = 2 * s;
+  GroupRows groups(p.groups, packed_conv);
+  std::vector<float> box(2 * C * S);  // R(m) of channel c at (c * 2 + m % 2) * S
+  int64_t item = -1, last = -1;       // box rows of `item` hold R(last - 1) and R(last)
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t b = r / S, y = r % S;
+    for (int64_t m = (b == item && last == y + 1) ? y + 2 : y + 1; m <= y + 2; ++m)
+      Rows::box_rows_of(groups, b, m, avx2, C, s, [&](int64_t c) { return box.data() + (c * 2 + m % 2) * S; });
+    item = b, last = y + 2;
+    for (int64_t c = 0; c < C; ++c) {
+      const float* upper = box.data() + (c * 2 + (y + 1) % 2) * S;
+      const float* lower = box.data() + (c * 2 + y % 2) * S;  // R(y+2): the parity of y
+      float* __restrict__ x = p.out + ((b * C + c) * S + y) * S;
       for (int64_t i = 0; i < S; ++i) x[i] = upper[i] + lower[i];
-      std::swap(upper, lower);
     }
   }
 }
 
-void heads_rows(const HeadsParams& p, int64_t row_begin, int64_t row_end, const float* packed) {
-  const int64_t S = 2 * p.phases.low_size;
-  Rows rows(p, packed != nullptr);
+void heads_rows(const HeadsParams& p, int64_t row_begin, int64_t row_end, const float* packed,
+                const float* packed_conv) {
+  const int64_t S = 2 * shape_of(p.groups).low_size;
+  Rows rows(p, packed != nullptr, packed_conv);
   int64_t item = -1, next = 0;  // t rows of `item` are filled up to, not including, row `next`
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t b = r / S, y = r % S;
@@ -309,10 +538,23 @@ void heads_rows(const HeadsParams& p, int64_t row_begin, int64_t row_end, const 
   }
 }
 
+// The AVX2 group rows' weights for an UpsampleConv (else empty).
+std::vector<float> packed_conv_weights(const TapGroups& groups, bool avx2) {
+  const UpsampleConv* conv = std::get_if<UpsampleConv>(&groups);
+  return conv != nullptr && avx2 ? pack_upsample_weights(*conv) : std::vector<float>();
+}
+
+// Multiply-adds per output row spent on the tap groups (0 for given ones).
+int64_t group_work_per_row(const TapGroups& groups) {
+  const UpsampleConv* conv = std::get_if<UpsampleConv>(&groups);
+  return conv == nullptr ? 0 : conv->in_channels * conv->channels * (conv->low_size + 1) * 9 / 2;
+}
+
 }  // namespace
 
 void heads_cpu(const HeadsParams& p, int num_threads, bool vectorized) {
-  const int64_t S = 2 * p.phases.low_size, rows = p.phases.batch * S, C = p.phases.channels;
+  const GroupsShape shape = shape_of(p.groups);
+  const int64_t S = 2 * shape.low_size, rows = shape.batch * S, C = shape.channels;
   if (rows == 0 || C == 0) return;
   const bool avx2 = vectorized && has_avx2_fma();
   std::vector<float> packed;
@@ -321,18 +563,24 @@ void heads_cpu(const HeadsParams& p, int num_threads, bool vectorized) {
     for (int o = 0; o < kHeadChannels; ++o)
       for (int64_t k = 0; k < C * 9; ++k) packed[k * kHeadChannels + o] = p.weight[o * C * 9 + k];
   }
+  const std::vector<float> packed_conv = packed_conv_weights(p.groups, avx2);
   // A null `packed` selects the portable path.
-  parallel_rows(rows, worker_count(rows, S, kMinPixelsPerThread, num_threads),
-                [&](int64_t begin, int64_t end) { heads_rows(p, begin, end, avx2 ? packed.data() : nullptr); });
+  const int64_t row_work = S + group_work_per_row(p.groups) / (C * 9 * kHeadChannels);  // in pixels of the heads
+  parallel_rows(rows, worker_count(rows, row_work, kMinPixelsPerThread, num_threads), [&](int64_t begin, int64_t end) {
+    heads_rows(p, begin, end, avx2 ? packed.data() : nullptr, packed_conv.data());
+  });
 }
 
-void depth_to_space_box_cpu(const DepthToSpaceBoxParams& p, int num_threads, bool vectorized) {
-  const int64_t planes = p.phases.batch * p.phases.channels, S = 2 * p.phases.low_size;
-  if (planes == 0 || S == 0) return;
+void block_output_cpu(const BlockOutputParams& p, int num_threads, bool vectorized) {
+  const GroupsShape shape = shape_of(p.groups);
+  const int64_t S = 2 * shape.low_size, rows = shape.batch * S, C = shape.channels;
+  if (rows == 0 || C == 0) return;
   const bool avx2 = vectorized && has_avx2_fma();
-  // A memory-bound pass: a thread pays off from ~64K output pixels.
-  parallel_rows(planes, worker_count(planes, S * S, 8 * kMinPixelsPerThread, num_threads),
-                [&](int64_t begin, int64_t end) { depth_to_space_box_planes(p, begin, end, avx2); });
+  const std::vector<float> packed_conv = packed_conv_weights(p.groups, avx2);
+  // From given groups a memory-bound pass: a thread pays off from ~64K output values.
+  const int64_t row_work = C * S + group_work_per_row(p.groups) / 8;
+  parallel_rows(rows, worker_count(rows, row_work, 8 * kMinPixelsPerThread, num_threads),
+                [&](int64_t begin, int64_t end) { block_output_rows(p, begin, end, avx2, packed_conv.data()); });
 }
 
 }  // namespace pybilayer

@@ -24,10 +24,12 @@ Two graphs come from the same weights (`FrameWeights`, read once from a Bilayer)
      the keypoint MLP.
   6. The three heads are one convolution with 6 output channels.
 
-  With ``native_heads`` the graph stops before the last depth-to-space (output ``phases``), and the
-  native kernel ``ops.heads`` does the rest in one pass (box sum, final activation, heads, tanh) with
-  ``folded_heads``: a graph runtime would write the full-resolution activation out and read it back
-  several times (in turns, whole frames: mnn 25.8 -> 24.1 ms, onnxruntime 44.1 -> 36.3 ms).
+  With ``native_heads`` the graph stops before the last block's up-sampling convolution (outputs
+  ``upsample_input`` and ``skip``), and the native kernel ``ops.heads`` does the rest in one pass (that
+  convolution as tap groups, box sum, final activation, heads, tanh) with ``folded_heads``: a graph
+  runtime would write the tap groups and the full-resolution activation out and read them back several
+  times (in turns, whole frames: mnn 25.8 -> 24.1 ms with the graph's tap groups, onnxruntime
+  44.1 -> 36.3 ms; the tap groups computed natively as well save ~0.9 ms more in mnn).
   ``build_folded_stages`` goes further for runtimes with slow depth-to-space: one graph per block, with
   ``ops.depth_to_space_box`` between them (onnxruntime: 41.3 -> 37.3 ms more, in turns).
 
@@ -48,7 +50,9 @@ NEGATIVE_SLOPE = 0.2
 OPSET = 17
 IR_VERSION = 8  # opset 17; readable by onnxruntime >= 1.13 and TensorRT 10/11
 OUTPUT_NAMES = ("delta_uv", "lf", "mask_logits")
-PHASES_OUTPUT = "phases"  # the folded graph's output when the native kernel runs the heads
+PHASES_OUTPUT = "phases"  # a per-block folded graph's output at a block boundary: the four tap groups
+# The folded graph's outputs when the native kernel runs the last block's up-sampling convolution and the heads
+UPSAMPLE_INPUT, SKIP_OUTPUT = "upsample_input", "skip"
 STAGE_INPUT = "x"  # input of the per-block folded graphs after the first: the previous block's output
 KEYPOINTS_INPUT = "keypoints"
 HEAD_CHANNELS = (2, 3, 1)
@@ -441,20 +445,25 @@ def fold_inputs(x_norm: _InputNorm, weight: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class HeadsWeights:
-    """One avatar's final activation and heads in the form of the native heads kernel (``ops.heads``):
+    """One avatar's last up-sampling convolution, final activation and heads in the form of the native
+    heads kernel (``ops.heads``): ``x = conv3x3(up2(upsample_input), conv_weight) + conv_bias + up2(skip)``,
     ``t = prelu(x * scale + shift, slope)`` per channel, then the three heads as one 3x3 convolution."""
 
+    conv_weight: np.ndarray  # (C, Cin, 3, 3) float32: the last block's convolution after its up-sampling
+    conv_bias: np.ndarray  # (C,) float32, the final norm's folded shift included
     scale: np.ndarray  # (C,) float32: the final norm's affine where it could not be folded, else 1
     shift: np.ndarray  # (C,) float32: ... else 0
     slope: np.ndarray  # (C,) float32
     weight: np.ndarray  # (6, C, 3, 3) float32, the final norm's gain folded in
     bias: np.ndarray  # (6,) float32
 
-    def finish(self, phases: np.ndarray, num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(delta_uv, lf, mask_logits) from the folded graph's ``phases`` output (``ops.heads``)."""
+    def finish(self, upsample_input: np.ndarray, skip: np.ndarray,
+               num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(delta_uv, lf, mask_logits) from the folded graph's ``upsample_input`` and ``skip`` outputs."""
         from .. import ops
 
-        return ops.heads(phases, self.scale, self.shift, self.slope, self.weight, self.bias, num_threads=num_threads)
+        groups = ops.UpsampleConv(upsample_input, self.conv_weight, self.conv_bias, skip)
+        return ops.heads(groups, self.scale, self.shift, self.slope, self.weight, self.bias, num_threads=num_threads)
 
 
 def _params_and_affines(weights: FrameWeights, flat_params: dict[str, np.ndarray]):
@@ -463,11 +472,15 @@ def _params_and_affines(weights: FrameWeights, flat_params: dict[str, np.ndarray
 
 
 def folded_heads(weights: FrameWeights, flat_params: dict[str, np.ndarray]) -> HeadsWeights:
-    """The tail that ``build_folded_graph(..., native_heads=True)`` leaves to the native kernel."""
+    """The last block's up-sampling convolution and the heads, which ``build_folded_graph(...,
+    native_heads=True)`` leaves to the native kernel."""
     _, affines = _params_and_affines(weights, flat_params)
     final = _input_norm(weights, affines, len(weights.blocks))
     f32 = functools.partial(np.ascontiguousarray, dtype=np.float32)
+    last = weights.blocks[-1]
     return HeadsWeights(
+        conv_weight=f32(last.conv2_weight),
+        conv_bias=f32(last.conv2_bias + final.shift),
         scale=f32(np.where(final.explicit, final.a, 1.0)),
         shift=f32(np.where(final.explicit, final.c, 0.0)),
         slope=f32(final.slope),
@@ -495,17 +508,19 @@ def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray]
     ``flat_params``: ``InferenceParams.flatten()`` of one identity as numpy arrays (batch dim 1).
     ``subpixel_blocks``: indices of blocks whose up-sampling + conv runs at the low resolution
     (``upsample_conv_taps``; default all), the others up-sample first.
-    ``native_heads``: the graph ends at the last block's four tap groups (output ``phases``,
-    (N, 4C, S/2 + 1, S/2 + 1)); the native kernel ``ops.heads`` with ``folded_heads`` finishes the frame.
+    ``native_heads``: the graph ends before the last block's up-sampling convolution (outputs
+    ``upsample_input`` (N, C, S/2, S/2) and ``skip`` (N, C, S/2, S/2)); the native kernel ``ops.heads``
+    with ``folded_heads`` finishes the frame.
     """
     (graph,) = _folded_graphs(weights, flat_params, subpixel_blocks, "heads" if native_heads else "none")
     return graph
 
 
 def build_folded_stages(weights: FrameWeights, flat_params: dict[str, np.ndarray]) -> list:
-    """The folded network as one graph per block, each ending at its block's four tap groups (``phases``).
-    The first takes ``keypoints``; each later one takes ``x`` (N, C, S, S), the previous block's output,
-    which ``ops.depth_to_space_box`` makes from the previous ``phases``; ``ops.heads`` finishes the last.
+    """The folded network as one graph per block, each ending at its block's four tap groups (``phases``),
+    the last one as ``build_folded_graph(..., native_heads=True)``. The first takes ``keypoints``; each
+    later one takes ``x`` (N, C, S, S), the previous block's output, which ``ops.depth_to_space_box`` makes
+    from the previous ``phases``; ``HeadsWeights.finish`` finishes the last.
     onnxruntime runs depth-to-space, slice and box slowly (with layout reorders around them: ~9 ms of its
     37 ms graph); the native pass takes ~0.3 ms at the largest boundary."""
     return _folded_graphs(weights, flat_params, None, "blocks")
@@ -518,8 +533,6 @@ def _folded_graphs(weights: FrameWeights, flat_params: dict[str, np.ndarray], su
     p, affines = _params_and_affines(weights, flat_params)
     n = len(weights.blocks)
     subpixel_blocks = set(range(n)) if subpixel_blocks is None else set(subpixel_blocks)
-    if split == "heads" and n - 1 not in subpixel_blocks:
-        raise ValueError("native_heads needs the last block's up-sampling at the low resolution (subpixel)")
     doc = {"heads": "up to the heads", "blocks": "one block"}.get(split, "")
     graphs = []
     b = _Builder(np.float32)
@@ -554,18 +567,22 @@ def _folded_graphs(weights: FrameWeights, flat_params: dict[str, np.ndarray], su
         h = b.lrelu(b.conv(t, w1, b1, hint=f"b{j}_conv1"))  # conv + norm2 + lrelu (fused by ORT)
         nxt = _input_norm(weights, affines, j + 1)
         b2 = blk.conv2_bias + nxt.shift  # the next norm's shift moves into this block's output
+        if split != "none" and j == n - 1:  # the native kernel takes over
+            b.add_output(h, UPSAMPLE_INPUT, ["N", c_out, s, s], TensorProto.FLOAT)
+            b.add_output(skip, SKIP_OUTPUT, ["N", c_out, s, s], TensorProto.FLOAT)
+            name = f"bilayer_frame_folded_block{j}" if split == "blocks" else "bilayer_frame_folded_heads"
+            graphs.append(b.model(name, doc=f"pybilayer per-frame network with one avatar folded in, {doc}"))
+            return graphs
         if j in subpixel_blocks:
             groups = []
             for g, (k, pads) in enumerate(weights.conv2_taps(j)):
                 groups.append(b.conv(h, k, b2 if g == 0 else None, pads=pads, hint=f"b{j}_conv2"))
             groups[0] = b.op("Add", [groups[0], b.op("Pad", [skip, b.ints([0, 0, 1, 1, 0, 0, 0, 0])])])
             phases = b.op("Concat", groups, axis=1)
-            if (split == "heads" and j == n - 1) or split == "blocks":
+            if split == "blocks":
                 b.add_output(phases, PHASES_OUTPUT, ["N", 4 * c_out, s + 1, s + 1], TensorProto.FLOAT)
-                name = f"bilayer_frame_folded_block{j}" if split == "blocks" else "bilayer_frame_folded_phases"
-                graphs.append(b.model(name, doc=f"pybilayer per-frame network with one avatar folded in, {doc}"))
-                if j == n - 1:
-                    return graphs
+                graphs.append(b.model(f"bilayer_frame_folded_block{j}",
+                                      doc=f"pybilayer per-frame network with one avatar folded in, {doc}"))
                 b = _Builder(np.float32)
                 x = b.add_input(STAGE_INPUT, ["N", c_out, 2 * s, 2 * s], TensorProto.FLOAT)
             else:

@@ -3,10 +3,11 @@
 At ``prepare`` the avatar's parameters are folded into the weights (``frame_graph.build_folded_graph``,
 the graph the onnxruntime backend runs by default), MNN's converter turns that ONNX graph into an MNN
 model, and MNN loads it as a module of its own. MNN runs the 3x3 convolutions with Winograd kernels.
-Where the native core is built, the graph stops at the last block's tap groups and ``ops.heads`` finishes
-the frame (``native_heads``). Per frame (released size, batch 1, 2 threads, 2-core AVX2): the forward up
-to the tap groups ~20 ms and the native heads ~2.3 ms, against ~23.3 ms for the full graph in MNN and
-~45 ms for the full graph in onnxruntime; the warped image within ~3e-5 of the torch reference.
+Where the native core is built, the graph stops before the last block's up-sampling convolution and
+``ops.heads`` computes that convolution and finishes the frame (``native_heads``). Per frame (released
+size, batch 1, 2 threads, 2-core AVX2): the forward ~17.8 ms and the native pass ~4 ms, against
+~23.3 ms for the full graph in MNN and ~45 ms for the full graph in onnxruntime; the warped image within
+~3e-5 of the torch reference.
 Precision "high": fp32 throughout, no fp16/bf16.
 
 Cost per avatar (released size, measured under load): ~0.4 s, counted as avatar creation: folding
@@ -41,7 +42,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, EngineError
 from .base import FrameBackend, FrameOutputs, PreparedAvatar, use_native_heads
-from .frame_graph import (HEAD_CHANNELS, KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, FrameWeights,
+from .frame_graph import (HEAD_CHANNELS, KEYPOINTS_INPUT, OUTPUT_NAMES, SKIP_OUTPUT, UPSAMPLE_INPUT, FrameWeights,
                           build_folded_frame)
 
 INSTALL_HINT = "`pip install mnn==3.6.1`"
@@ -228,7 +229,7 @@ class MnnBackend(FrameBackend):
     def prepare(self, avatar) -> PreparedAvatar:
         texture = avatar.texture.detach().float().numpy()
         (graph,), heads = build_folded_frame(self.weights, avatar.flat_params(), self.native_heads)
-        outputs = [PHASES_OUTPUT] if self.native_heads else list(OUTPUT_NAMES)
+        outputs = [UPSAMPLE_INPUT, SKIP_OUTPUT] if self.native_heads else list(OUTPUT_NAMES)
         module = load_module(graph, [KEYPOINTS_INPUT], outputs, self._runtime)
         # MNN plans the graph and transforms the weights on the first forward (~80-130 ms at the released
         # size): pay it here, with the avatar, rather than as a hitch on its first frame.
@@ -236,11 +237,11 @@ class MnnBackend(FrameBackend):
         return PreparedAvatar(texture, (module, heads))
 
     def _forward(self, module, heads, keypoints: np.ndarray) -> list[np.ndarray]:
-        """One frame's outputs: the graph's, or its phases finished by the native heads kernel."""
+        """One frame's outputs: the graph's, or finished by the native heads kernel from the graph's."""
         if heads is None:
             return run_module(module, [keypoints])
-        (phases,) = run_module(module, [keypoints], copy=False)  # read before the next forward reuses it
-        return list(heads.finish(phases, self.num_threads))
+        upsample_input, skip = run_module(module, [keypoints], copy=False)  # read before the next forward
+        return list(heads.finish(upsample_input, skip, self.num_threads))
 
     def run(self, groups: Sequence[tuple[PreparedAvatar, np.ndarray]]) -> list[FrameOutputs]:
         size = self.image_size

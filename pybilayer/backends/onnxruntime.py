@@ -25,8 +25,8 @@ import numpy as np
 from .. import ops
 from ..errors import BackendUnavailableError
 from .base import FrameBackend, FrameOutputs, PreparedAvatar, split_outputs, use_native_heads
-from .frame_graph import (KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, STAGE_INPUT, FrameWeights,
-                          build_folded_frame, build_generic_graph)
+from .frame_graph import (KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, SKIP_OUTPUT, STAGE_INPUT, UPSAMPLE_INPUT,
+                          FrameWeights, build_folded_frame, build_generic_graph)
 from .int8 import calibration_keypoints, quantize_folded_graph
 
 GraphMode = Literal["folded", "generic"]
@@ -127,11 +127,12 @@ class OnnxRuntimeBackend(FrameBackend):
                 if heads is None:
                     results.append(FrameOutputs(*sessions[0].run(OUTPUT_NAMES, {KEYPOINTS_INPUT: keypoints})))
                     continue
-                (phases,) = sessions[0].run([PHASES_OUTPUT], {KEYPOINTS_INPUT: keypoints})
-                for session in sessions[1:]:  # per-block graphs: the native pass joins them
-                    x = ops.depth_to_space_box(phases, num_threads=self.threads)
-                    (phases,) = session.run([PHASES_OUTPUT], {STAGE_INPUT: x})
-                results.append(FrameOutputs(*heads.finish(phases, self.threads)))
+                feed = {KEYPOINTS_INPUT: keypoints}
+                for session in sessions[:-1]:  # per-block graphs: the native pass joins them
+                    (phases,) = session.run([PHASES_OUTPUT], feed)
+                    feed = {STAGE_INPUT: ops.depth_to_space_box(phases, num_threads=self.threads)}
+                upsample_input, skip = sessions[-1].run([UPSAMPLE_INPUT, SKIP_OUTPUT], feed)
+                results.append(FrameOutputs(*heads.finish(upsample_input, skip, self.threads)))
             return results
         sizes = [len(kp) for _, kp in groups]
         feeds = {KEYPOINTS_INPUT: np.concatenate([kp for _, kp in groups])}
