@@ -336,6 +336,22 @@ class GroupRows {
   int64_t loaded_[2] = {-1, -1};
 };
 
+// Box row R(m) of every channel c of item b into out(c), from the group rows of m's parity.
+template <typename Out>
+void box_rows_from(GroupRows& groups, int64_t b, int64_t m, bool avx2, int64_t C, int64_t s, const Out& out) {
+  const auto [even, odd] = groups.get(b, m % 2, m / 2, avx2);
+  const int64_t stride = groups.stride();
+  for (int64_t c = 0; c < C; ++c) {
+#ifdef PYBILAYER_HEADS_AVX2
+    if (avx2) {
+      box_row_avx2(even + c * stride, odd + c * stride, out(c), s);
+      continue;
+    }
+#endif
+    box_row_portable(even + c * stride, odd + c * stride, out(c), 0, s);
+  }
+}
+
 // A worker's rows; see the file comment.
 class Rows {
  public:
@@ -382,28 +398,10 @@ class Rows {
 
   // Box row R(m) of every channel of the current item.
   void box_rows(int64_t m) {
-    box_rows_of(groups_, item_, m, avx2_, C_, s_, [&](int64_t c) { return box(c, m); });
+    box_rows_from(groups_, item_, m, avx2_, C_, s_, [&](int64_t c) { return box(c, m); });
     last_box_row_ = m;
   }
 
- public:
-  // Box row R(m) of every channel c of item b into out(c), from the group rows of m's parity.
-  template <typename Out>
-  static void box_rows_of(GroupRows& groups, int64_t b, int64_t m, bool avx2, int64_t C, int64_t s, const Out& out) {
-    const auto [even, odd] = groups.get(b, m % 2, m / 2, avx2);
-    const int64_t stride = groups.stride();
-    for (int64_t c = 0; c < C; ++c) {
-#ifdef PYBILAYER_HEADS_AVX2
-      if (avx2) {
-        box_row_avx2(even + c * stride, odd + c * stride, out(c), s);
-        continue;
-      }
-#endif
-      box_row_portable(even + c * stride, odd + c * stride, out(c), 0, s);
-    }
-  }
-
- private:
   const HeadsParams& p_;
   const bool avx2_;
   GroupRows groups_;
@@ -502,7 +500,7 @@ void block_output_rows(const BlockOutputParams& p, int64_t row_begin, int64_t ro
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t b = r / S, y = r % S;
     for (int64_t m = (b == item && last == y + 1) ? y + 2 : y + 1; m <= y + 2; ++m)
-      Rows::box_rows_of(groups, b, m, avx2, C, s, [&](int64_t c) { return box.data() + (c * 2 + m % 2) * S; });
+      box_rows_from(groups, b, m, avx2, C, s, [&](int64_t c) { return box.data() + (c * 2 + m % 2) * S; });
     item = b, last = y + 2;
     for (int64_t c = 0; c < C; ++c) {
       const float* upper = box.data() + (c * 2 + (y + 1) % 2) * S;

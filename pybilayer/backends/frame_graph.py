@@ -533,7 +533,7 @@ def _folded_graphs(weights: FrameWeights, flat_params: dict[str, np.ndarray], su
     p, affines = _params_and_affines(weights, flat_params)
     n = len(weights.blocks)
     subpixel_blocks = set(range(n)) if subpixel_blocks is None else set(subpixel_blocks)
-    doc = {"heads": "up to the heads", "blocks": "one block"}.get(split, "")
+    doc = {"heads": "up to the last up-sampling convolution", "blocks": "one block"}.get(split, "")
     graphs = []
     b = _Builder(np.float32)
     kp = b.add_input(KEYPOINTS_INPUT, ["N", 68, 2], TensorProto.FLOAT)
