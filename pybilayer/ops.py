@@ -202,7 +202,7 @@ def heads(
         return tuple(t.numpy() for t in heads_reference(_as_torch_groups(groups), *map(torch.from_numpy, params)))
     batch, size = _output_batch_size(groups)
     outputs = tuple(np.empty((batch, c, size, size), np.float32) for c in (2, 3, 1))
-    options = {"num_threads": 0 if num_threads is None else int(num_threads), "vectorized": bool(vectorized)}
+    options = _cpu_kernel_options(num_threads, vectorized)
     if isinstance(groups, UpsampleConv):
         native.load().upsample_conv_heads(*groups, *params, *outputs, **options)
     else:
@@ -235,8 +235,7 @@ def upsample_conv(input: np.ndarray, weight: np.ndarray, bias: np.ndarray, skip:
         return upsample_conv_reference(*_as_torch_groups(groups)).numpy()
     batch, size = _output_batch_size(groups)
     out = np.empty((batch, groups.weight.shape[0], size, size), np.float32)
-    native.load().upsample_conv(*groups, out, num_threads=0 if num_threads is None else int(num_threads),
-                                vectorized=bool(vectorized))
+    native.load().upsample_conv(*groups, out, **_cpu_kernel_options(num_threads, vectorized))
     return out
 
 
@@ -258,8 +257,7 @@ def depth_to_space_box(phases: np.ndarray, *, num_threads: int | None = None, ve
         return depth_to_space_box_reference(torch.from_numpy(phases)).numpy()
     batch, groups_channels, side, _ = phases.shape
     out = np.empty((batch, groups_channels // 4, 2 * (side - 1), 2 * (side - 1)), np.float32)
-    native.load().depth_to_space_box(phases, out, num_threads=0 if num_threads is None else int(num_threads),
-                                     vectorized=bool(vectorized))
+    native.load().depth_to_space_box(phases, out, **_cpu_kernel_options(num_threads, vectorized))
     return out
 
 
@@ -317,6 +315,11 @@ def _groups_arrays(groups: Any) -> np.ndarray | UpsampleConv:
     if phases.ndim != 4:
         raise ValueError(f"phases: expected (B, 4C, s+1, s+1), got shape {phases.shape}")
     return phases
+
+
+def _cpu_kernel_options(num_threads: int | None, vectorized: bool) -> dict[str, Any]:
+    """The threading and code-path arguments of the native CPU kernels (0 threads: every core)."""
+    return {"num_threads": 0 if num_threads is None else int(num_threads), "vectorized": bool(vectorized)}
 
 
 def _output_batch_size(groups: np.ndarray | UpsampleConv) -> tuple[int, int]:

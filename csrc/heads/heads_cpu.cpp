@@ -266,10 +266,10 @@ class GroupRows {
     }
     // The even-parity, even-column group (ee) starts from the bias and the skip (row g-1, column k-1).
     const bool with_init = parity == 0;
+    const bool has_skip = conv.skip != nullptr && g >= 1;
     if (with_init)
       for (int64_t c = 0; c < C; ++c) {
         float* init = init_.data() + c * width_;
-        const bool has_skip = conv.skip != nullptr && g >= 1;
         init[0] = conv.bias[c];
         for (int64_t x = 0; x < s; ++x)
           init[x + 1] = conv.bias[c] + (has_skip ? conv.skip[((b * C + c) * s + g - 1) * s + x] : 0.f);

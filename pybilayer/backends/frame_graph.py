@@ -29,7 +29,8 @@ Two graphs come from the same weights (`FrameWeights`, read once from a Bilayer)
   convolution as tap groups, box sum, final activation, heads, tanh) with ``folded_heads``: a graph
   runtime would write the tap groups and the full-resolution activation out and read them back several
   times (in turns, whole frames: mnn 25.8 -> 24.1 ms with the graph's tap groups, onnxruntime
-  44.1 -> 36.3 ms; the tap groups computed natively as well save ~0.9 ms more in mnn).
+  44.1 -> 36.3 ms; computing the last tap groups natively as well: mnn 24.4 -> 23.4 ms, onnxruntime
+  34.0 -> 31.8 ms per block).
   ``build_folded_stages`` goes further for runtimes with slow depth-to-space: one graph per block, with
   ``ops.depth_to_space_box`` between them (onnxruntime: 41.3 -> 37.3 ms more, in turns).
 
@@ -507,7 +508,8 @@ def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray]
 
     ``flat_params``: ``InferenceParams.flatten()`` of one identity as numpy arrays (batch dim 1).
     ``subpixel_blocks``: indices of blocks whose up-sampling + conv runs at the low resolution
-    (``upsample_conv_taps``; default all), the others up-sample first.
+    (``upsample_conv_taps``; default all), the others up-sample first. With ``native_heads`` the last
+    block's up-sampling convolution is the native kernel's, whichever blocks are named.
     ``native_heads``: the graph ends before the last block's up-sampling convolution (outputs
     ``upsample_input`` (N, C, S/2, S/2) and ``skip`` (N, C, S/2, S/2)); the native kernel ``ops.heads``
     with ``folded_heads`` finishes the frame.
