@@ -336,29 +336,50 @@ class GroupRows {
   int64_t loaded_[2] = {-1, -1};
 };
 
-// Box row R(m) of every channel c of item b into out(c), from the group rows of m's parity.
-template <typename Out>
-void box_rows_from(GroupRows& groups, int64_t b, int64_t m, bool avx2, int64_t C, int64_t s, const Out& out) {
-  const auto [even, odd] = groups.get(b, m % 2, m / 2, avx2);
-  const int64_t stride = groups.stride();
-  for (int64_t c = 0; c < C; ++c) {
+// A worker's box rows: R(y+1) and R(y+2) of every channel, the two that output row y reads, made from the
+// group rows of their parity as the worker's rows advance (each row of the groups is then used once).
+class BoxRows {
+ public:
+  BoxRows(const TapGroups& groups, const float* packed_conv, bool avx2)
+      : groups_(groups, packed_conv), avx2_(avx2), C_(shape_of(groups).channels), s_(shape_of(groups).low_size),
+        box_(2 * C_ * 2 * s_) {}
+
+  // Makes R(y+1) and R(y+2) of item b available: only R(y+2) is new when row y-1 of b came last.
+  void advance(int64_t b, int64_t y) {
+    for (int64_t m = (b == item_ && last_ == y + 1) ? y + 2 : y + 1; m <= y + 2; ++m) {
+      const auto [even, odd] = groups_.get(b, m % 2, m / 2, avx2_);
+      const int64_t stride = groups_.stride();
+      for (int64_t c = 0; c < C_; ++c) {
+        float* out = box_.data() + (c * 2 + m % 2) * 2 * s_;
 #ifdef PYBILAYER_HEADS_AVX2
-    if (avx2) {
-      box_row_avx2(even + c * stride, odd + c * stride, out(c), s);
-      continue;
-    }
+        if (avx2_) {
+          box_row_avx2(even + c * stride, odd + c * stride, out, s_);
+          continue;
+        }
 #endif
-    box_row_portable(even + c * stride, odd + c * stride, out(c), 0, s);
+        box_row_portable(even + c * stride, odd + c * stride, out, 0, s_);
+      }
+    }
+    item_ = b, last_ = y + 2;
   }
-}
+
+  // Box row R(m) of channel c, for m = y+1 or y+2 of the last advance(b, y).
+  const float* row(int64_t c, int64_t m) const { return box_.data() + (c * 2 + m % 2) * 2 * s_; }
+
+ private:
+  GroupRows groups_;
+  const bool avx2_;
+  const int64_t C_, s_;
+  std::vector<float> box_;          // R(m) of channel c at (c * 2 + m % 2) * 2s
+  int64_t item_ = -1, last_ = -1;  // the rows hold R(last_ - 1) and R(last_) of item_
+};
 
 // A worker's rows; see the file comment.
 class Rows {
  public:
   Rows(const HeadsParams& p, bool avx2, const float* packed_conv)
-      : p_(p), avx2_(avx2), groups_(p.groups, packed_conv), C_(shape_of(p.groups).channels),
-        s_(shape_of(p.groups).low_size), S_(2 * s_), stride_(S_ + 2 + kBlock), box_(2 * C_ * S_),
-        act_(3 * C_ * stride_, 0.f) {}
+      : p_(p), avx2_(avx2), box_rows_(p.groups, packed_conv, avx2), C_(shape_of(p.groups).channels),
+        S_(2 * shape_of(p.groups).low_size), stride_(S_ + 2 + kBlock), act_(3 * C_ * stride_, 0.f) {}
 
   // Activation row t(y) of channel c, with t(y)[-1] and t(y)[S] zero; valid after fill(b, y). Channel c's
   // row is channel 0's plus c * channel_stride().
@@ -367,20 +388,15 @@ class Rows {
 
   // Makes t(y) of item b available: from the box rows R(y+1) and R(y+2), zeros outside the frame.
   void fill(int64_t b, int64_t y) {
-    if (b != item_) {
-      item_ = b;
-      last_box_row_ = -1;
-    }
     if (y < 0 || y >= S_) {
       for (int64_t c = 0; c < C_; ++c)
         std::memset(act_.data() + (c * 3 + slot(y)) * stride_, 0, sizeof(float) * stride_);
       return;
     }
-    if (last_box_row_ != y + 1) box_rows(y + 1);
-    box_rows(y + 2);
+    box_rows_.advance(b, y);
     for (int64_t c = 0; c < C_; ++c) {
       float* t = act_.data() + (c * 3 + slot(y)) * stride_ + 1;
-      const float *r0 = box(c, y + 1), *r1 = box(c, y + 2);
+      const float *r0 = box_rows_.row(c, y + 1), *r1 = box_rows_.row(c, y + 2);
 #ifdef PYBILAYER_HEADS_AVX2
       if (avx2_)
         activate_avx2(r0, r1, p_.scale[c], p_.shift[c], p_.slope[c], t, S_);
@@ -394,20 +410,12 @@ class Rows {
 
  private:
   static int64_t slot(int64_t y) { return (y % 3 + 3) % 3; }
-  float* box(int64_t c, int64_t m) { return box_.data() + (c * 2 + (m & 1)) * S_; }
-
-  // Box row R(m) of every channel of the current item.
-  void box_rows(int64_t m) {
-    box_rows_from(groups_, item_, m, avx2_, C_, s_, [&](int64_t c) { return box(c, m); });
-    last_box_row_ = m;
-  }
 
   const HeadsParams& p_;
   const bool avx2_;
-  GroupRows groups_;
-  const int64_t C_, s_, S_, stride_;
-  std::vector<float> box_, act_;
-  int64_t item_ = -1, last_box_row_ = -1;
+  BoxRows box_rows_;
+  const int64_t C_, S_, stride_;
+  std::vector<float> act_;
 };
 
 // Output row y of item b: channel o's row pointer.
@@ -493,18 +501,13 @@ PYBILAYER_AVX2 void heads_row_avx2(const HeadsParams& p, const Rows& rows, int64
 void block_output_rows(const BlockOutputParams& p, int64_t row_begin, int64_t row_end, bool avx2,
                        const float* packed_conv) {
   const GroupsShape shape = shape_of(p.groups);
-  const int64_t C = shape.channels, s = shape.low_size, S = 2 * s;
-  GroupRows groups(p.groups, packed_conv);
-  std::vector<float> box(2 * C * S);  // R(m) of channel c at (c * 2 + m % 2) * S
-  int64_t item = -1, last = -1;       // box rows of `item` hold R(last - 1) and R(last)
+  const int64_t C = shape.channels, S = 2 * shape.low_size;
+  BoxRows box_rows(p.groups, packed_conv, avx2);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t b = r / S, y = r % S;
-    for (int64_t m = (b == item && last == y + 1) ? y + 2 : y + 1; m <= y + 2; ++m)
-      box_rows_from(groups, b, m, avx2, C, s, [&](int64_t c) { return box.data() + (c * 2 + m % 2) * S; });
-    item = b, last = y + 2;
+    box_rows.advance(b, y);
     for (int64_t c = 0; c < C; ++c) {
-      const float* upper = box.data() + (c * 2 + (y + 1) % 2) * S;
-      const float* lower = box.data() + (c * 2 + y % 2) * S;  // R(y+2): the parity of y
+      const float *upper = box_rows.row(c, y + 1), *lower = box_rows.row(c, y + 2);
       float* __restrict__ x = p.out + ((b * C + c) * S + y) * S;
       for (int64_t i = 0; i < S; ++i) x[i] = upper[i] + lower[i];
     }
