@@ -494,7 +494,7 @@ def build_folded_frame(weights: FrameWeights, flat_params: dict[str, np.ndarray]
                        per_block: bool = False):
     """What a folded-graph backend prepares per avatar: its graphs (one, or with ``per_block`` one per
     block, see ``build_folded_stages``), and with ``native_heads`` the heads that ``HeadsWeights.finish``
-    runs on the last graph's ``phases`` output (else None)."""
+    runs on the last graph's ``upsample_input`` and ``skip`` outputs (else None)."""
     if per_block and not native_heads:
         raise ValueError("per_block graphs need native_heads (their boundaries run native kernels)")
     graphs = (build_folded_stages(weights, flat_params) if per_block
