@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 from . import native
 
-__all__ = ["UpsampleConv", "composite", "composite_reference", "depth_to_space_box", "depth_to_space_box_reference",
-           "heads", "heads_reference", "identity_grid", "upsample_conv", "upsample_conv_reference"]
+__all__ = ["LowResStage", "UpsampleConv", "composite", "composite_reference", "depth_to_space_box",
+           "depth_to_space_box_reference", "heads", "heads_reference", "identity_grid", "low_res_stage_reference",
+           "upsample_conv", "upsample_conv_reference"]
 
 _OUT_KINDS = {"uint8": np.uint8, "float32": np.float32}
 _TYPESTR_NAMES = {"<f4": "float32", "<f2": "float16", "|u1": "uint8"}
@@ -269,6 +270,67 @@ def depth_to_space_box_reference(phases: torch.Tensor) -> torch.Tensor:
     crd = phases.reshape(batch, 4, channels, side, side).transpose(1, 2).reshape(batch, groups_channels, side, side)
     v = F.pixel_shuffle(crd, 2)[:, :, 1:, 1:]
     return F.conv2d(v, torch.ones(channels, 1, 2, 2, dtype=phases.dtype), groups=channels)
+
+
+class LowResStage:
+    """The per-frame network's keypoint MLP and first up-sampling blocks, one avatar folded in, in one native
+    CPU call (``csrc/lowres``: direct convolutions on channels-last maps, three passes per block). Graph
+    runtimes run these small, wide maps (4-16 px, 256 channels at the released size) far below the CPU's
+    multiply-add rate.
+
+    ``mlp``: [(weight (out, in), bias (out,))], LeakyReLU(0.2) between layers; the last layer's outputs are
+    the first block's input x, (C0, s0, s0) with s0 = ``input_size``. ``blocks``: per block a dict of
+    ``scale``, ``shift``, ``slope`` (Cin,), ``conv1_weight`` (C, Cin, 3, 3), ``conv1_bias``,
+    ``conv2_weight`` (C, C, 3, 3), ``conv2_bias``, ``skip_weight`` (C, Cin), ``skip_bias`` (C,), computing
+    ``t = prelu(x * scale + shift, slope)``, ``h = lrelu(conv3x3(t, conv1) + conv1_bias, 0.2)`` and the next
+    x ``= conv3x3(up2(h), conv2) + conv2_bias + up2(conv1x1(x, skip) + skip_bias)`` (``low_res_stage_reference``).
+    The weights are copied once; calls are serialised. Needs the native core (no fallback: callers use the
+    graph instead)."""
+
+    def __init__(self, mlp: Sequence[tuple[np.ndarray, np.ndarray]], blocks: Sequence[dict[str, np.ndarray]],
+                 input_size: int):
+        caps = native.capabilities()
+        if not caps.native:
+            from .errors import BackendUnavailableError
+
+            raise BackendUnavailableError(f"LowResStage needs the native core: {caps.native_reason}")
+        as_floats = functools.partial(np.ascontiguousarray, dtype=np.float32)
+        self._stage = native.load().LowResStage(
+            [(as_floats(w), as_floats(b)) for w, b in mlp],
+            [{k: as_floats(v) for k, v in block.items()} for block in blocks], int(input_size))
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(C, S, S) of one item's output."""
+        return self._stage.out_channels, self._stage.out_size, self._stage.out_size
+
+    def __call__(self, features: np.ndarray, *, num_threads: int | None = None, vectorized: bool = True) -> np.ndarray:
+        """features (B, F) float32 (the MLP's input) -> a new (B, C, S, S) float32 array, the last block's output.
+        ``num_threads``: None uses every core. ``vectorized=False`` forces the kernel's portable path."""
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        if features.ndim != 2:
+            raise ValueError(f"features: expected (B, F), got shape {features.shape}")
+        out = np.empty((features.shape[0], *self.output_shape), np.float32)
+        self._stage.run(features, out, **_cpu_kernel_options(num_threads, vectorized))
+        return out
+
+
+def low_res_stage_reference(features: torch.Tensor, mlp: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                            blocks: Sequence[dict[str, torch.Tensor]], input_size: int) -> torch.Tensor:
+    """``LowResStage`` in plain PyTorch, in the inputs' dtype (the nearest up-sampling done explicitly)."""
+    h = features
+    for i, (weight, bias) in enumerate(mlp):
+        h = F.linear(h, weight, bias)
+        if i + 1 < len(mlp):
+            h = F.leaky_relu(h, 0.2)
+    x = h.reshape(len(h), -1, input_size, input_size)
+    for b in blocks:
+        v = x * b["scale"].view(1, -1, 1, 1) + b["shift"].view(1, -1, 1, 1)
+        t = torch.where(v < 0, v * b["slope"].view(1, -1, 1, 1), v)
+        h = F.leaky_relu(F.conv2d(t, b["conv1_weight"], b["conv1_bias"], padding=1), 0.2)
+        skip = F.conv2d(x, b["skip_weight"][:, :, None, None], b["skip_bias"])
+        x = upsample_conv_reference(h, b["conv2_weight"], b["conv2_bias"], skip)
+    return x
 
 
 def identity_grid(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:

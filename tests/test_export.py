@@ -214,13 +214,82 @@ def test_per_block_graphs_with_native_passes_match_reference(which, request):
     assert max(_max_abs(out, ref)) <= atol, _max_abs(out, ref)
 
 
+@pytest.fixture(scope="module")
+def tiny_harmonic():
+    torch.manual_seed(9)
+    config = BilayerConfig.tiny(64, harmonic_encoding=True, texture_enhancer=False, discriminator=False)
+    return _model(config, spread=0.5)
+
+
+@pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
+@pytest.mark.parametrize("which, per_block", [("tiny", False), ("tiny", True), ("tiny_harmonic", False),
+                                              ("full", False), ("full", True)])
+def test_native_stage_then_graphs_match_reference(which, per_block, request):
+    """The native stage (keypoint MLP and the first blocks) and the graphs from there on (mnn's and
+    onnxruntime's paths), with the norm1 edge cases inside the stage and at its boundary."""
+    from pybilayer import ops
+    from pybilayer.backends.frame_graph import STAGE_INPUT, build_folded_frame, default_native_blocks, mlp_features
+
+    model = request.getfixturevalue(which)
+    weights = FrameWeights.from_model(model)
+    params = _with_edge_cases(_params(model, 1))
+    flat = {k: v.numpy() for k, v in params.flatten().items()}
+    native_blocks = default_native_blocks(weights)
+    assert native_blocks == 2  # inputs of 4 and 8 px, in both sizes
+    frame = build_folded_frame(weights, flat, native_heads=True, per_block=per_block, native_blocks=native_blocks)
+    assert len(frame.graphs) == (len(weights.blocks) - native_blocks if per_block else 1)
+    keypoints = _keypoints(model, 3, seed=4)
+    x = frame.low_res.stage()(mlp_features(weights.frequencies, keypoints), num_threads=2)
+    for graph in frame.graphs:
+        onnx.checker.check_model(graph)
+        assert [i.name for i in graph.graph.input] == [STAGE_INPUT]
+    for graph in frame.graphs[:-1]:
+        (phases,) = create_session(graph, threads=1).run([PHASES_OUTPUT], {STAGE_INPUT: x})
+        x = ops.depth_to_space_box(phases, num_threads=2)
+    upsample_input, skip = create_session(frame.graphs[-1], threads=1).run([UPSAMPLE_INPUT, SKIP_OUTPUT], {STAGE_INPUT: x})
+    out = frame.heads.finish(upsample_input, skip, num_threads=2)
+    ref = _reference(model, keypoints, params.repeat_frames(3))
+    _, atol = TOLERANCES["onnx_fp32"]
+    assert max(_max_abs(out, ref)) <= atol, _max_abs(out, ref)
+
+
+def test_native_stage_output_is_the_stage_graphs_input(tiny):
+    """folded_low_res_stage in plain PyTorch (ops.low_res_stage_reference, no native core needed) gives the
+    input that the graph from block k expects: the output of the per-block graphs 0..k-1."""
+    from pybilayer import ops
+    from pybilayer.backends.frame_graph import build_folded_stages, folded_low_res_stage, mlp_features
+
+    weights = FrameWeights.from_model(tiny)
+    params = _with_edge_cases(_params(tiny, 1))
+    flat = {k: v.numpy() for k, v in params.flatten().items()}
+    keypoints = _keypoints(tiny, 2, seed=5)
+    stages = build_folded_stages(weights, flat)
+    for k in (1, 2, 3):
+        low_res = folded_low_res_stage(weights, flat, k)
+        as64 = lambda a: torch.from_numpy(a).double()  # noqa: E731
+        got = ops.low_res_stage_reference(as64(mlp_features(weights.frequencies, keypoints)),
+                                          [(as64(w), as64(b)) for w, b in low_res.mlp],
+                                          [{name: as64(v) for name, v in b.items()} for b in low_res.blocks],
+                                          low_res.input_size).numpy()
+        x = keypoints
+        for stage in stages[:k]:
+            (phases,) = create_session(stage, threads=1).run([PHASES_OUTPUT], {stage.graph.input[0].name: x})
+            x = ops.depth_to_space_box_reference(torch.from_numpy(phases)).numpy()
+        assert got.shape == x.shape
+        np.testing.assert_allclose(got, x, rtol=0, atol=2e-5 * max(1.0, float(np.abs(x).max())))
+    with pytest.raises(ValueError, match="num_blocks must be in"):
+        folded_low_res_stage(weights, flat, len(weights.blocks))
+
+
 def test_per_block_graphs_need_native_heads(tiny):
     from pybilayer.backends.frame_graph import build_folded_frame
 
     weights = FrameWeights.from_model(tiny)
     flat = {k: v.numpy() for k, v in _params(tiny, 1).flatten().items()}
-    with pytest.raises(ValueError, match="per_block graphs need native_heads"):
+    with pytest.raises(ValueError, match="need native_heads"):
         build_folded_frame(weights, flat, native_heads=False, per_block=True)
+    with pytest.raises(ValueError, match="need native_heads"):
+        build_folded_frame(weights, flat, native_heads=False, native_blocks=1)
 
 
 def test_folded_shift_threshold_is_relative_to_the_norm_scale():

@@ -21,6 +21,7 @@ from pybilayer import Renderer  # noqa: E402
 from pybilayer.backends import create_backend, unavailable_reason  # noqa: E402
 from pybilayer.backends import fsth as fsth_backends  # noqa: E402
 from pybilayer.backends import mnn as mnn_backend  # noqa: E402
+from pybilayer.backends.frame_graph import FoldedFrame  # noqa: E402
 from pybilayer.errors import BackendUnavailableError, EngineError  # noqa: E402
 
 SIZE = 64
@@ -53,8 +54,10 @@ def test_prepare_runs_the_first_forward(renderer, avatar2, monkeypatch):
     run = mnn_backend.run_module
     monkeypatch.setattr(mnn_backend, "run_module",
                         lambda module, inputs, copy=True: calls.append(inputs) or run(module, inputs, copy))
-    prepared = renderer._backend.prepare(avatar2)
-    assert len(calls) == 1 and calls[0][0].shape == (1, 68, 2)
+    backend = renderer._backend
+    prepared = backend.prepare(avatar2)
+    assert backend.native_blocks == 2  # the native stage runs the MLP and the 4 and 8 px blocks; the graph the rest
+    assert len(calls) == 1 and calls[0][0].shape == (1, 32, 16, 16)
     keypoints = renderer.normalize_landmarks(random_drivers(1, seed=9))
     assert renderer._backend.run([(prepared, keypoints)])[0].lf.shape == (1, 3, SIZE, SIZE)
 
@@ -145,7 +148,8 @@ def test_failed_conversion_is_an_engine_error_and_leaves_no_files(renderer, avat
         def SerializeToString(self) -> bytes:
             return b"not an onnx model"
 
-    monkeypatch.setattr(mnn_backend, "build_folded_frame", lambda weights, params, native_heads: ([NotOnnx()], None))
+    monkeypatch.setattr(mnn_backend, "build_folded_frame",
+                        lambda weights, params, native_heads, **options: FoldedFrame(None, [NotOnnx()], None))
     monkeypatch.setattr(mnn_backend.tempfile, "tempdir", str(tmp_path))
     with pytest.raises(EngineError, match="MNN failed to convert"):
         renderer._backend.prepare(avatar2)

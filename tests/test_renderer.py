@@ -57,6 +57,19 @@ def mnn_graph_heads(model):
     return Renderer(model, backend="mnn", device="cpu", threads=1, backend_options={"mnn": {"native_heads": False}})
 
 
+@pytest.fixture(scope="module")
+def fast_graph_blocks(model):
+    """Native heads, but the keypoint MLP and the first blocks in the graphs too (native_blocks=0)."""
+    return Renderer(model, backend="onnxruntime", device="cpu", threads=2,
+                    backend_options={"onnxruntime": {"native_blocks": 0}})
+
+
+@pytest.fixture(scope="module")
+def mnn_graph_blocks(model):
+    pytest.importorskip("MNN")
+    return Renderer(model, backend="mnn", device="cpu", threads=2, backend_options={"mnn": {"native_blocks": 0}})
+
+
 def _photo(seed: int, size: int = 200):
     return random_photo(seed, size)
 
@@ -115,7 +128,8 @@ def test_explicit_crop_boxes(reference, avatar):
         reference.render(avatar, drivers, crop_boxes=[(0, 0, 10, 20)] * 3)  # not square
 
 
-@pytest.mark.parametrize("backend", ["fast", "generic", "mnn", "fast_graph_heads", "mnn_graph_heads"])
+@pytest.mark.parametrize("backend", ["fast", "generic", "mnn", "fast_graph_heads", "mnn_graph_heads",
+                                     "fast_graph_blocks", "mnn_graph_blocks"])
 def test_cpu_backends_match_the_reference(backend, request, reference, avatar):
     renderer = request.getfixturevalue(backend)
     drivers = random_drivers(4, seed=5)
@@ -137,9 +151,38 @@ def test_native_heads_are_used_where_built_and_said(backend, default, request, a
     renderer = request.getfixturevalue(backend)
     assert renderer._backend.native_heads is default
     assert ("native heads" in renderer.backend_reason) is default
-    if backend == "fast":  # onnxruntime fp32: one graph per block, joined by native passes
-        sessions, heads = renderer._prepare(avatar).state
-        assert len(sessions) == renderer.model.inference_generator.num_blocks and heads is not None
+    if backend == "fast":  # onnxruntime fp32: the native stage, then one graph per block joined by native passes
+        low_res, sessions, heads = renderer._prepare(avatar).state
+        assert renderer._backend.native_blocks == 2 and "native MLP and 2 blocks" in renderer.backend_reason
+        assert low_res is not None and heads is not None
+        assert len(sessions) == renderer.model.inference_generator.num_blocks - 2
+
+
+@pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
+@pytest.mark.parametrize("backend", ["fast", "mnn"])
+def test_native_stage_gives_the_graphs_frames(backend, request, avatar):
+    """The native stage (MLP and first blocks) against the same network all in the graph: same frames."""
+    renderer = request.getfixturevalue(backend)
+    graph_only = request.getfixturevalue(f"{backend}_graph_blocks")
+    assert renderer._backend.native_blocks == 2 and graph_only._backend.native_blocks == 0
+    drivers = random_drivers(3, seed=21)
+    a, b = renderer.render(avatar, drivers, output="layers"), graph_only.render(avatar, drivers, output="layers")
+    rtol, atol = TOLERANCES["fp32_exact_algebra"]
+    np.testing.assert_allclose(a.image, b.image, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(a.mask, b.mask, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"native_blocks": 4}, r"native_blocks must be None or an int in \[0, 3\]"),
+    ({"native_blocks": -1}, r"native_blocks must be None or an int in \[0, 3\]"),
+    ({"native_blocks": True}, "native_blocks must be None or an int"),
+    ({"native_blocks": 1, "native_heads": False}, "native_blocks needs the native heads"),
+    ({"native_blocks": 1, "graph": "generic"}, "native_blocks needs graph='folded' and precision='fp32'"),
+    ({"native_blocks": 1, "precision": "int8"}, "native_blocks needs graph='folded' and precision='fp32'"),
+])
+def test_native_blocks_option_is_checked(model, options, match):
+    with pytest.raises(ValueError, match=match):
+        Renderer(model, backend="onnxruntime", backend_options={"onnxruntime": options})
 
 
 def test_native_heads_option_is_checked(model, monkeypatch):

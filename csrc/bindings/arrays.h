@@ -34,5 +34,10 @@ std::string shape_string(const std::vector<int64_t>& shape);
 // Reads the array interface of `obj`; requires a C-contiguous float32, float16 or uint8 array.
 ArrayView view_array(pybind11::handle obj, const char* name);
 
+// The data of a host float32 array of exactly `shape` (for the CPU kernels); std::invalid_argument naming
+// the array otherwise. writable_floats also requires a writable array.
+const float* host_floats(const ArrayView& a, const std::vector<int64_t>& shape);
+float* writable_floats(const ArrayView& a, const std::vector<int64_t>& shape);
+
 }  // namespace bindings
 }  // namespace pybilayer

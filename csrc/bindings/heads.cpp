@@ -16,22 +16,6 @@ namespace pybilayer {
 namespace bindings {
 namespace {
 
-// A host float32 array of exactly `shape`.
-const float* host_floats(const ArrayView& a, const std::vector<int64_t>& shape) {
-  if (a.residence != Residence::kHost)
-    throw std::invalid_argument(a.name + ": must be in host memory (the heads run on the CPU)");
-  if (a.type != ScalarType::kFloat32)
-    throw std::invalid_argument(a.name + ": expected float32, got " + a.type_string());
-  if (a.shape != shape)
-    throw std::invalid_argument(a.name + ": expected shape " + shape_string(shape) + ", got " + a.shape_string());
-  return static_cast<const float*>(a.data);
-}
-
-float* writable_floats(const ArrayView& a, const std::vector<int64_t>& shape) {
-  if (a.readonly) throw std::invalid_argument(a.name + ": the output array is read-only");
-  return const_cast<float*>(host_floats(a, shape));
-}
-
 // The (B, 4C, s+1, s+1) tap groups, checked.
 Phases read_phases(py::handle phases) {
   const ArrayView view = view_array(phases, "phases");

@@ -28,6 +28,7 @@ PYBIND11_MODULE(_C, m) {
   pybilayer::bindings::register_compositor(m);
   pybilayer::bindings::register_device(m);
   pybilayer::bindings::register_heads(m);
+  pybilayer::bindings::register_lowres(m);
 
   m.def("build_info", [] {
     py::dict info;

@@ -9,6 +9,7 @@ namespace bindings {
 void register_compositor(pybind11::module_& m);
 void register_device(pybind11::module_& m);
 void register_heads(pybind11::module_& m);
+void register_lowres(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace pybilayer

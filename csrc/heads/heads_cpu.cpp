@@ -23,13 +23,9 @@
 #include <variant>
 #include <vector>
 
+#include "../cpu_features.h"
 #include "../parallel.h"
 #include "heads.h"
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define PYBILAYER_HEADS_AVX2 1
-#include <immintrin.h>
-#endif
 
 namespace pybilayer {
 namespace {
@@ -38,8 +34,7 @@ constexpr int64_t kMinPixelsPerThread = 8 * 1024;  // ~0.25 ms of work at C = 32
 constexpr int64_t kBlock = 16;                     // pixels per vector step of the heads
 constexpr int kTanhChannels = 5;                   // delta_uv and lf; the mask stays logits
 
-#ifdef PYBILAYER_HEADS_AVX2
-#define PYBILAYER_AVX2 __attribute__((target("avx2,fma")))
+#ifdef PYBILAYER_X86_AVX2
 
 // exp(x) for |x| <= 88.38: Cody-Waite reduction by ln 2 and a degree-6 polynomial (Cephes expf), ~1 ulp.
 PYBILAYER_AVX2 inline __m256 exp_avx2(__m256 x) {
@@ -85,7 +80,7 @@ void activate_portable(const float* r0, const float* r1, float scale, float shif
   }
 }
 
-#ifdef PYBILAYER_HEADS_AVX2
+#ifdef PYBILAYER_X86_AVX2
 PYBILAYER_AVX2 void box_row_avx2(const float* even, const float* odd, float* out, int64_t s) {
   int64_t k = 0;
   for (; k + 8 <= s; k += 8) {
@@ -112,15 +107,6 @@ PYBILAYER_AVX2 void activate_avx2(const float* r0, const float* r1, float scale,
   activate_portable(r0, r1, scale, shift, slope, t, x, S);
 }
 #endif
-
-bool has_avx2_fma() {
-#ifdef PYBILAYER_HEADS_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
 
 struct GroupsShape {
   int64_t batch, channels, low_size;
@@ -155,7 +141,7 @@ struct GroupTap {
   int64_t ky;
 };
 
-#ifdef PYBILAYER_HEADS_AVX2
+#ifdef PYBILAYER_X86_AVX2
 // Columns [k, k + 8 NV), NV = 1 or 2, of the group rows of output channels c0 = 2 * pair and c0 + 1:
 // even-column group E, and U, T of the odd-column group (file comment). `init` (or null): E's starting
 // values, channel c0's row (c0 + 1 at + init_stride). Padded index k holds input column k - 1. Named
@@ -274,13 +260,13 @@ class GroupRows {
         for (int64_t x = 0; x < s; ++x)
           init[x + 1] = conv.bias[c] + (has_skip ? conv.skip[((b * C + c) * s + g - 1) * s + x] : 0.f);
       }
-#ifdef PYBILAYER_HEADS_AVX2
+#ifdef PYBILAYER_X86_AVX2
     if (avx2) return compute_avx2(taps, ntaps, with_init);
 #endif
     compute_portable(taps, ntaps, with_init);
   }
 
-#ifdef PYBILAYER_HEADS_AVX2
+#ifdef PYBILAYER_X86_AVX2
   PYBILAYER_AVX2 void compute_avx2(const GroupTap* taps, int ntaps, bool with_init) {
     const int64_t C = conv_->channels, cin = conv_->in_channels, pairs = (C + 1) / 2, W = width_;
     for (int64_t pair = 0; pair < pairs; ++pair) {
@@ -351,7 +337,7 @@ class BoxRows {
       const int64_t stride = groups_.stride();
       for (int64_t c = 0; c < C_; ++c) {
         float* out = box_.data() + (c * 2 + m % 2) * 2 * s_;
-#ifdef PYBILAYER_HEADS_AVX2
+#ifdef PYBILAYER_X86_AVX2
         if (avx2_) {
           box_row_avx2(even + c * stride, odd + c * stride, out, s_);
           continue;
@@ -397,7 +383,7 @@ class Rows {
     for (int64_t c = 0; c < C_; ++c) {
       float* t = act_.data() + (c * 3 + slot(y)) * stride_ + 1;
       const float *r0 = box_rows_.row(c, y + 1), *r1 = box_rows_.row(c, y + 2);
-#ifdef PYBILAYER_HEADS_AVX2
+#ifdef PYBILAYER_X86_AVX2
       if (avx2_)
         activate_avx2(r0, r1, p_.scale[c], p_.shift[c], p_.slope[c], t, S_);
       else
@@ -449,7 +435,7 @@ void heads_row_portable(const HeadsParams& p, const Rows& rows, int64_t y, int64
   }
 }
 
-#ifdef PYBILAYER_HEADS_AVX2
+#ifdef PYBILAYER_X86_AVX2
 // `packed`: the weights as (C, 3, 3, 6), so one step's six weights are adjacent.
 PYBILAYER_AVX2 void heads_row_avx2(const HeadsParams& p, const Rows& rows, int64_t y, const float* packed,
                                    const OutputRows& out) {
@@ -529,7 +515,7 @@ void heads_rows(const HeadsParams& p, int64_t row_begin, int64_t row_end, const 
     rows.fill(b, y + 1);
     next = y + 2;
     const OutputRows out(p, b, y);
-#ifdef PYBILAYER_HEADS_AVX2
+#ifdef PYBILAYER_X86_AVX2
     if (packed != nullptr) {
       heads_row_avx2(p, rows, y, packed, out);
       continue;

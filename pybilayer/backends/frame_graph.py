@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -490,16 +490,104 @@ def folded_heads(weights: FrameWeights, flat_params: dict[str, np.ndarray]) -> H
     )
 
 
+def mlp_features(frequencies: np.ndarray | None, keypoints: np.ndarray) -> np.ndarray:
+    """The keypoint MLP's input (N, F) float32 from keypoints (N, 68, 2): flattened, or harmonic features
+    ``[sin(x * f_k), cos(x * f_k)]`` (x-major, frequency-minor) as the torch module computes them."""
+    x = np.asarray(keypoints, dtype=np.float32).reshape(len(keypoints), -1)
+    if frequencies is None:
+        return np.ascontiguousarray(x)
+    scaled = (x[:, :, None] * np.asarray(frequencies, dtype=np.float32)).reshape(len(x), -1)
+    return np.ascontiguousarray(np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class LowResWeights:
+    """One avatar's keypoint MLP and first blocks in the form of the native stage (``ops.LowResStage``,
+    convention in ``csrc/lowres/lowres.h``); ``build_folded_graph(first_block=len(blocks))`` continues from
+    its output, the input x' of the next block (its norm's shift included)."""
+
+    mlp: list  # [(weight (out, in), bias (out,))] float32; LeakyReLU between layers
+    blocks: list  # [dict(scale, shift, slope, conv1_weight, conv1_bias, conv2_weight, conv2_bias, skip_weight,
+    #                     skip_bias)] float32
+    input_size: int
+    frequencies: np.ndarray | None  # harmonic encoding of the keypoints (None: raw)
+
+    def stage(self):
+        from .. import ops
+
+        return ops.LowResStage(self.mlp, self.blocks, self.input_size)
+
+
+def folded_low_res_stage(weights: FrameWeights, flat_params: dict[str, np.ndarray], num_blocks: int) -> LowResWeights:
+    """The keypoint MLP and blocks 0..num_blocks-1 of one avatar, folded as ``_FoldedGraphs`` folds them, for
+    the native stage; num_blocks < the number of blocks (the graph keeps at least the last one)."""
+    n = len(weights.blocks)
+    if not 1 <= num_blocks < n:
+        raise ValueError(f"num_blocks must be in [1, {n - 1}] (the graph keeps the last block), got {num_blocks}")
+    p, affines = _params_and_affines(weights, flat_params)
+    f32 = functools.partial(np.ascontiguousarray, dtype=np.float32)
+    blocks = []
+    for j in range(num_blocks):
+        blk = weights.blocks[j]
+        sw, sb = p[f"blocks.{j}.skip.weight"], p[f"blocks.{j}.skip.bias"]
+        if j == 0:  # the first norm is a fixed affine on the MLP's output, followed by LeakyReLU
+            scale, shift = weights.first_norm_scale, weights.first_norm_shift
+            slope, gain, skip_bias = np.full(blk.channels[0], NEGATIVE_SLOPE), np.ones(blk.channels[0]), sb
+        else:
+            x_norm = _input_norm(weights, affines, j)
+            scale = np.where(x_norm.explicit, x_norm.a, 1.0)
+            shift = np.where(x_norm.explicit, x_norm.c, 0.0)
+            slope, gain, skip_bias = x_norm.slope, x_norm.gain, sb - sw @ x_norm.shift
+        a2, c2 = affines[f"blocks.{j}.norm2"]
+        blocks.append({
+            "scale": f32(scale), "shift": f32(shift), "slope": f32(slope),
+            "conv1_weight": f32(blk.conv1_weight * gain[None, :, None, None] * a2[:, None, None, None]),
+            "conv1_bias": f32(blk.conv1_bias * a2 + c2),
+            "conv2_weight": f32(blk.conv2_weight),
+            "conv2_bias": f32(blk.conv2_bias + _input_norm(weights, affines, j + 1).shift),
+            "skip_weight": f32(sw), "skip_bias": f32(skip_bias),
+        })
+    return LowResWeights(mlp=[(f32(w), f32(b)) for w, b in weights.mlp], blocks=blocks, input_size=weights.input_size,
+                         frequencies=weights.frequencies)
+
+
+# The native stage (``ops.LowResStage``) runs the keypoint MLP and the blocks whose input maps are at most this
+# size; the graph runtimes take the rest. Measured per block on the 2-core AVX2 machine (released size, MNN's
+# forward against the stage's, in turns): 4 px 0.5 against ~1.2 ms with the MLP, 8 px 1.3 against ~1.5 ms;
+# at 16 px the stage's direct convolutions (4.5 ms) lose to MNN's Winograd ones (2.6 ms).
+NATIVE_BLOCKS_MAX_SIZE = 8
+
+
+def default_native_blocks(weights: FrameWeights) -> int:
+    """How many leading blocks the native stage runs by default: those with inputs of at most
+    ``NATIVE_BLOCKS_MAX_SIZE`` px, leaving at least the last block to the graph."""
+    small = sum(1 for j in range(len(weights.blocks)) if weights.input_size * 2 ** j <= NATIVE_BLOCKS_MAX_SIZE)
+    return min(small, len(weights.blocks) - 1)
+
+
+class FoldedFrame(NamedTuple):
+    """What a folded-graph backend prepares per avatar (``build_folded_frame``), run in this order."""
+
+    low_res: LowResWeights | None  # the native stage's weights: its output is the first graph's STAGE_INPUT
+    graphs: list  # ONNX graphs: one, or one per block joined by ops.depth_to_space_box
+    heads: HeadsWeights | None  # the native heads, run on the last graph's UPSAMPLE_INPUT and SKIP_OUTPUT
+
+
 def build_folded_frame(weights: FrameWeights, flat_params: dict[str, np.ndarray], native_heads: bool,
-                       per_block: bool = False):
-    """What a folded-graph backend prepares per avatar: its graphs (one, or with ``per_block`` one per
-    block, see ``build_folded_stages``), and with ``native_heads`` the heads that ``HeadsWeights.finish``
-    runs on the last graph's ``upsample_input`` and ``skip`` outputs (else None)."""
-    if per_block and not native_heads:
-        raise ValueError("per_block graphs need native_heads (their boundaries run native kernels)")
-    graphs = (build_folded_stages(weights, flat_params) if per_block
-              else [build_folded_graph(weights, flat_params, native_heads=native_heads)])
-    return graphs, folded_heads(weights, flat_params) if native_heads else None
+                       per_block: bool = False, native_blocks: int = 0) -> FoldedFrame:
+    """What a folded-graph backend prepares per avatar: with ``native_blocks`` > 0 the native stage's weights
+    for the keypoint MLP and that many first blocks (``folded_low_res_stage``); its graphs (one, or with
+    ``per_block`` one per block, see ``build_folded_stages``), from the keypoints or from the stage's
+    output; and with ``native_heads`` the heads that ``HeadsWeights.finish`` runs on the last graph's
+    ``upsample_input`` and ``skip`` outputs (else None)."""
+    if (per_block or native_blocks) and not native_heads:
+        raise ValueError("per_block graphs and native_blocks need native_heads (they run native kernels)")
+    split = "blocks" if per_block else "heads" if native_heads else "none"
+    return FoldedFrame(
+        low_res=folded_low_res_stage(weights, flat_params, native_blocks) if native_blocks else None,
+        graphs=_folded_graphs(weights, flat_params, None, split, first_block=native_blocks),
+        heads=folded_heads(weights, flat_params) if native_heads else None,
+    )
 
 
 def build_folded_graph(weights: FrameWeights, flat_params: dict[str, np.ndarray], subpixel_blocks=None,
@@ -529,78 +617,108 @@ def build_folded_stages(weights: FrameWeights, flat_params: dict[str, np.ndarray
 
 
 def _folded_graphs(weights: FrameWeights, flat_params: dict[str, np.ndarray], subpixel_blocks,
-                   split: Literal["none", "heads", "blocks"]) -> list:
-    from onnx import TensorProto
+                   split: Literal["none", "heads", "blocks"], first_block: int = 0) -> list:
+    return _FoldedGraphs(weights, flat_params, subpixel_blocks, split).build(first_block)
 
-    p, affines = _params_and_affines(weights, flat_params)
-    n = len(weights.blocks)
-    subpixel_blocks = set(range(n)) if subpixel_blocks is None else set(subpixel_blocks)
-    doc = {"heads": "up to the last up-sampling convolution", "blocks": "one block"}.get(split, "")
-    graphs = []
-    b = _Builder(np.float32)
-    kp = b.add_input(KEYPOINTS_INPUT, ["N", 68, 2], TensorProto.FLOAT)
 
-    # Block 0: its first norm is a fixed affine (a0, c0); fold it and block 0's skip into the last Linear.
-    s, c0 = weights.input_size, weights.input_channels
-    w_last, b_last = weights.mlp[-1]  # (c0*s*s, hidden)
-    a0 = np.repeat(weights.first_norm_scale, s * s)
-    c0_shift = np.repeat(weights.first_norm_shift, s * s)
-    skip_w, skip_b = p["blocks.0.skip.weight"], p["blocks.0.skip.bias"]  # (C, c0), (C,)
-    c_out0 = skip_w.shape[0]
-    # skip(x0)[o, pix] = sum_i W[o, i] x0[i, pix] + b[o], with x0[i, pix] = row i*s*s + pix of the Linear
-    w3 = w_last.reshape(c0, s * s, -1)
-    b3 = b_last.reshape(c0, s * s)
-    skip_rows_w = (skip_w @ w3.reshape(c0, -1)).reshape(c_out0 * s * s, -1)  # BLAS, not einsum: 0.27 GMAC
-    skip_rows_b = (skip_w @ b3 + skip_b[:, None]).reshape(-1)
-    fused_w = np.concatenate([w_last * a0[:, None], skip_rows_w])
-    fused_b = np.concatenate([b_last * a0 + c0_shift, skip_rows_b])
-    h = _pose_embedding(b, weights, kp, without_last=True)
-    h = b.linear(h, fused_w, fused_b, hint="mlp_last_fused")
-    x_act_in, skip = b.op("Split", [h, b.ints([c0 * s * s, c_out0 * s * s])], outputs=2, axis=1)
-    t = b.lrelu(b.op("Reshape", [x_act_in, b.ints([-1, c0, s, s])]))  # lrelu(norm1(x0)), gain 1
-    skip = b.op("Reshape", [skip, b.ints([-1, c_out0, s, s])])
-    gain = np.ones(c0)
+class _FoldedGraphs:
+    """Builds the folded graphs of one avatar (see ``build_folded_graph`` and ``build_folded_stages``)."""
 
-    for j, blk in enumerate(weights.blocks):
-        c_in, c_out = blk.channels
-        a2, c2 = affines[f"blocks.{j}.norm2"]
-        w1 = blk.conv1_weight * gain[None, :, None, None] * a2[:, None, None, None]
-        b1 = blk.conv1_bias * a2 + c2
-        h = b.lrelu(b.conv(t, w1, b1, hint=f"b{j}_conv1"))  # conv + norm2 + lrelu (fused by ORT)
-        nxt = _input_norm(weights, affines, j + 1)
-        b2 = blk.conv2_bias + nxt.shift  # the next norm's shift moves into this block's output
-        if split != "none" and j == n - 1:  # the native kernel takes over
-            b.add_output(h, UPSAMPLE_INPUT, ["N", c_out, s, s], TensorProto.FLOAT)
-            b.add_output(skip, SKIP_OUTPUT, ["N", c_out, s, s], TensorProto.FLOAT)
-            name = f"bilayer_frame_folded_block{j}" if split == "blocks" else "bilayer_frame_folded_heads"
-            graphs.append(b.model(name, doc=f"pybilayer per-frame network with one avatar folded in, {doc}"))
-            return graphs
-        if j in subpixel_blocks:
-            groups = []
-            for g, (k, pads) in enumerate(weights.conv2_taps(j)):
-                groups.append(b.conv(h, k, b2 if g == 0 else None, pads=pads, hint=f"b{j}_conv2"))
-            groups[0] = b.op("Add", [groups[0], b.op("Pad", [skip, b.ints([0, 0, 1, 1, 0, 0, 0, 0])])])
-            phases = b.op("Concat", groups, axis=1)
-            if split == "blocks":
-                b.add_output(phases, PHASES_OUTPUT, ["N", 4 * c_out, s + 1, s + 1], TensorProto.FLOAT)
-                graphs.append(b.model(f"bilayer_frame_folded_block{j}",
-                                      doc=f"pybilayer per-frame network with one avatar folded in, {doc}"))
-                b = _Builder(np.float32)
-                x = b.add_input(STAGE_INPUT, ["N", c_out, 2 * s, 2 * s], TensorProto.FLOAT)
+    def __init__(self, weights: FrameWeights, flat_params: dict[str, np.ndarray], subpixel_blocks,
+                 split: Literal["none", "heads", "blocks"]):
+        self.weights = weights
+        self.params, self.affines = _params_and_affines(weights, flat_params)
+        n = len(weights.blocks)
+        self.subpixel_blocks = set(range(n)) if subpixel_blocks is None else set(subpixel_blocks)
+        self.split = split
+        self.doc = {"heads": "up to the last up-sampling convolution", "blocks": "one block"}.get(split, "")
+        self.graphs = []
+
+    def build(self, first_block: int) -> list:
+        from onnx import TensorProto
+
+        weights, p = self.weights, self.params
+        b = _Builder(np.float32)
+        if first_block:  # the native stage (folded_low_res_stage) ran the MLP and the blocks before
+            s = weights.input_size * 2 ** first_block
+            x = b.add_input(STAGE_INPUT, ["N", weights.blocks[first_block].channels[0], s, s], TensorProto.FLOAT)
+            return self.blocks(b, first_block, s, *self.enter_block(b, first_block, x))
+        kp = b.add_input(KEYPOINTS_INPUT, ["N", 68, 2], TensorProto.FLOAT)
+
+        # Block 0: its first norm is a fixed affine (a0, c0); fold it and block 0's skip into the last Linear.
+        s, c0 = weights.input_size, weights.input_channels
+        w_last, b_last = weights.mlp[-1]  # (c0*s*s, hidden)
+        a0 = np.repeat(weights.first_norm_scale, s * s)
+        c0_shift = np.repeat(weights.first_norm_shift, s * s)
+        skip_w, skip_b = p["blocks.0.skip.weight"], p["blocks.0.skip.bias"]  # (C, c0), (C,)
+        c_out0 = skip_w.shape[0]
+        # skip(x0)[o, pix] = sum_i W[o, i] x0[i, pix] + b[o], with x0[i, pix] = row i*s*s + pix of the Linear
+        w3 = w_last.reshape(c0, s * s, -1)
+        b3 = b_last.reshape(c0, s * s)
+        skip_rows_w = (skip_w @ w3.reshape(c0, -1)).reshape(c_out0 * s * s, -1)  # BLAS, not einsum: 0.27 GMAC
+        skip_rows_b = (skip_w @ b3 + skip_b[:, None]).reshape(-1)
+        fused_w = np.concatenate([w_last * a0[:, None], skip_rows_w])
+        fused_b = np.concatenate([b_last * a0 + c0_shift, skip_rows_b])
+        h = _pose_embedding(b, weights, kp, without_last=True)
+        h = b.linear(h, fused_w, fused_b, hint="mlp_last_fused")
+        x_act_in, skip = b.op("Split", [h, b.ints([c0 * s * s, c_out0 * s * s])], outputs=2, axis=1)
+        t = b.lrelu(b.op("Reshape", [x_act_in, b.ints([-1, c0, s, s])]))  # lrelu(norm1(x0)), gain 1
+        skip = b.op("Reshape", [skip, b.ints([-1, c_out0, s, s])])
+        return self.blocks(b, 0, s, skip, t, np.ones(c0))
+
+    def enter_block(self, b: _Builder, j: int, x: str) -> tuple[str, str, np.ndarray]:
+        """Block j (>= 1) from its input x' = x + shift: its skip, its activated input and its input gain."""
+        x_norm = _input_norm(self.weights, self.affines, j)
+        sw, sb = self.params[f"blocks.{j}.skip.weight"], self.params[f"blocks.{j}.skip.bias"]
+        skip = b.conv(x, sw[:, :, None, None], sb - sw @ x_norm.shift, pads=(0, 0, 0, 0), hint=f"b{j}_skip")
+        return skip, x_norm.apply(b, x), x_norm.gain
+
+    def blocks(self, b: _Builder, first_block: int, s: int, skip: str, t: str, gain: np.ndarray) -> list:
+        """Blocks ``first_block``.. to the end, from that block's skip, activated input ``t`` and input gain."""
+        from onnx import TensorProto
+
+        weights, split, doc = self.weights, self.split, self.doc
+        n = len(weights.blocks)
+        for j in range(first_block, n):
+            blk = weights.blocks[j]
+            c_in, c_out = blk.channels
+            a2, c2 = self.affines[f"blocks.{j}.norm2"]
+            w1 = blk.conv1_weight * gain[None, :, None, None] * a2[:, None, None, None]
+            b1 = blk.conv1_bias * a2 + c2
+            h = b.lrelu(b.conv(t, w1, b1, hint=f"b{j}_conv1"))  # conv + norm2 + lrelu (fused by ORT)
+            nxt = _input_norm(weights, self.affines, j + 1)
+            b2 = blk.conv2_bias + nxt.shift  # the next norm's shift moves into this block's output
+            if split != "none" and j == n - 1:  # the native kernel takes over
+                b.add_output(h, UPSAMPLE_INPUT, ["N", c_out, s, s], TensorProto.FLOAT)
+                b.add_output(skip, SKIP_OUTPUT, ["N", c_out, s, s], TensorProto.FLOAT)
+                name = f"bilayer_frame_folded_block{j}" if split == "blocks" else "bilayer_frame_folded_heads"
+                self.graphs.append(b.model(name, doc=f"pybilayer per-frame network with one avatar folded in, {doc}"))
+                return self.graphs
+            if j in self.subpixel_blocks:
+                groups = []
+                for g, (k, pads) in enumerate(weights.conv2_taps(j)):
+                    groups.append(b.conv(h, k, b2 if g == 0 else None, pads=pads, hint=f"b{j}_conv2"))
+                groups[0] = b.op("Add", [groups[0], b.op("Pad", [skip, b.ints([0, 0, 1, 1, 0, 0, 0, 0])])])
+                phases = b.op("Concat", groups, axis=1)
+                if split == "blocks":
+                    b.add_output(phases, PHASES_OUTPUT, ["N", 4 * c_out, s + 1, s + 1], TensorProto.FLOAT)
+                    self.graphs.append(b.model(f"bilayer_frame_folded_block{j}",
+                                               doc=f"pybilayer per-frame network with one avatar folded in, {doc}"))
+                    b = _Builder(np.float32)
+                    x = b.add_input(STAGE_INPUT, ["N", c_out, 2 * s, 2 * s], TensorProto.FLOAT)
+                else:
+                    v = b.op("DepthToSpace", [phases], blocksize=2, mode="DCR")
+                    v = b.op("Slice", [v, b.ints([1, 1]), b.ints([2 * s + 2, 2 * s + 2]), b.ints([2, 3])])
+                    box = np.ones((c_out, 1, 2, 2))
+                    x = b.op("Conv", [v, b.const(box, "box")], hint=f"b{j}_box", kernel_shape=[2, 2], group=c_out)
             else:
-                v = b.op("DepthToSpace", [phases], blocksize=2, mode="DCR")
-                v = b.op("Slice", [v, b.ints([1, 1]), b.ints([2 * s + 2, 2 * s + 2]), b.ints([2, 3])])
-                box = np.ones((c_out, 1, 2, 2))
-                x = b.op("Conv", [v, b.const(box, "box")], hint=f"b{j}_box", kernel_shape=[2, 2], group=c_out)
-        else:
-            up = b.conv(b.upsample2(h), blk.conv2_weight, b2, hint=f"b{j}_conv2")
-            x = b.op("Add", [up, b.upsample2(skip)])
-        s *= 2
-        # x here is x' = x + shift of the next norm
-        if j + 1 < n:
-            sw, sb = p[f"blocks.{j + 1}.skip.weight"], p[f"blocks.{j + 1}.skip.bias"]
-            skip = b.conv(x, sw[:, :, None, None], sb - sw @ nxt.shift, pads=(0, 0, 0, 0), hint=f"b{j + 1}_skip")
-        t = nxt.apply(b, x)
-        gain = nxt.gain
-    _heads(b, t, weights.heads_weight * gain[None, :, None, None], weights.heads_bias, s)
-    return [b.model("bilayer_frame_folded", doc="pybilayer per-frame network with one avatar folded in")]
+                up = b.conv(b.upsample2(h), blk.conv2_weight, b2, hint=f"b{j}_conv2")
+                x = b.op("Add", [up, b.upsample2(skip)])
+            s *= 2
+            # x here is x' = x + shift of the next norm
+            if j + 1 < n:
+                skip, t, gain = self.enter_block(b, j + 1, x)
+            else:
+                t, gain = nxt.apply(b, x), nxt.gain
+        _heads(b, t, weights.heads_weight * gain[None, :, None, None], weights.heads_bias, s)
+        return [b.model("bilayer_frame_folded", doc="pybilayer per-frame network with one avatar folded in")]

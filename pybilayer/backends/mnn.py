@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailableError, EngineError
-from .base import FrameBackend, FrameOutputs, PreparedAvatar, use_native_heads
-from .frame_graph import (HEAD_CHANNELS, KEYPOINTS_INPUT, OUTPUT_NAMES, SKIP_OUTPUT, UPSAMPLE_INPUT, FrameWeights,
-                          build_folded_frame)
+from .base import FrameBackend, FrameOutputs, PreparedAvatar, use_native_blocks, use_native_heads
+from .frame_graph import (HEAD_CHANNELS, KEYPOINTS_INPUT, OUTPUT_NAMES, SKIP_OUTPUT, STAGE_INPUT, UPSAMPLE_INPUT,
+                          FrameWeights, build_folded_frame, mlp_features)
 
 INSTALL_HINT = "`pip install mnn==3.6.1`"
 CACHE_DIR_ENV = "PYBILAYER_CACHE_DIR"
@@ -209,7 +209,8 @@ class MnnBackend(FrameBackend):
     device = "cpu"
     thread_safe = False  # modules share one runtime manager (thread pool, scratch memory); not verified concurrent
 
-    def __init__(self, model, threads: int | None = None, native_heads: bool | None = None):
+    def __init__(self, model, threads: int | None = None, native_heads: bool | None = None,
+                 native_blocks: int | None = None):
         reason = mnn_unavailable_reason()
         if reason:
             raise BackendUnavailableError(reason)
@@ -221,26 +222,37 @@ class MnnBackend(FrameBackend):
         self.image_size = self.weights.image_size
         self._runtime = create_runtime(self.num_threads)
         self.native_heads = use_native_heads(native_heads)
+        self.native_blocks = use_native_blocks(native_blocks, self.native_heads, self.weights)
 
     def describe(self) -> str:
         heads = ", native heads" if self.native_heads else ""
-        return f"mnn on cpu (folded graph{heads}, fp32, {self.num_threads} threads)"
+        blocks = f", native MLP and {self.native_blocks} blocks" if self.native_blocks else ""
+        return f"mnn on cpu (folded graph{heads}{blocks}, fp32, {self.num_threads} threads)"
 
     def prepare(self, avatar) -> PreparedAvatar:
         texture = avatar.texture.detach().float().numpy()
-        (graph,), heads = build_folded_frame(self.weights, avatar.flat_params(), self.native_heads)
+        frame = build_folded_frame(self.weights, avatar.flat_params(), self.native_heads,
+                                   native_blocks=self.native_blocks)
         outputs = [UPSAMPLE_INPUT, SKIP_OUTPUT] if self.native_heads else list(OUTPUT_NAMES)
-        module = load_module(graph, [KEYPOINTS_INPUT], outputs, self._runtime)
+        low_res = frame.low_res.stage() if frame.low_res else None
+        module = load_module(frame.graphs[0], [STAGE_INPUT if low_res else KEYPOINTS_INPUT], outputs, self._runtime)
         # MNN plans the graph and transforms the weights on the first forward (~80-130 ms at the released
         # size): pay it here, with the avatar, rather than as a hitch on its first frame.
-        run_module(module, [np.zeros((1, 68, 2), np.float32)], copy=False)
-        return PreparedAvatar(texture, (module, heads))
+        run_module(module, [self._graph_input(low_res, np.zeros((1, 68, 2), np.float32))], copy=False)
+        return PreparedAvatar(texture, (low_res, module, frame.heads))
 
-    def _forward(self, module, heads, keypoints: np.ndarray) -> list[np.ndarray]:
+    def _graph_input(self, low_res, keypoints: np.ndarray) -> np.ndarray:
+        """The graph's input: the keypoints, or the native stage's output for them."""
+        if low_res is None:
+            return keypoints
+        return low_res(mlp_features(self.weights.frequencies, keypoints), num_threads=self.num_threads)
+
+    def _forward(self, low_res, module, heads, keypoints: np.ndarray) -> list[np.ndarray]:
         """One frame's outputs: the graph's, or finished by the native heads kernel from the graph's."""
+        x = self._graph_input(low_res, keypoints)
         if heads is None:
-            return run_module(module, [keypoints])
-        upsample_input, skip = run_module(module, [keypoints], copy=False)  # read before the next forward
+            return run_module(module, [x])
+        upsample_input, skip = run_module(module, [x], copy=False)  # read before the next forward
         return list(heads.finish(upsample_input, skip, self.num_threads))
 
     def run(self, groups: Sequence[tuple[PreparedAvatar, np.ndarray]]) -> list[FrameOutputs]:

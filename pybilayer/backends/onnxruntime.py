@@ -24,9 +24,9 @@ import numpy as np
 
 from .. import ops
 from ..errors import BackendUnavailableError
-from .base import FrameBackend, FrameOutputs, PreparedAvatar, split_outputs, use_native_heads
+from .base import FrameBackend, FrameOutputs, PreparedAvatar, split_outputs, use_native_blocks, use_native_heads
 from .frame_graph import (KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, SKIP_OUTPUT, STAGE_INPUT, UPSAMPLE_INPUT,
-                          FrameWeights, build_folded_frame, build_generic_graph)
+                          FrameWeights, build_folded_frame, build_generic_graph, mlp_features)
 from .int8 import calibration_keypoints, quantize_folded_graph
 
 GraphMode = Literal["folded", "generic"]
@@ -81,7 +81,7 @@ class OnnxRuntimeBackend(FrameBackend):
     thread_safe = True  # InferenceSession.run is safe to call concurrently
 
     def __init__(self, model, threads: int | None = None, graph: GraphMode = "folded",
-                 precision: Precision = "fp32", native_heads: bool | None = None):
+                 precision: Precision = "fp32", native_heads: bool | None = None, native_blocks: int | None = None):
         reason = onnxruntime_unavailable_reason()
         if reason:
             raise BackendUnavailableError(reason)
@@ -101,10 +101,16 @@ class OnnxRuntimeBackend(FrameBackend):
         self.weights = FrameWeights.from_model(model)
         self._shared = create_session(build_generic_graph(self.weights), threads) if graph == "generic" else None
         self.native_heads = graph == "folded" and use_native_heads(native_heads)
+        if native_blocks and (graph != "folded" or precision != "fp32"):
+            raise ValueError("native_blocks needs graph='folded' and precision='fp32'")
+        self.native_blocks = (use_native_blocks(native_blocks, self.native_heads, self.weights)
+                              if graph == "folded" and precision == "fp32" else 0)
 
     def describe(self) -> str:
         heads = ", native heads" if self.native_heads else ""
-        return f"onnxruntime on cpu ({self.graph} graph{heads}, {self.precision}, {self.threads or 'default'} threads)"
+        blocks = f", native MLP and {self.native_blocks} blocks" if self.native_blocks else ""
+        return (f"onnxruntime on cpu ({self.graph} graph{heads}{blocks}, {self.precision}, "
+                f"{self.threads or 'default'} threads)")
 
     def prepare(self, avatar) -> PreparedAvatar:
         texture = avatar.texture.detach().float().numpy()
@@ -112,22 +118,29 @@ class OnnxRuntimeBackend(FrameBackend):
         if self.graph == "folded":
             # fp32 with the native core: one graph per block (int8 calibrates one graph on keypoints alone)
             per_block = self.native_heads and self.precision == "fp32"
-            graphs, heads = build_folded_frame(self.weights, flat, self.native_heads, per_block=per_block)
+            frame = build_folded_frame(self.weights, flat, self.native_heads, per_block=per_block,
+                                       native_blocks=self.native_blocks)
+            graphs = frame.graphs
             if self.precision == "int8":
                 graphs = [quantize_folded_graph(graphs[0], KEYPOINTS_INPUT,
                                                 calibration_keypoints(self.weights.image_size))]
-            return PreparedAvatar(texture, ([create_session(g, self.threads) for g in graphs], heads))
+            low_res = frame.low_res.stage() if frame.low_res else None
+            return PreparedAvatar(texture, (low_res, [create_session(g, self.threads) for g in graphs], frame.heads))
         return PreparedAvatar(texture, flat)
 
     def run(self, groups: Sequence[tuple[PreparedAvatar, np.ndarray]]) -> list[FrameOutputs]:
         if self.graph == "folded":
             results = []
             for prepared, keypoints in groups:
-                sessions, heads = prepared.state
+                low_res, sessions, heads = prepared.state
                 if heads is None:
                     results.append(FrameOutputs(*sessions[0].run(OUTPUT_NAMES, {KEYPOINTS_INPUT: keypoints})))
                     continue
-                feed = {KEYPOINTS_INPUT: keypoints}
+                if low_res is None:
+                    feed = {KEYPOINTS_INPUT: keypoints}
+                else:
+                    features = mlp_features(self.weights.frequencies, keypoints)
+                    feed = {STAGE_INPUT: low_res(features, num_threads=self.threads)}
                 for session in sessions[:-1]:  # per-block graphs: the native pass joins them
                     (phases,) = session.run([PHASES_OUTPUT], feed)
                     feed = {STAGE_INPUT: ops.depth_to_space_box(phases, num_threads=self.threads)}

@@ -1,0 +1,76 @@
+// The per-frame network's first layers on the CPU: the keypoint MLP and the first up-sampling blocks, whose
+// maps are small (4-16 px at the released size) and wide (256 channels). Graph runtimes run those layers
+// far below this CPU's multiply-add rate (few pixels to share between threads, a pass over memory per
+// operator); here every convolution is a direct one on channels-last maps, 6 pixels x 16 output channels
+// per step, and each block is three passes (conv1, the up-sampling convolution's tap groups, the box sum
+// with the next activation) between which the workers meet at a barrier.
+//
+// Convention (frame_graph.folded_low_res_stage folds one avatar into these weights, and
+// frame_graph.build_folded_graph(first_block=k) continues from the output; pybilayer.ops.low_res_stage_reference
+// computes the same in torch):
+//   mlp:    h = W_i h + b_i per layer, LeakyReLU(0.2) between layers (not after the last); the last layer's
+//           outputs are the first block's input x, (C0, s0, s0) in NCHW order.
+//   block:  t = prelu(x * scale + shift, slope)                                 per input channel
+//           h = lrelu(conv3x3(t, conv1_weight, padding 1) + conv1_bias, 0.2)     C channels, s x s
+//           y = conv3x3(up2(h), conv2_weight, padding 1) + conv2_bias
+//               + up2(conv1x1(x, skip_weight) + skip_bias)                      C channels, 2s x 2s
+//           with up2 the nearest 2x up-sampling; y is the next block's x.
+//   The stage's output is the last block's y, (B, C, S, S) NCHW.
+// The up-sampling convolution is computed at the low resolution as four tap groups and a 2x2 box sum
+// (frame_graph.upsample_conv_taps); the skip joins the 1x1 group as extra input channels.
+// float32 throughout; every array C-contiguous. No torch types here: the bindings translate arrays.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace pybilayer {
+
+struct DenseLayer {
+  int64_t out_features = 0, in_features = 0;
+  const float* weight = nullptr;  // (out, in)
+  const float* bias = nullptr;    // (out,)
+};
+
+struct LowResBlock {
+  int64_t in_channels = 0, channels = 0;  // Cin, C
+  const float* scale = nullptr;           // (Cin,) the input activation
+  const float* shift = nullptr;           // (Cin,)
+  const float* slope = nullptr;           // (Cin,)
+  const float* conv1_weight = nullptr;    // (C, Cin, 3, 3)
+  const float* conv1_bias = nullptr;      // (C,)
+  const float* conv2_weight = nullptr;    // (C, C, 3, 3), applied after the up-sampling
+  const float* conv2_bias = nullptr;      // (C,)
+  const float* skip_weight = nullptr;     // (C, Cin)
+  const float* skip_bias = nullptr;       // (C,)
+};
+
+struct LowResStageParams {
+  std::vector<DenseLayer> mlp;
+  std::vector<LowResBlock> blocks;
+  int64_t input_size = 0;  // s0: the last MLP layer has C0 * s0 * s0 outputs, C0 = blocks[0].in_channels
+};
+
+// The weights, copied and packed once (per avatar); `run` reuses its scratch maps, so calls on one object
+// are serialised (a mutex). Throws std::invalid_argument when the layers do not fit together.
+class LowResStage {
+ public:
+  explicit LowResStage(const LowResStageParams& params);
+  ~LowResStage();
+  LowResStage(const LowResStage&) = delete;
+  LowResStage& operator=(const LowResStage&) = delete;
+
+  int64_t in_features() const;
+  int64_t out_channels() const;
+  int64_t out_size() const;
+  // features (B, in_features) -> out (B, out_channels, out_size, out_size). num_threads <= 0: every core.
+  // vectorized=false forces the portable code path (AVX2+FMA is used where the CPU has it).
+  void run(const float* features, int64_t batch, float* out, int num_threads, bool vectorized);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pybilayer

@@ -1,0 +1,557 @@
+// The keypoint MLP and the first up-sampling blocks on the CPU (convention in lowres.h).
+//
+// Maps are channels-last with every channel count rounded up to 16 (the extra channels hold zeros and
+// zero weights, so no pass needs a tail), and each convolution's input carries a zero border, written
+// once at construction: no pass tests for edges. Per block:
+//   T  (s+2)^2 x Cin'        t = the input activation, the border zero
+//   HX (s+2)^2 x (C' + Cin')  [h | x]: conv1's output beside the block input, so the up-sampling
+//                             convolution's 1x1 tap group and the skip are one convolution over C' + Cin
+//   V  (s+1)^2 x 4C'         the four tap groups (ee, eo, oe, oo), read by the box sum
+// A convolution is packed as [output block of 16][tap][input channel][16] and run as independent items
+// (output block x 6 consecutive pixels), shared out in order so that a worker keeps one output block's
+// weights in L2 across its pixels. The workers run every pass of the stage and meet at a barrier between
+// passes (starting threads per pass would cost ~10 us each, against 20-500 us passes).
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "../cpu_features.h"
+#include "lowres.h"
+
+namespace pybilayer {
+namespace {
+
+constexpr int64_t kLanes = 16;  // output channels per step: two AVX registers
+constexpr int kPixels = 6;      // pixels per step: 12 accumulators
+constexpr float kSlope = 0.2f;  // LeakyReLU after conv1 and between MLP layers
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+struct Tap {
+  int dy, dx;
+};
+
+struct PackedConv {
+  int64_t in_channels = 0;  // channels read at each input pixel
+  int64_t out_blocks = 0;   // output channels / 16, rounded up
+  std::vector<Tap> taps;
+  std::vector<float> weight;  // [out block][tap][input channel][16]
+  std::vector<float> bias;    // [out_blocks * 16]
+  bool lrelu = false;
+};
+
+// weight_at(o, i, tap) for o < out (padded outputs get zeros), bias[o].
+template <typename WeightAt>
+PackedConv pack(int64_t out, int64_t in, std::vector<Tap> taps, const WeightAt& weight_at,
+                const std::vector<float>& bias, bool lrelu) {
+  PackedConv c;
+  c.in_channels = in;
+  c.out_blocks = round_up(out, kLanes) / kLanes;
+  c.taps = std::move(taps);
+  c.lrelu = lrelu;
+  const int64_t ntaps = static_cast<int64_t>(c.taps.size());
+  c.weight.assign(c.out_blocks * ntaps * in * kLanes, 0.f);
+  c.bias.assign(c.out_blocks * kLanes, 0.f);
+  for (int64_t o = 0; o < out; ++o) {
+    c.bias[o] = bias[o];
+    for (int64_t t = 0; t < ntaps; ++t)
+      for (int64_t i = 0; i < in; ++i)
+        c.weight[((o / kLanes * ntaps + t) * in + i) * kLanes + o % kLanes] = weight_at(o, i, t);
+  }
+  return c;
+}
+
+// A channels-last map: pixel (y, x) at data + y * row + x * pixel.
+struct MapView {
+  float* data;
+  int64_t pixel, row;
+};
+
+// One convolution over an output grid: output (y, x) reads the window whose origin is in(y, x).
+struct ConvJob {
+  const PackedConv* conv;
+  MapView in, out;
+  int64_t height, width;
+
+  int64_t pixel_blocks() const { return (height * width + kPixels - 1) / kPixels; }
+  int64_t items() const { return conv->out_blocks * pixel_blocks(); }
+};
+
+// ------------------------------------------------------------------ the step: P pixels x 16 outputs
+
+void step_portable(const ConvJob& job, int64_t block, int64_t first_pixel, int P) {
+  const PackedConv& c = *job.conv;
+  const int64_t ntaps = static_cast<int64_t>(c.taps.size()), cin = c.in_channels;
+  float acc[kPixels][kLanes];
+  const float* in[kPixels];
+  float* out[kPixels];
+  for (int p = 0; p < P; ++p) {
+    const int64_t y = (first_pixel + p) / job.width, x = (first_pixel + p) % job.width;
+    in[p] = job.in.data + y * job.in.row + x * job.in.pixel;
+    out[p] = job.out.data + y * job.out.row + x * job.out.pixel + block * kLanes;
+    std::memcpy(acc[p], c.bias.data() + block * kLanes, sizeof(acc[p]));
+  }
+  const float* w = c.weight.data() + block * ntaps * cin * kLanes;
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const int64_t offset = c.taps[t].dy * job.in.row + c.taps[t].dx * job.in.pixel;
+    for (int64_t i = 0; i < cin; ++i, w += kLanes)
+      for (int p = 0; p < P; ++p) {
+        const float v = in[p][offset + i];
+        for (int64_t l = 0; l < kLanes; ++l) acc[p][l] += v * w[l];
+      }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int64_t l = 0; l < kLanes; ++l) out[p][l] = c.lrelu && acc[p][l] < 0.f ? acc[p][l] * kSlope : acc[p][l];
+}
+
+#ifdef PYBILAYER_X86_AVX2
+PYBILAYER_AVX2 inline void store_avx2(float* out, __m256 lo, __m256 hi, bool lrelu) {
+  if (lrelu) {
+    const __m256 zero = _mm256_setzero_ps(), slope = _mm256_set1_ps(kSlope);
+    lo = _mm256_blendv_ps(lo, _mm256_mul_ps(lo, slope), _mm256_cmp_ps(lo, zero, _CMP_LT_OQ));
+    hi = _mm256_blendv_ps(hi, _mm256_mul_ps(hi, slope), _mm256_cmp_ps(hi, zero, _CMP_LT_OQ));
+  }
+  _mm256_storeu_ps(out, lo);
+  _mm256_storeu_ps(out + 8, hi);
+}
+
+// Named accumulators, not arrays: GCC keeps arrays of vectors in memory and stores them every step.
+template <int P>
+PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_pixel) {
+  static_assert(1 <= P && P <= kPixels, "6 pixels at most");
+  const PackedConv& c = *job.conv;
+  const int64_t ntaps = static_cast<int64_t>(c.taps.size()), cin = c.in_channels;
+  const float* in[kPixels];
+  float* out[kPixels];
+  for (int p = 0; p < kPixels; ++p) {
+    const int64_t pixel = first_pixel + std::min(p, P - 1);  // the unused ones repeat the last
+    const int64_t y = pixel / job.width, x = pixel % job.width;
+    in[p] = job.in.data + y * job.in.row + x * job.in.pixel;
+    out[p] = job.out.data + y * job.out.row + x * job.out.pixel + block * kLanes;
+  }
+  const __m256 bias_lo = _mm256_loadu_ps(c.bias.data() + block * kLanes);
+  const __m256 bias_hi = _mm256_loadu_ps(c.bias.data() + block * kLanes + 8);
+  __m256 l0 = bias_lo, h0 = bias_hi, l1 = bias_lo, h1 = bias_hi, l2 = bias_lo, h2 = bias_hi;
+  __m256 l3 = bias_lo, h3 = bias_hi, l4 = bias_lo, h4 = bias_hi, l5 = bias_lo, h5 = bias_hi;
+  const float* w = c.weight.data() + block * ntaps * cin * kLanes;
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const int64_t offset = c.taps[t].dy * job.in.row + c.taps[t].dx * job.in.pixel;
+    const float *s0 = in[0] + offset, *s1 = in[1] + offset, *s2 = in[2] + offset;
+    const float *s3 = in[3] + offset, *s4 = in[4] + offset, *s5 = in[5] + offset;
+    for (int64_t i = 0; i < cin; ++i, w += kLanes) {
+      const __m256 w_lo = _mm256_loadu_ps(w), w_hi = _mm256_loadu_ps(w + 8);
+      __m256 v = _mm256_broadcast_ss(s0 + i);
+      l0 = _mm256_fmadd_ps(v, w_lo, l0), h0 = _mm256_fmadd_ps(v, w_hi, h0);
+      if constexpr (P > 1) {
+        v = _mm256_broadcast_ss(s1 + i);
+        l1 = _mm256_fmadd_ps(v, w_lo, l1), h1 = _mm256_fmadd_ps(v, w_hi, h1);
+      }
+      if constexpr (P > 2) {
+        v = _mm256_broadcast_ss(s2 + i);
+        l2 = _mm256_fmadd_ps(v, w_lo, l2), h2 = _mm256_fmadd_ps(v, w_hi, h2);
+      }
+      if constexpr (P > 3) {
+        v = _mm256_broadcast_ss(s3 + i);
+        l3 = _mm256_fmadd_ps(v, w_lo, l3), h3 = _mm256_fmadd_ps(v, w_hi, h3);
+      }
+      if constexpr (P > 4) {
+        v = _mm256_broadcast_ss(s4 + i);
+        l4 = _mm256_fmadd_ps(v, w_lo, l4), h4 = _mm256_fmadd_ps(v, w_hi, h4);
+      }
+      if constexpr (P > 5) {
+        v = _mm256_broadcast_ss(s5 + i);
+        l5 = _mm256_fmadd_ps(v, w_lo, l5), h5 = _mm256_fmadd_ps(v, w_hi, h5);
+      }
+    }
+  }
+  store_avx2(out[0], l0, h0, c.lrelu);
+  if constexpr (P > 1) store_avx2(out[1], l1, h1, c.lrelu);
+  if constexpr (P > 2) store_avx2(out[2], l2, h2, c.lrelu);
+  if constexpr (P > 3) store_avx2(out[3], l3, h3, c.lrelu);
+  if constexpr (P > 4) store_avx2(out[4], l4, h4, c.lrelu);
+  if constexpr (P > 5) store_avx2(out[5], l5, h5, c.lrelu);
+}
+
+PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_pixel, int P) {
+  switch (P) {
+    case 6: return step_avx2<6>(job, block, first_pixel);
+    case 5: return step_avx2<5>(job, block, first_pixel);
+    case 4: return step_avx2<4>(job, block, first_pixel);
+    case 3: return step_avx2<3>(job, block, first_pixel);
+    case 2: return step_avx2<2>(job, block, first_pixel);
+    default: return step_avx2<1>(job, block, first_pixel);
+  }
+}
+#endif
+
+// Items [begin, end) of the jobs taken as one list (job by job, output block by output block).
+void run_items(const std::vector<ConvJob>& jobs, int64_t begin, int64_t end, bool avx2) {
+  int64_t base = 0;
+  for (const ConvJob& job : jobs) {
+    const int64_t n = job.items(), pixel_blocks = job.pixel_blocks(), pixels = job.height * job.width;
+    for (int64_t item = std::max(begin, base); item < std::min(end, base + n); ++item) {
+      const int64_t block = (item - base) / pixel_blocks, first = (item - base) % pixel_blocks * kPixels;
+      const int P = static_cast<int>(std::min<int64_t>(kPixels, pixels - first));
+#ifdef PYBILAYER_X86_AVX2
+      if (avx2) {
+        step_avx2(job, block, first, P);
+        continue;
+      }
+#endif
+      step_portable(job, block, first, P);
+    }
+    base += n;
+  }
+  (void)avx2;
+}
+
+// ------------------------------------------------------------------ activation and box sum
+
+struct Activation {
+  std::vector<float> scale, shift, slope;  // padded channels: scale 0, shift 0 (they stay 0)
+};
+
+// x (`channels` values, a multiple of 16) -> t = prelu(x * scale + shift, slope) and a copy of x.
+void activate(const Activation& a, const float* x, int64_t channels, float* t, float* x_copy) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const float v = x[c] * a.scale[c] + a.shift[c];
+    t[c] = v < 0.f ? v * a.slope[c] : v;
+    x_copy[c] = x[c];
+  }
+}
+
+// The 2x2 box over the interleaved tap groups: out[c] = V[y+1][x+1] + V[y+1][x+2] + V[y+2][x+1] +
+// V[y+2][x+2], V[m][n] = group (m % 2, n % 2) at grid (m / 2, n / 2); `v` is the groups map, 4C' per pixel.
+void box(const float* v, int64_t grid, int64_t channels, int64_t y, int64_t x, float* out) {
+  const float* at[4];
+  int k = 0;
+  for (int64_t m = y + 1; m <= y + 2; ++m)
+    for (int64_t n = x + 1; n <= x + 2; ++n)
+      at[k++] = v + ((m / 2) * grid + n / 2) * 4 * channels + ((m % 2) * 2 + n % 2) * channels;
+  for (int64_t c = 0; c < channels; ++c) out[c] = (at[0][c] + at[1][c]) + (at[2][c] + at[3][c]);
+}
+
+#ifdef PYBILAYER_X86_AVX2
+PYBILAYER_AVX2 void activate_avx2(const Activation& a, const float* x, int64_t channels, float* t, float* x_copy) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t c = 0; c < channels; c += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + c);
+    const __m256 v = _mm256_add_ps(_mm256_mul_ps(xv, _mm256_loadu_ps(a.scale.data() + c)),
+                                   _mm256_loadu_ps(a.shift.data() + c));  // not fused: as the portable path
+    const __m256 negative = _mm256_cmp_ps(v, zero, _CMP_LT_OQ);
+    _mm256_storeu_ps(t + c, _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_loadu_ps(a.slope.data() + c)), negative));
+    _mm256_storeu_ps(x_copy + c, xv);
+  }
+}
+
+PYBILAYER_AVX2 void box_avx2(const float* v, int64_t grid, int64_t channels, int64_t y, int64_t x, float* out) {
+  const float* at[4];
+  int k = 0;
+  for (int64_t m = y + 1; m <= y + 2; ++m)
+    for (int64_t n = x + 1; n <= x + 2; ++n)
+      at[k++] = v + ((m / 2) * grid + n / 2) * 4 * channels + ((m % 2) * 2 + n % 2) * channels;
+  for (int64_t c = 0; c < channels; c += 8) {
+    const __m256 top = _mm256_add_ps(_mm256_loadu_ps(at[0] + c), _mm256_loadu_ps(at[1] + c));
+    const __m256 bottom = _mm256_add_ps(_mm256_loadu_ps(at[2] + c), _mm256_loadu_ps(at[3] + c));
+    _mm256_storeu_ps(out + c, _mm256_add_ps(top, bottom));
+  }
+}
+#endif
+
+// ------------------------------------------------------------------ workers
+
+// Workers wait here between passes: spin briefly (passes are tens of microseconds apart), then yield.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int count) : count_(count) {}
+  void wait() {
+    const int generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == count_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins > 4096) std::this_thread::yield();
+#ifdef PYBILAYER_X86_AVX2
+      else _mm_pause();
+#endif
+    }
+  }
+
+ private:
+  const int count_;
+  std::atomic<int> arrived_{0};
+  std::atomic<int> generation_{0};
+};
+
+// fn(worker, workers, barrier) on up to `requested` threads, the caller being worker 0. The team's size (and
+// its barrier) is fixed once every thread that could be started has started, before any of them begins.
+template <typename Fn>
+void run_team(int requested, const Fn& fn) {
+  std::atomic<int> size{0};
+  std::unique_ptr<SpinBarrier> barrier;
+  std::vector<std::thread> threads;
+  try {
+    for (int i = 1; i < requested; ++i)
+      threads.emplace_back([&size, &barrier, &fn, i] {
+        int n;
+        while ((n = size.load(std::memory_order_acquire)) == 0) std::this_thread::yield();
+        fn(i, n, *barrier);
+      });
+  } catch (const std::system_error&) {
+  }
+  const int workers = static_cast<int>(threads.size()) + 1;
+  barrier = std::make_unique<SpinBarrier>(workers);
+  size.store(workers, std::memory_order_release);
+  fn(0, workers, *barrier);
+  for (std::thread& t : threads) t.join();
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ the stage
+
+struct LowResStage::Impl {
+  struct Block {
+    int64_t size, in_channels, channels;  // s, Cin', C' (padded)
+    int64_t real_channels;                // C
+    Activation activation;
+    PackedConv conv1, groups[4];
+    std::vector<float> t, hx, v;  // the maps (see the top of this file)
+  };
+
+  int64_t in_features = 0, input_size = 0;
+  std::vector<PackedConv> mlp;
+  std::vector<std::vector<float>> mlp_out;  // each layer's output, padded to 16
+  std::vector<Block> blocks;
+  std::mutex mutex;
+
+  MapView t_map(Block& b) { return {b.t.data(), b.in_channels, (b.size + 2) * b.in_channels}; }
+  MapView hx_map(Block& b) {
+    const int64_t pixel = b.channels + b.in_channels;
+    return {b.hx.data(), pixel, (b.size + 2) * pixel};
+  }
+  MapView v_map(Block& b) { return {b.v.data(), 4 * b.channels, (b.size + 1) * 4 * b.channels}; }
+
+  void run_one(const float* features, float* out, int worker, int workers, SpinBarrier& barrier, bool avx2);
+};
+
+namespace {
+
+void check(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("LowResStage: " + what);
+}
+
+}  // namespace
+
+LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  check(!p.mlp.empty() && !p.blocks.empty(), "needs at least one MLP layer and one block");
+  check(p.input_size >= 1, "input_size must be >= 1");
+  m.in_features = p.mlp.front().in_features;
+  m.input_size = p.input_size;
+  const int64_t s0 = p.input_size, c0 = p.blocks.front().in_channels, c0_padded = round_up(c0, kLanes);
+
+  for (size_t l = 0; l < p.mlp.size(); ++l) {
+    const DenseLayer& d = p.mlp[l];
+    check(d.out_features >= 1 && d.in_features >= 1 && d.weight && d.bias, "MLP layer " + std::to_string(l) + " is empty");
+    if (l) check(d.in_features == p.mlp[l - 1].out_features, "MLP layer " + std::to_string(l) + " does not fit the one before");
+    const bool last = l + 1 == p.mlp.size();
+    if (!last) {
+      std::vector<float> bias(d.bias, d.bias + d.out_features);
+      m.mlp.push_back(pack(
+          d.out_features, d.in_features, {{0, 0}},
+          [&](int64_t o, int64_t i, int64_t) { return d.weight[o * d.in_features + i]; }, bias, true));
+    } else {
+      // Output slot pix * C0' + c holds feature c * s0^2 + pix: the first block's input, channels-last.
+      check(d.out_features == c0 * s0 * s0, "the last MLP layer must have C0 * s0 * s0 outputs");
+      const int64_t slots = s0 * s0 * c0_padded;
+      std::vector<float> bias(slots, 0.f);
+      std::vector<int64_t> row(slots, -1);
+      for (int64_t pix = 0; pix < s0 * s0; ++pix)
+        for (int64_t c = 0; c < c0; ++c) row[pix * c0_padded + c] = c * s0 * s0 + pix, bias[pix * c0_padded + c] = d.bias[c * s0 * s0 + pix];
+      m.mlp.push_back(pack(
+          slots, d.in_features, {{0, 0}},
+          [&](int64_t o, int64_t i, int64_t) { return row[o] < 0 ? 0.f : d.weight[row[o] * d.in_features + i]; }, bias,
+          false));
+    }
+    m.mlp_out.emplace_back(m.mlp.back().out_blocks * kLanes, 0.f);
+  }
+
+  int64_t s = s0;
+  for (size_t j = 0; j < p.blocks.size(); ++j, s *= 2) {
+    const LowResBlock& in = p.blocks[j];
+    const std::string name = "block " + std::to_string(j);
+    check(in.in_channels >= 1 && in.channels >= 1, name + " has no channels");
+    check(in.scale && in.shift && in.slope && in.conv1_weight && in.conv1_bias && in.conv2_weight && in.conv2_bias &&
+              in.skip_weight && in.skip_bias, name + " misses a weight");
+    if (j) check(in.in_channels == p.blocks[j - 1].channels, name + " does not fit the block before");
+    Impl::Block b;
+    b.size = s;
+    b.in_channels = round_up(in.in_channels, kLanes);
+    b.channels = round_up(in.channels, kLanes);
+    b.real_channels = in.channels;
+    const int64_t cin = in.in_channels, c = in.channels, cp = b.channels;
+    b.activation.scale.assign(b.in_channels, 0.f);
+    b.activation.shift.assign(b.in_channels, 0.f);
+    b.activation.slope.assign(b.in_channels, 0.f);
+    std::copy(in.scale, in.scale + cin, b.activation.scale.begin());
+    std::copy(in.shift, in.shift + cin, b.activation.shift.begin());
+    std::copy(in.slope, in.slope + cin, b.activation.slope.begin());
+
+    std::vector<Tap> taps3;
+    for (int dy = 0; dy < 3; ++dy)
+      for (int dx = 0; dx < 3; ++dx) taps3.push_back({dy, dx});
+    b.conv1 = pack(
+        c, cin, taps3, [&](int64_t o, int64_t i, int64_t t) { return in.conv1_weight[(o * cin + i) * 9 + t]; },
+        std::vector<float>(in.conv1_bias, in.conv1_bias + c), true);
+
+    // Tap groups (frame_graph.upsample_conv_taps): rows and columns pick the even taps [1] (offset 0 in the
+    // padded map) or the odd ones [0, 2] (offsets 0, 1). The 1x1 group also reads x (the skip) after C'.
+    const int even[] = {1}, odd[] = {0, 2};
+    std::vector<float> ee_bias(c), zeros(c, 0.f);
+    for (int64_t o = 0; o < c; ++o) ee_bias[o] = in.conv2_bias[o] + in.skip_bias[o];
+    for (int g = 0; g < 4; ++g) {
+      const int* ky = g / 2 ? odd : even;
+      const int* kx = g % 2 ? odd : even;
+      const int ny = g / 2 ? 2 : 1, nx = g % 2 ? 2 : 1;
+      std::vector<Tap> taps;
+      std::vector<int> kernel_tap;  // index into the 3x3 kernel
+      for (int i = 0; i < ny; ++i)
+        for (int k = 0; k < nx; ++k) taps.push_back({i, k}), kernel_tap.push_back(ky[i] * 3 + kx[k]);
+      if (g == 0) {
+        b.groups[0] = pack(
+            c, cp + cin, taps,
+            [&](int64_t o, int64_t i, int64_t) {
+              if (i < c) return in.conv2_weight[(o * c + i) * 9 + 4];
+              return i < cp ? 0.f : in.skip_weight[o * cin + (i - cp)];
+            },
+            ee_bias, false);
+      } else {
+        b.groups[g] = pack(
+            c, c, taps, [&](int64_t o, int64_t i, int64_t t) { return in.conv2_weight[(o * c + i) * 9 + kernel_tap[t]]; },
+            zeros, false);
+      }
+    }
+    b.t.assign((s + 2) * (s + 2) * b.in_channels, 0.f);
+    b.hx.assign((s + 2) * (s + 2) * (cp + b.in_channels), 0.f);
+    b.v.assign((s + 1) * (s + 1) * 4 * cp, 0.f);
+    m.blocks.push_back(std::move(b));
+  }
+}
+
+LowResStage::~LowResStage() = default;
+
+int64_t LowResStage::in_features() const { return impl_->in_features; }
+int64_t LowResStage::out_channels() const { return impl_->blocks.back().real_channels; }
+int64_t LowResStage::out_size() const { return impl_->blocks.back().size * 2; }
+
+void LowResStage::Impl::run_one(const float* features, float* out, int worker, int workers, SpinBarrier& barrier,
+                                bool avx2) {
+  const auto share = [&](int64_t n, int64_t* begin, int64_t* end) {
+    *begin = n * worker / workers, *end = n * (worker + 1) / workers;
+  };
+  const auto convolve = [&](const std::vector<ConvJob>& jobs) {
+    int64_t n = 0, begin, end;
+    for (const ConvJob& job : jobs) n += job.items();
+    share(n, &begin, &end);
+    run_items(jobs, begin, end, avx2);
+    barrier.wait();
+  };
+  const auto activation = [&](const Activation& a, const float* x, int64_t channels, float* t, float* x_copy) {
+#ifdef PYBILAYER_X86_AVX2
+    if (avx2) return activate_avx2(a, x, channels, t, x_copy);
+#endif
+    activate(a, x, channels, t, x_copy);
+  };
+
+  // The MLP: each layer a 1x1 convolution over one pixel.
+  const float* h = features;
+  for (size_t l = 0; l < mlp.size(); ++l) {
+    const MapView in{const_cast<float*>(h), 0, 0}, to{mlp_out[l].data(), 0, 0};
+    convolve({ConvJob{&mlp[l], in, to, 1, 1}});
+    h = mlp_out[l].data();
+  }
+  {  // the first block's input x (channels-last, C0' per pixel) -> its T and HX
+    Block& b = blocks.front();
+    MapView t = t_map(b), hx = hx_map(b);
+    int64_t begin, end;
+    share(b.size * b.size, &begin, &end);
+    for (int64_t pix = begin; pix < end; ++pix) {
+      const int64_t y = pix / b.size + 1, x = pix % b.size + 1;
+      activation(b.activation, h + pix * b.in_channels, b.in_channels, t.data + y * t.row + x * t.pixel,
+                 hx.data + y * hx.row + x * hx.pixel + b.channels);
+    }
+    barrier.wait();
+  }
+
+  for (size_t j = 0; j < blocks.size(); ++j) {
+    Block& b = blocks[j];
+    const int64_t s = b.size, cp = b.channels;
+    MapView t = t_map(b), hx = hx_map(b), v = v_map(b);
+    // conv1 into HX's first C' channels, at (y+1, x+1)
+    const MapView h_out{hx.data + hx.row + hx.pixel, hx.pixel, hx.row};
+    convolve({ConvJob{&b.conv1, t, h_out, s, s}});
+    // The tap groups: output g reads padded rows/columns g (and g+1). The box reads V[m][n] for m, n in
+    // [1, 2s + 1] only: grid g in [1, s] of the even groups and [0, s] of the odd ones.
+    std::vector<ConvJob> groups;
+    for (int g = 0; g < 4; ++g) {
+      const bool odd_rows = g / 2, odd_columns = g % 2;
+      const int64_t oy = odd_rows ? 0 : 1, ox = odd_columns ? 0 : 1;
+      const MapView in{hx.data + oy * hx.row + ox * hx.pixel, hx.pixel, hx.row};
+      const MapView to{v.data + oy * v.row + ox * v.pixel + g * cp, v.pixel, v.row};
+      groups.push_back({&b.groups[g], in, to, s + odd_rows, s + odd_columns});
+    }
+    convolve(groups);
+    // the box sum: the block's output x, 2s x 2s, into the next block's T and HX, or `out` (NCHW)
+    int64_t begin, end;
+    share(2 * s, &begin, &end);
+    std::vector<float> x(cp), row(j + 1 < blocks.size() ? 0 : 2 * s * cp);
+    for (int64_t y = begin; y < end; ++y) {
+      for (int64_t xx = 0; xx < 2 * s; ++xx) {
+        float* sum = row.empty() ? x.data() : row.data() + xx * cp;
+#ifdef PYBILAYER_X86_AVX2
+        if (avx2)
+          box_avx2(b.v.data(), s + 1, cp, y, xx, sum);
+        else
+#endif
+          box(b.v.data(), s + 1, cp, y, xx, sum);
+        if (row.empty()) {
+          Block& next = blocks[j + 1];
+          MapView nt = t_map(next), nhx = hx_map(next);
+          activation(next.activation, sum, cp, nt.data + (y + 1) * nt.row + (xx + 1) * nt.pixel,
+                     nhx.data + (y + 1) * nhx.row + (xx + 1) * nhx.pixel + next.channels);
+        }
+      }
+      if (!row.empty()) {
+        const int64_t size = 2 * s;
+        for (int64_t c = 0; c < b.real_channels; ++c)
+          for (int64_t xx = 0; xx < size; ++xx) out[(c * size + y) * size + xx] = row[xx * cp + c];
+      }
+    }
+    barrier.wait();
+  }
+}
+
+void LowResStage::run(const float* features, int64_t batch, float* out, int num_threads, bool vectorized) {
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mutex);
+  const bool avx2 = vectorized && has_avx2_fma();
+  if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int64_t out_values = out_channels() * out_size() * out_size();
+  run_team(num_threads, [&](int worker, int workers, SpinBarrier& barrier) {
+    for (int64_t i = 0; i < batch; ++i)
+      m.run_one(features + i * m.in_features, out + i * out_values, worker, workers, barrier, avx2);
+  });
+}
+
+}  // namespace pybilayer

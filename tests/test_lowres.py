@@ -1,0 +1,136 @@
+"""The native low-resolution stage (keypoint MLP + first up-sampling blocks, ``ops.LowResStage``) against its
+PyTorch reference (``ops.low_res_stage_reference``, float64).
+
+Fresh random weights and inputs every run, channel counts that are not multiples of the kernel's 16-channel
+step, grids that are not multiples of its 6-pixel step, both code paths (AVX2+FMA where the CPU has it, and
+the portable one), several thread counts, and outputs poisoned with NaN before the call. Its agreement with
+the whole network, folded from a model, is checked in test_export.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _tolerances import TOLERANCES
+
+from pybilayer import native, ops
+
+pytestmark = pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
+
+
+def make_stage(rng: np.random.Generator, features: int, hidden: tuple[int, ...], channels: tuple[int, ...],
+               input_size: int):
+    """Random weights: MLP features -> hidden... -> channels[0] x s0 x s0, then blocks channels[j] -> [j+1]."""
+    widths = (features, *hidden, channels[0] * input_size * input_size)
+    mlp = [((rng.standard_normal((o, i)) / np.sqrt(i)).astype(np.float32), (0.1 * rng.standard_normal(o)).astype(np.float32))
+           for i, o in zip(widths[:-1], widths[1:])]
+    blocks = []
+    for cin, c in zip(channels[:-1], channels[1:]):
+        scale = rng.uniform(0.5, 2.0, cin)
+        scale[::3] = 1.0
+        blocks.append({
+            "scale": scale, "shift": rng.standard_normal(cin), "slope": rng.choice([0.2, 5.0], cin),
+            "conv1_weight": rng.standard_normal((c, cin, 3, 3)) / np.sqrt(9 * cin),
+            "conv1_bias": 0.1 * rng.standard_normal(c),
+            "conv2_weight": rng.standard_normal((c, c, 3, 3)) / np.sqrt(9 * c),
+            "conv2_bias": 0.1 * rng.standard_normal(c),
+            "skip_weight": rng.standard_normal((c, cin)) / np.sqrt(cin),
+            "skip_bias": 0.1 * rng.standard_normal(c),
+        })
+        blocks[-1] = {k: v.astype(np.float32) for k, v in blocks[-1].items()}
+    return mlp, blocks
+
+
+def reference(features, mlp, blocks, input_size) -> np.ndarray:
+    as64 = lambda a: torch.from_numpy(a).double()  # noqa: E731
+    return ops.low_res_stage_reference(as64(features), [(as64(w), as64(b)) for w, b in mlp],
+                                       [{k: as64(v) for k, v in b.items()} for b in blocks], input_size).numpy()
+
+
+def run_poisoned(stage: ops.LowResStage, features: np.ndarray, **options) -> np.ndarray:
+    out = np.full((len(features), *stage.output_shape), np.nan, np.float32)
+    stage._stage.run(features, out, **options)
+    return out
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(int(torch.randint(1 << 30, ()).item()))
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("features, hidden, channels, input_size, batch", [
+    (136, (32, 24), (16, 32, 16), 4, 2),  # multiples of 16
+    (7, (5,), (5, 7, 3), 3, 3),  # odd channels and grids
+    (9, (), (20, 12), 1, 1),  # one layer, one block from a 1x1 map
+    (12, (33,), (3, 17, 18, 6), 2, 2),  # three blocks
+])
+def test_matches_reference(features, hidden, channels, input_size, batch, vectorized, rng):
+    mlp, blocks = make_stage(rng, features, hidden, channels, input_size)
+    stage = ops.LowResStage(mlp, blocks, input_size)
+    size = input_size * 2 ** len(blocks)
+    assert stage.output_shape == (channels[-1], size, size)
+    x = rng.standard_normal((batch, features)).astype(np.float32)
+    ref = reference(x, mlp, blocks, input_size)
+    rtol, atol = TOLERANCES["heads_fp32"]
+    for threads in (1, 2, 3):
+        out = run_poisoned(stage, x, num_threads=threads, vectorized=vectorized)
+        np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol * max(1.0, float(np.abs(ref).max())))
+    assert np.abs(ref).max() > 0.1  # not a comparison of near-zero outputs
+    np.testing.assert_allclose(stage(x[:1]), ref[:1], rtol=rtol, atol=atol * max(1.0, float(np.abs(ref).max())))
+
+
+def test_paths_and_thread_counts_agree(rng):
+    """The vector path fuses multiply-adds, the portable one does not: they agree to rounding; one path gives
+    the same bits on any thread count (each output is summed by one worker, in one order)."""
+    mlp, blocks = make_stage(rng, 40, (48,), (32, 32, 16), 4)
+    stage = ops.LowResStage(mlp, blocks, 4)
+    x = rng.standard_normal((2, 40)).astype(np.float32)
+    one = stage(x, num_threads=1)
+    np.testing.assert_array_equal(stage(x, num_threads=2), one)
+    np.testing.assert_array_equal(stage(x, num_threads=4), one)
+    np.testing.assert_allclose(stage(x, num_threads=2, vectorized=False), one, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_items_are_independent(rng):
+    mlp, blocks = make_stage(rng, 10, (16,), (8, 8), 2)
+    stage = ops.LowResStage(mlp, blocks, 2)
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    together = stage(x, num_threads=2)
+    for i in range(4):
+        np.testing.assert_array_equal(stage(x[i:i + 1], num_threads=2)[0], together[i])
+
+
+def test_nan_spreads_to_its_item_only(rng):
+    mlp, blocks = make_stage(rng, 10, (16,), (8, 8), 2)
+    stage = ops.LowResStage(mlp, blocks, 2)
+    x = rng.standard_normal((2, 10)).astype(np.float32)
+    x[1, 3] = np.nan
+    out = stage(x, num_threads=2)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+
+
+def test_bad_weights_and_inputs_name_the_problem(rng):
+    mlp, blocks = make_stage(rng, 10, (16,), (8, 6), 2)
+    with pytest.raises(ValueError, match=r"blocks\[0\].skip_weight: expected shape \(6, 8\)"):
+        ops.LowResStage(mlp, [{**blocks[0], "skip_weight": blocks[0]["skip_weight"].T.copy()}], 2)
+    with pytest.raises(ValueError, match=r"blocks\[0\].conv2_bias: missing"):
+        ops.LowResStage(mlp, [{k: v for k, v in blocks[0].items() if k != "conv2_bias"}], 2)
+    with pytest.raises(ValueError, match="the last MLP layer must have C0 \\* s0 \\* s0 outputs"):
+        ops.LowResStage(mlp, blocks, 3)
+    with pytest.raises(ValueError, match="MLP layer 1 does not fit"):
+        ops.LowResStage([mlp[0], (mlp[1][0][:, :5].copy(), mlp[1][1])], blocks, 2)
+    with pytest.raises(ValueError, match="block 1 does not fit"):
+        ops.LowResStage(mlp, [blocks[0], blocks[0]], 2)
+    stage = ops.LowResStage(mlp, blocks, 2)
+    with pytest.raises(ValueError, match=r"features: expected shape \(1, 10\), got \(1, 11\)"):
+        stage(np.zeros((1, 11), np.float32))
+    with pytest.raises(ValueError, match="features: expected \\(B, F\\)"):
+        stage(np.zeros(10, np.float32))
+    out = np.zeros((1, 6, 8, 8), np.float32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out: the output array is read-only"):
+        stage._stage.run(np.zeros((1, 10), np.float32), out)
+    with pytest.raises(ValueError, match="out: expected float32, got float16"):
+        stage._stage.run(np.zeros((1, 10), np.float32), np.zeros((1, 6, 8, 8), np.float16))
