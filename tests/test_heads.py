@@ -158,25 +158,28 @@ def test_read_only_output_is_rejected(rng):
 
 
 def test_benchmark_runs_end_to_end(tmp_path, capsys):
-    """benchmarks/heads.py --quick: the kernel against its reference, and frames with the kernel on and off
-    for every folded-graph backend usable here (tiny random model). Timings are never asserted."""
+    """benchmarks/native_passes.py --quick: the kernels against their references, and frames with the native
+    passes off, the heads on, and the stage on too, for every folded-graph backend usable here (tiny random
+    model). Timings are never asserted."""
     import importlib.util
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "heads.py"
-    spec = importlib.util.spec_from_file_location("pybilayer_heads_benchmark", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "native_passes.py"
+    spec = importlib.util.spec_from_file_location("pybilayer_native_passes_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out = tmp_path / "heads.json"
+    out = tmp_path / "native.json"
     assert module.main(["--quick", "--threads", "1", "--backends", "onnxruntime", "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     kernel = [r for r in results if r["kind"] == "kernel"]
     frames = [r for r in results if r["kind"] == "frame"]
-    assert [r["threads"] for r in kernel] == [1] and all(r["native_ms"] > 0 and r["reference_ms"] > 0 for r in kernel)
+    assert [(r["kernel"].split(":")[0], r["threads"]) for r in kernel] == [("heads", 1), ("stage", 1)]
+    assert all(r["native_ms"] > 0 and r["reference_ms"] > 0 for r in kernel)
     assert [r["backend"] for r in frames] == ["onnxruntime"]
+    assert all(frames[0][f"{v}_ms"] > 0 for v in ("graph", "heads", "stage"))
     assert frames[0]["max_abs_image_difference"] <= TOLERANCES["fast_cpu_render"][1]
-    assert "native heads p50" in capsys.readouterr().out
+    assert "+ native stage p50" in capsys.readouterr().out
 
 
 # --- tap groups computed from the up-sampling convolution's input (ops.UpsampleConv) ------------------

@@ -1,13 +1,14 @@
 """The ``mnn`` backend: each avatar's folded per-frame graph in Alibaba MNN on the CPU (fp32).
 
-At ``prepare`` the avatar's parameters are folded into the weights (``frame_graph.build_folded_graph``,
+At ``prepare`` the avatar's parameters are folded into the weights (``frame_graph.build_folded_frame``,
 the graph the onnxruntime backend runs by default), MNN's converter turns that ONNX graph into an MNN
 model, and MNN loads it as a module of its own. MNN runs the 3x3 convolutions with Winograd kernels.
-Where the native core is built, the graph stops before the last block's up-sampling convolution and
-``ops.heads`` computes that convolution and finishes the frame (``native_heads``). Per frame (released
-size, batch 1, 2 threads, 2-core AVX2): the forward ~17.8 ms and the native pass ~4 ms, against
-~23.3 ms for the full graph in MNN and ~45 ms for the full graph in onnxruntime; the warped image within
-~3e-5 of the torch reference.
+Where the native core is built, the native stage ``ops.LowResStage`` runs the keypoint MLP and the
+blocks with 4-8 px inputs (``native_blocks``), the graph the blocks after them, stopping before the last
+block's up-sampling convolution, and ``ops.heads`` computes that convolution and finishes the frame
+(``native_heads``). Per frame (released size, batch 1, 2 threads, 2-core AVX2, quiet): the stage ~1.6 ms,
+the forward ~15 ms and the heads ~4 ms, against ~23.3 ms for the full graph in MNN and ~45 ms for the
+full graph in onnxruntime; the warped image within ~3e-5 of the torch reference.
 Precision "high": fp32 throughout, no fp16/bf16.
 
 Cost per avatar (released size, measured under load): ~0.4 s, counted as avatar creation: folding
@@ -201,9 +202,11 @@ def run_module(module, inputs: list[np.ndarray], copy: bool = True) -> list[np.n
 
 
 class MnnBackend(FrameBackend):
-    """Per-frame network in MNN on the CPU, one module per avatar. ``threads``: MNN's threads per forward
-    (None: ``os.cpu_count()``). ``native_heads``: finish each frame with the native heads kernel; None
-    (default) wherever the native core is built, False for the graph's own heads."""
+    """Per-frame network in MNN on the CPU, one module per avatar. ``threads``: MNN's and the native passes'
+    threads per frame (None: ``os.cpu_count()``). ``native_heads``: finish each frame with the native heads
+    kernel; None (default) wherever the native core is built, False for the graph's own heads.
+    ``native_blocks``: how many first blocks (with the keypoint MLP) the native stage runs; None (default):
+    ``frame_graph.default_native_blocks`` with the native heads, 0 for none."""
 
     name = "mnn"
     device = "cpu"

@@ -6,7 +6,10 @@ Two graph modes (see ``frame_graph``):
   graph (AdaBN into the convolutions, up-sampling convolutions at the low resolution, skips there too,
   the first norm and skip inside the keypoint MLP) and given its own session. Session creation
   counts toward avatar creation; rendering is the fastest onnxruntime path (the `mnn` backend runs the
-  same graph faster).
+  same graph faster). Where the native core is built (fp32), native passes take the parts onnxruntime
+  runs slowly: the keypoint MLP and the first blocks (``ops.LowResStage``), the block boundaries
+  (``ops.depth_to_space_box`` between one graph per block) and the last up-sampling convolution with
+  the heads (``ops.heads``).
 * ``"generic"``: one session over the exported graph whose inputs include the per-identity parameters
   (the graph TensorRT builds from), shared by all avatars; several avatars run in one batch.
 
@@ -73,7 +76,9 @@ class OnnxRuntimeBackend(FrameBackend):
     ``precision``: "fp32" (default, within 2e-3 of the reference) or "int8" (opt-in, folded graph only:
     lossy, ~1.25x faster per frame, a few seconds more per avatar; see ``int8``).
     ``native_heads`` (folded graph): finish each frame with the native heads kernel; None (default)
-    wherever the native core is built, False for the graph's own heads.
+    wherever the native core is built, False for the graph's own heads. ``native_blocks`` (folded fp32
+    graph with native heads): how many first blocks (with the keypoint MLP) the native stage
+    ``ops.LowResStage`` runs before the graphs; None (default): ``frame_graph.default_native_blocks``.
     """
 
     name = "onnxruntime"
