@@ -123,6 +123,13 @@ PYBILAYER_AVX2 inline void store_avx2(float* out, __m256 lo, __m256 hi, bool lre
   _mm256_storeu_ps(out + 8, hi);
 }
 
+// One pixel's input channel times 16 weights, into its two accumulators.
+PYBILAYER_AVX2 inline void accumulate_avx2(const float* input, __m256 w_lo, __m256 w_hi, __m256& lo, __m256& hi) {
+  const __m256 v = _mm256_broadcast_ss(input);
+  lo = _mm256_fmadd_ps(v, w_lo, lo);
+  hi = _mm256_fmadd_ps(v, w_hi, hi);
+}
+
 // Named accumulators, not arrays: GCC keeps arrays of vectors in memory and stores them every step.
 template <int P>
 PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_pixel) {
@@ -148,28 +155,12 @@ PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_p
     const float *s3 = in[3] + offset, *s4 = in[4] + offset, *s5 = in[5] + offset;
     for (int64_t i = 0; i < cin; ++i, w += kLanes) {
       const __m256 w_lo = _mm256_loadu_ps(w), w_hi = _mm256_loadu_ps(w + 8);
-      __m256 v = _mm256_broadcast_ss(s0 + i);
-      l0 = _mm256_fmadd_ps(v, w_lo, l0), h0 = _mm256_fmadd_ps(v, w_hi, h0);
-      if constexpr (P > 1) {
-        v = _mm256_broadcast_ss(s1 + i);
-        l1 = _mm256_fmadd_ps(v, w_lo, l1), h1 = _mm256_fmadd_ps(v, w_hi, h1);
-      }
-      if constexpr (P > 2) {
-        v = _mm256_broadcast_ss(s2 + i);
-        l2 = _mm256_fmadd_ps(v, w_lo, l2), h2 = _mm256_fmadd_ps(v, w_hi, h2);
-      }
-      if constexpr (P > 3) {
-        v = _mm256_broadcast_ss(s3 + i);
-        l3 = _mm256_fmadd_ps(v, w_lo, l3), h3 = _mm256_fmadd_ps(v, w_hi, h3);
-      }
-      if constexpr (P > 4) {
-        v = _mm256_broadcast_ss(s4 + i);
-        l4 = _mm256_fmadd_ps(v, w_lo, l4), h4 = _mm256_fmadd_ps(v, w_hi, h4);
-      }
-      if constexpr (P > 5) {
-        v = _mm256_broadcast_ss(s5 + i);
-        l5 = _mm256_fmadd_ps(v, w_lo, l5), h5 = _mm256_fmadd_ps(v, w_hi, h5);
-      }
+      accumulate_avx2(s0 + i, w_lo, w_hi, l0, h0);
+      if constexpr (P > 1) accumulate_avx2(s1 + i, w_lo, w_hi, l1, h1);
+      if constexpr (P > 2) accumulate_avx2(s2 + i, w_lo, w_hi, l2, h2);
+      if constexpr (P > 3) accumulate_avx2(s3 + i, w_lo, w_hi, l3, h3);
+      if constexpr (P > 4) accumulate_avx2(s4 + i, w_lo, w_hi, l4, h4);
+      if constexpr (P > 5) accumulate_avx2(s5 + i, w_lo, w_hi, l5, h5);
     }
   }
   store_avx2(out[0], l0, h0, c.lrelu);
