@@ -5,9 +5,9 @@
 // per step, and each block is three passes (conv1, the up-sampling convolution's tap groups, the box sum
 // with the next activation) between which the workers meet at a barrier.
 //
-// Convention (frame_graph.folded_low_res_stage folds one avatar into these weights, and
-// frame_graph.build_folded_graph(first_block=k) continues from the output; pybilayer.ops.low_res_stage_reference
-// computes the same in torch):
+// Convention (frame_graph.folded_low_res_stage folds one avatar into these weights, the graphs of
+// frame_graph.build_folded_frame(native_blocks=k) continue from the output, and
+// pybilayer.ops.low_res_stage_reference computes the same in torch):
 //   mlp:    h = W_i h + b_i per layer, LeakyReLU(0.2) between layers (not after the last); the last layer's
 //           outputs are the first block's input x, (C0, s0, s0) in NCHW order.
 //   block:  t = prelu(x * scale + shift, slope)                                 per input channel

@@ -508,8 +508,8 @@ def mlp_features(frequencies: np.ndarray | None, keypoints: np.ndarray) -> np.nd
 @dataclass(frozen=True)
 class LowResWeights:
     """One avatar's keypoint MLP and first blocks in the form of the native stage (``ops.LowResStage``,
-    convention in ``csrc/lowres/lowres.h``); ``build_folded_graph(first_block=len(blocks))`` continues from
-    its output, the input x' of the next block (its norm's shift included)."""
+    convention in ``csrc/lowres/lowres.h``); the graphs of ``build_folded_frame(native_blocks=len(blocks))``
+    continue from its output, the input x' of the next block (its norm's shift included)."""
 
     mlp: list  # [(weight (out, in), bias (out,))] float32; LeakyReLU between layers
     blocks: list  # [dict(scale, shift, slope, conv1_weight, conv1_bias, conv2_weight, conv2_bias, skip_weight,
@@ -557,9 +557,10 @@ def folded_low_res_stage(weights: FrameWeights, flat_params: dict[str, np.ndarra
 
 
 # The native stage (``ops.LowResStage``) runs the keypoint MLP and the blocks whose input maps are at most this
-# size; the graph runtimes take the rest. Measured per block on the 2-core AVX2 machine (released size, MNN's
-# forward against the stage's, in turns): 4 px 0.5 against ~1.2 ms with the MLP, 8 px 1.3 against ~1.5 ms;
-# at 16 px the stage's direct convolutions (4.5 ms) lose to MNN's Winograd ones (2.6 ms).
+# size; the graph runtimes take the rest. Measured per block on the 2-core AVX2 machine (released size, the
+# stage against MNN's forward, in one loop): the MLP with the 4 px block 0.4-0.5 against ~1.2 ms, the 8 px
+# block ~1.1 against ~1.35 ms; at 16 px the stage's direct convolutions (4.2-4.4 ms) lose to MNN's Winograd
+# ones (~2.6 ms).
 NATIVE_BLOCKS_MAX_SIZE = 8
 
 
