@@ -142,6 +142,14 @@ struct GroupTap {
 };
 
 #ifdef PYBILAYER_X86_AVX2
+// One weight times one or two vectors of input columns (a, b), into their accumulators.
+template <int NV>
+PYBILAYER_AVX2 inline void accumulate_columns_avx2(float weight, __m256 a, __m256 b, __m256& into_a, __m256& into_b) {
+  const __m256 x = _mm256_set1_ps(weight);
+  into_a = _mm256_fmadd_ps(a, x, into_a);
+  if (NV == 2) into_b = _mm256_fmadd_ps(b, x, into_b);
+}
+
 // Columns [k, k + 8 NV), NV = 1 or 2, of the group rows of output channels c0 = 2 * pair and c0 + 1:
 // even-column group E, and U, T of the odd-column group (file comment). `init` (or null): E's starting
 // values, channel c0's row (c0 + 1 at + init_stride). Padded index k holds input column k - 1. Named
@@ -162,24 +170,12 @@ PYBILAYER_AVX2 inline void group_columns_avx2(const GroupTap* taps, int ntaps, c
     const float* w = packed + (taps[t].ky * pairs + pair) * cin * 6;
     for (int64_t ci = 0; ci < cin; ++ci, in += stride, w += 6) {
       const __m256 a = _mm256_loadu_ps(in), b = NV == 2 ? _mm256_loadu_ps(in + 8) : zero;
-      __m256 x = _mm256_broadcast_ss(w + 0);
-      e0a = _mm256_fmadd_ps(a, x, e0a);
-      if (NV == 2) e0b = _mm256_fmadd_ps(b, x, e0b);
-      x = _mm256_broadcast_ss(w + 1);
-      u0a = _mm256_fmadd_ps(a, x, u0a);
-      if (NV == 2) u0b = _mm256_fmadd_ps(b, x, u0b);
-      x = _mm256_broadcast_ss(w + 2);
-      t0a = _mm256_fmadd_ps(a, x, t0a);
-      if (NV == 2) t0b = _mm256_fmadd_ps(b, x, t0b);
-      x = _mm256_broadcast_ss(w + 3);
-      e1a = _mm256_fmadd_ps(a, x, e1a);
-      if (NV == 2) e1b = _mm256_fmadd_ps(b, x, e1b);
-      x = _mm256_broadcast_ss(w + 4);
-      u1a = _mm256_fmadd_ps(a, x, u1a);
-      if (NV == 2) u1b = _mm256_fmadd_ps(b, x, u1b);
-      x = _mm256_broadcast_ss(w + 5);
-      t1a = _mm256_fmadd_ps(a, x, t1a);
-      if (NV == 2) t1b = _mm256_fmadd_ps(b, x, t1b);
+      accumulate_columns_avx2<NV>(w[0], a, b, e0a, e0b);
+      accumulate_columns_avx2<NV>(w[1], a, b, u0a, u0b);
+      accumulate_columns_avx2<NV>(w[2], a, b, t0a, t0b);
+      accumulate_columns_avx2<NV>(w[3], a, b, e1a, e1b);
+      accumulate_columns_avx2<NV>(w[4], a, b, u1a, u1b);
+      accumulate_columns_avx2<NV>(w[5], a, b, t1a, t1b);
     }
   }
   _mm256_storeu_ps(e0 + k, e0a), _mm256_storeu_ps(u0 + k, u0a), _mm256_storeu_ps(t0 + k, t0a);
