@@ -167,9 +167,14 @@ def run_metadata() -> dict:
 
 
 def write_json(path: str | os.PathLike, metadata: dict, results: list[dict]) -> None:
-    """Write {"metadata", "results"} atomically (a crash never leaves a half-written file)."""
-    text = json.dumps({"metadata": metadata, "results": results}, indent=2) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write {"metadata", "results"} with ``write_payload``."""
+    write_payload(path, {"metadata": metadata, "results": results})
+
+
+def write_payload(path: str | os.PathLike, payload: dict) -> None:
+    """Write ``payload`` as JSON atomically (a crash never leaves a half-written file) and say where."""
+    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
+    print(f"\nwrote {path}")
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:

@@ -184,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## CUDA: skipped ({reason})")
     if args.json:
         write_json(args.json, metadata, results)
-        print(f"\nwrote {args.json}")
     return 0
 
 

@@ -21,7 +21,6 @@ Nothing is downloaded; tests never assert timings, this script only reports them
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -35,7 +34,7 @@ try:
 except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TURN_FRAMES, interleaved_times, run_metadata  # noqa: E402  (benchmarks/common.py)
+from common import TURN_FRAMES, interleaved_times, run_metadata, write_payload  # noqa: E402  (benchmarks/common.py)
 from fsth import BACKENDS as COMPARED_BACKENDS  # noqa: E402  (benchmarks/fsth.py: the comparison table)
 from fsth import compare_paths, format_table, renderer_paths  # noqa: E402
 
@@ -331,11 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "both":
         payload["comparison"] = compare_models(models, names, args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+        write_payload(args.json, payload)
     return 0
 
 

@@ -193,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     results += rows
     if args.json:
         write_json(args.json, metadata, results)
-        print(f"\nwrote {args.json}")
     return 0
 
 
