@@ -65,6 +65,8 @@ def rng():
     (7, (5,), (5, 7, 3), 3, 3),  # odd channels and grids
     (9, (), (20, 12), 1, 1),  # one layer, one block from a 1x1 map
     (12, (33,), (3, 17, 18, 6), 2, 2),  # three blocks
+    (10, (24,), (16, 24, 8), 16, 1),  # larger maps: 16 and 32 px
+    (6, (), (9, 5), 18, 2),  # odd channels on an 18 px map
 ])
 def test_matches_reference(features, hidden, channels, input_size, batch, vectorized, rng):
     mlp, blocks = make_stage(rng, features, hidden, channels, input_size)
