@@ -219,14 +219,16 @@ void activate(const Activation& a, const float* x, int64_t channels, float* t, f
   }
 }
 
-// The 2x2 box over the interleaved tap groups: out[c] = V[y+1][x+1] + V[y+1][x+2] + V[y+2][x+1] +
-// V[y+2][x+2], V[m][n] = group (m % 2, n % 2) at grid (m / 2, n / 2); `v` is the groups map, 4C' per pixel.
-void box(const float* v, int64_t grid, int64_t channels, int64_t y, int64_t x, float* out) {
-  const float* at[4];
+// The four values of the 2x2 box of output (y, x): V[m][n] for m in {y+1, y+2}, n in {x+1, x+2}, where
+// V[m][n] = group (m % 2, n % 2) at grid (m / 2, n / 2) of `v`, the groups map (4C' per pixel).
+void box_sources(const float* v, int64_t grid, int64_t channels, int64_t y, int64_t x, const float* at[4]) {
   int k = 0;
   for (int64_t m = y + 1; m <= y + 2; ++m)
     for (int64_t n = x + 1; n <= x + 2; ++n)
       at[k++] = v + ((m / 2) * grid + n / 2) * 4 * channels + ((m % 2) * 2 + n % 2) * channels;
+}
+
+void box(const float* const at[4], int64_t channels, float* out) {
   for (int64_t c = 0; c < channels; ++c) out[c] = (at[0][c] + at[1][c]) + (at[2][c] + at[3][c]);
 }
 
@@ -243,12 +245,7 @@ PYBILAYER_AVX2 void activate_avx2(const Activation& a, const float* x, int64_t c
   }
 }
 
-PYBILAYER_AVX2 void box_avx2(const float* v, int64_t grid, int64_t channels, int64_t y, int64_t x, float* out) {
-  const float* at[4];
-  int k = 0;
-  for (int64_t m = y + 1; m <= y + 2; ++m)
-    for (int64_t n = x + 1; n <= x + 2; ++n)
-      at[k++] = v + ((m / 2) * grid + n / 2) * 4 * channels + ((m % 2) * 2 + n % 2) * channels;
+PYBILAYER_AVX2 void box_avx2(const float* const at[4], int64_t channels, float* out) {
   for (int64_t c = 0; c < channels; c += 8) {
     const __m256 top = _mm256_add_ps(_mm256_loadu_ps(at[0] + c), _mm256_loadu_ps(at[1] + c));
     const __m256 bottom = _mm256_add_ps(_mm256_loadu_ps(at[2] + c), _mm256_loadu_ps(at[3] + c));
@@ -506,27 +503,30 @@ void LowResStage::Impl::run_one(const float* features, float* out, int worker, i
     // the box sum: the block's output x, 2s x 2s, into the next block's T and HX, or `out` (NCHW)
     int64_t begin, end;
     share(2 * s, &begin, &end);
-    std::vector<float> x(cp), row(j + 1 < blocks.size() ? 0 : 2 * s * cp);
+    const bool last = j + 1 == blocks.size();
+    std::vector<float> sums(last ? 2 * s * cp : cp);  // the last block's whole row, for the NCHW output
     for (int64_t y = begin; y < end; ++y) {
       for (int64_t xx = 0; xx < 2 * s; ++xx) {
-        float* sum = row.empty() ? x.data() : row.data() + xx * cp;
+        float* sum = last ? sums.data() + xx * cp : sums.data();
+        const float* at[4];
+        box_sources(b.v.data(), s + 1, cp, y, xx, at);
 #ifdef PYBILAYER_X86_AVX2
         if (avx2)
-          box_avx2(b.v.data(), s + 1, cp, y, xx, sum);
+          box_avx2(at, cp, sum);
         else
 #endif
-          box(b.v.data(), s + 1, cp, y, xx, sum);
-        if (row.empty()) {
+          box(at, cp, sum);
+        if (!last) {
           Block& next = blocks[j + 1];
           MapView nt = t_map(next), nhx = hx_map(next);
           activation(next.activation, sum, cp, nt.data + (y + 1) * nt.row + (xx + 1) * nt.pixel,
                      nhx.data + (y + 1) * nhx.row + (xx + 1) * nhx.pixel + next.channels);
         }
       }
-      if (!row.empty()) {
+      if (last) {
         const int64_t size = 2 * s;
         for (int64_t c = 0; c < b.real_channels; ++c)
-          for (int64_t xx = 0; xx < size; ++xx) out[(c * size + y) * size + xx] = row[xx * cp + c];
+          for (int64_t xx = 0; xx < size; ++xx) out[(c * size + y) * size + xx] = sums[xx * cp + c];
       }
     }
     barrier.wait();
