@@ -106,10 +106,10 @@ class OnnxRuntimeBackend(FrameBackend):
         self.weights = FrameWeights.from_model(model)
         self._shared = create_session(build_generic_graph(self.weights), threads) if graph == "generic" else None
         self.native_heads = graph == "folded" and use_native_heads(native_heads)
-        if native_blocks and (graph != "folded" or precision != "fp32"):
+        folded_fp32 = graph == "folded" and precision == "fp32"
+        if native_blocks and not folded_fp32:
             raise ValueError("native_blocks needs graph='folded' and precision='fp32'")
-        self.native_blocks = (use_native_blocks(native_blocks, self.native_heads, self.weights)
-                              if graph == "folded" and precision == "fp32" else 0)
+        self.native_blocks = use_native_blocks(native_blocks, self.native_heads, self.weights) if folded_fp32 else 0
 
     def describe(self) -> str:
         heads = ", native heads" if self.native_heads else ""
