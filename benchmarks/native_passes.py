@@ -87,7 +87,7 @@ def stage_rows(model: Bilayer, threads: list[int], min_time_s: float) -> list[di
         params = model.inference_generator.project(embeds)
     blocks = default_native_blocks(weights)
     low_res = folded_low_res_stage(weights, {k: v.numpy() for k, v in params.flatten().items()}, blocks)
-    stage = low_res.stage()
+    stage = low_res.stage().kernel
     features = mlp_features(weights.frequencies, np.random.default_rng(0).uniform(-0.8, 0.8, (1, 68, 2)))
     as_tensor = torch.from_numpy
     tensors = (as_tensor(features), [(as_tensor(w), as_tensor(b)) for w, b in low_res.mlp],

@@ -228,7 +228,7 @@ def test_native_stage_then_graphs_match_reference(which, per_block, request):
     """The native stage (keypoint MLP and the first blocks) and the graphs from there on (mnn's and
     onnxruntime's paths), with the norm1 edge cases inside the stage and at its boundary."""
     from pybilayer import ops
-    from pybilayer.backends.frame_graph import STAGE_INPUT, build_folded_frame, default_native_blocks, mlp_features
+    from pybilayer.backends.frame_graph import STAGE_INPUT, build_folded_frame, default_native_blocks
 
     model = request.getfixturevalue(which)
     weights = FrameWeights.from_model(model)
@@ -239,7 +239,7 @@ def test_native_stage_then_graphs_match_reference(which, per_block, request):
     frame = build_folded_frame(weights, flat, native_heads=True, per_block=per_block, native_blocks=native_blocks)
     assert len(frame.graphs) == (len(weights.blocks) - native_blocks if per_block else 1)
     keypoints = _keypoints(model, 3, seed=4)
-    x = frame.low_res.stage()(mlp_features(weights.frequencies, keypoints), num_threads=2)
+    x = frame.low_res.stage()(keypoints, num_threads=2)
     for graph in frame.graphs:
         onnx.checker.check_model(graph)
         assert [i.name for i in graph.graph.input] == [STAGE_INPUT]

@@ -517,10 +517,21 @@ class LowResWeights:
     input_size: int
     frequencies: np.ndarray | None  # harmonic encoding of the keypoints (None: raw)
 
-    def stage(self):
+    def stage(self) -> "KeypointStage":
         from .. import ops
 
-        return ops.LowResStage(self.mlp, self.blocks, self.input_size)
+        return KeypointStage(ops.LowResStage(self.mlp, self.blocks, self.input_size), self.frequencies)
+
+
+class KeypointStage(NamedTuple):
+    """One avatar's native stage called on keypoints (N, 68, 2): the keypoint MLP's input features
+    (``mlp_features``), then the native kernel; returns the first graph's ``STAGE_INPUT``."""
+
+    kernel: object  # ops.LowResStage
+    frequencies: np.ndarray | None
+
+    def __call__(self, keypoints: np.ndarray, num_threads: int | None = None) -> np.ndarray:
+        return self.kernel(mlp_features(self.frequencies, keypoints), num_threads=num_threads)
 
 
 def folded_low_res_stage(weights: FrameWeights, flat_params: dict[str, np.ndarray], num_blocks: int) -> LowResWeights:

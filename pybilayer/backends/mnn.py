@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, EngineError
 from .base import FrameBackend, FrameOutputs, PreparedAvatar, use_native_blocks, use_native_heads
 from .frame_graph import (HEAD_CHANNELS, KEYPOINTS_INPUT, OUTPUT_NAMES, SKIP_OUTPUT, STAGE_INPUT, UPSAMPLE_INPUT,
-                          FrameWeights, build_folded_frame, mlp_features)
+                          FrameWeights, build_folded_frame)
 
 INSTALL_HINT = "`pip install mnn==3.6.1`"
 CACHE_DIR_ENV = "PYBILAYER_CACHE_DIR"
@@ -248,7 +248,7 @@ class MnnBackend(FrameBackend):
         """The graph's input: the keypoints, or the native stage's output for them."""
         if low_res is None:
             return keypoints
-        return low_res(mlp_features(self.weights.frequencies, keypoints), num_threads=self.num_threads)
+        return low_res(keypoints, num_threads=self.num_threads)
 
     def _forward(self, low_res, module, heads, keypoints: np.ndarray) -> list[np.ndarray]:
         """One frame's outputs: the graph's, or finished by the native heads kernel from the graph's."""

@@ -29,7 +29,7 @@ from .. import ops
 from ..errors import BackendUnavailableError
 from .base import FrameBackend, FrameOutputs, PreparedAvatar, split_outputs, use_native_blocks, use_native_heads
 from .frame_graph import (KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, SKIP_OUTPUT, STAGE_INPUT, UPSAMPLE_INPUT,
-                          FrameWeights, build_folded_frame, build_generic_graph, mlp_features)
+                          FrameWeights, build_folded_frame, build_generic_graph)
 from .int8 import calibration_keypoints, quantize_folded_graph
 
 GraphMode = Literal["folded", "generic"]
@@ -144,8 +144,7 @@ class OnnxRuntimeBackend(FrameBackend):
                 if low_res is None:
                     feed = {KEYPOINTS_INPUT: keypoints}
                 else:
-                    features = mlp_features(self.weights.frequencies, keypoints)
-                    feed = {STAGE_INPUT: low_res(features, num_threads=self.threads)}
+                    feed = {STAGE_INPUT: low_res(keypoints, num_threads=self.threads)}
                 for session in sessions[:-1]:  # per-block graphs: the native pass joins them
                     (phases,) = session.run([PHASES_OUTPUT], feed)
                     feed = {STAGE_INPUT: ops.depth_to_space_box(phases, num_threads=self.threads)}
