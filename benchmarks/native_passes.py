@@ -9,8 +9,8 @@ Kernels, fp32, on the same random inputs as their references:
 - ``ops.heads`` from a random input of the model's last up-sampling convolution (``ops.UpsampleConv``, as the
   backends call it) against ``ops.heads_reference`` (torch: nearest up-sampling, 3x3 convolution,
   activation, 3x3 convolution, tanh);
-- ``ops.LowResStage`` (the keypoint MLP and the first blocks, one random avatar folded in, as the backends
-  build it) against ``ops.low_res_stage_reference`` (torch: linear layers, convolutions, nearest
+- ``ops.LowResStage`` (the keypoint MLP and every block but the last, one random avatar folded in, as the
+  onnxruntime backend builds it) against ``ops.low_res_stage_reference`` (torch: linear layers, convolutions, nearest
   up-sampling).
 Frames: ``Renderer.render``, landmarks in -> uint8 frame out, batch 1, for each folded-graph backend in
 three variants timed in alternating turns in one process, so that a shared host's slow phases hit them
@@ -80,12 +80,13 @@ def kernel_rows(channels: int, low_size: int, threads: list[int], min_time_s: fl
 
 def stage_rows(model: Bilayer, threads: list[int], min_time_s: float) -> list[dict]:
     from pybilayer.backends.frame_graph import FrameWeights, default_native_blocks, folded_low_res_stage, mlp_features
+    from pybilayer.backends.onnxruntime import NATIVE_BLOCKS_MAX_SIZE
 
     weights = FrameWeights.from_model(model)
     embeds = [torch.randn(1, c, 8, 8) for c in model.config.embedding_channels()]
     with torch.no_grad():
         params = model.inference_generator.project(embeds)
-    blocks = default_native_blocks(weights)
+    blocks = default_native_blocks(weights, NATIVE_BLOCKS_MAX_SIZE)  # the onnxruntime backend's stage, the larger
     low_res = folded_low_res_stage(weights, {k: v.numpy() for k, v in params.flatten().items()}, blocks)
     stage = low_res.stage().kernel
     features = mlp_features(weights.frequencies, np.random.default_rng(0).uniform(-0.8, 0.8, (1, 68, 2)))

@@ -288,7 +288,7 @@ class LowResStage:
     graph instead)."""
 
     def __init__(self, mlp: Sequence[tuple[np.ndarray, np.ndarray]], blocks: Sequence[dict[str, np.ndarray]],
-                 input_size: int):
+                 input_size: int, winograd_min_size: int = 0):
         caps = native.capabilities()
         if not caps.native:
             from .errors import BackendUnavailableError
@@ -297,7 +297,7 @@ class LowResStage:
         as_floats = functools.partial(np.ascontiguousarray, dtype=np.float32)
         self._stage = native.load().LowResStage(
             [(as_floats(w), as_floats(b)) for w, b in mlp],
-            [{k: as_floats(v) for k, v in block.items()} for block in blocks], int(input_size))
+            [{k: as_floats(v) for k, v in block.items()} for block in blocks], int(input_size), int(winograd_min_size))
 
     @property
     def output_shape(self) -> tuple[int, int, int]:

@@ -222,11 +222,13 @@ def tiny_harmonic():
 
 
 @pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
-@pytest.mark.parametrize("which, per_block", [("tiny", False), ("tiny", True), ("tiny_harmonic", False),
-                                              ("full", False), ("full", True)])
-def test_native_stage_then_graphs_match_reference(which, per_block, request):
-    """The native stage (keypoint MLP and the first blocks) and the graphs from there on (mnn's and
-    onnxruntime's paths), with the norm1 edge cases inside the stage and at its boundary."""
+@pytest.mark.parametrize("which, per_block, max_input_size", [
+    ("tiny", False, 8), ("tiny", True, 8), ("tiny", True, None), ("tiny_harmonic", False, 8),
+    ("full", False, 8), ("full", True, 8), ("full", True, None)])
+def test_native_stage_then_graphs_match_reference(which, per_block, max_input_size, request):
+    """The native stage (keypoint MLP and the first blocks: mnn's default, 4 and 8 px; onnxruntime's, all but
+    the last, conv1 as Winograd from 16 px) and the graphs from there on, with the norm1 edge cases inside the
+    stage and at its boundary."""
     from pybilayer import ops
     from pybilayer.backends.frame_graph import STAGE_INPUT, build_folded_frame, default_native_blocks
 
@@ -234,8 +236,8 @@ def test_native_stage_then_graphs_match_reference(which, per_block, request):
     weights = FrameWeights.from_model(model)
     params = _with_edge_cases(_params(model, 1))
     flat = {k: v.numpy() for k, v in params.flatten().items()}
-    native_blocks = default_native_blocks(weights)
-    assert native_blocks == 2  # inputs of 4 and 8 px, in both sizes
+    native_blocks = default_native_blocks(weights, max_input_size)
+    assert native_blocks == (2 if max_input_size == 8 else len(weights.blocks) - 1)  # inputs of 4 and 8 px
     frame = build_folded_frame(weights, flat, native_heads=True, per_block=per_block, native_blocks=native_blocks)
     assert len(frame.graphs) == (len(weights.blocks) - native_blocks if per_block else 1)
     keypoints = _keypoints(model, 3, seed=4)

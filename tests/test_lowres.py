@@ -59,6 +59,7 @@ def rng():
     return np.random.default_rng(int(torch.randint(1 << 30, ()).item()))
 
 
+@pytest.mark.parametrize("winograd_min_size", [0, 4])  # conv1 direct everywhere; Winograd on maps of 4k px
 @pytest.mark.parametrize("vectorized", [True, False])
 @pytest.mark.parametrize("features, hidden, channels, input_size, batch", [
     (136, (32, 24), (16, 32, 16), 4, 2),  # multiples of 16
@@ -68,9 +69,9 @@ def rng():
     (10, (24,), (16, 24, 8), 16, 1),  # larger maps: 16 and 32 px
     (6, (), (9, 5), 18, 2),  # odd channels on an 18 px map
 ])
-def test_matches_reference(features, hidden, channels, input_size, batch, vectorized, rng):
+def test_matches_reference(features, hidden, channels, input_size, batch, vectorized, winograd_min_size, rng):
     mlp, blocks = make_stage(rng, features, hidden, channels, input_size)
-    stage = ops.LowResStage(mlp, blocks, input_size)
+    stage = ops.LowResStage(mlp, blocks, input_size, winograd_min_size=winograd_min_size)
     size = input_size * 2 ** len(blocks)
     assert stage.output_shape == (channels[-1], size, size)
     x = rng.standard_normal((batch, features)).astype(np.float32)
@@ -83,16 +84,30 @@ def test_matches_reference(features, hidden, channels, input_size, batch, vector
     np.testing.assert_allclose(stage(x[:1]), ref[:1], rtol=rtol, atol=atol * max(1.0, float(np.abs(ref).max())))
 
 
-def test_paths_and_thread_counts_agree(rng):
+@pytest.mark.parametrize("winograd_min_size", [0, 4])
+def test_paths_and_thread_counts_agree(winograd_min_size, rng):
     """The vector path fuses multiply-adds, the portable one does not: they agree to rounding; one path gives
     the same bits on any thread count (each output is summed by one worker, in one order)."""
     mlp, blocks = make_stage(rng, 40, (48,), (32, 32, 16), 4)
-    stage = ops.LowResStage(mlp, blocks, 4)
+    stage = ops.LowResStage(mlp, blocks, 4, winograd_min_size=winograd_min_size)
     x = rng.standard_normal((2, 40)).astype(np.float32)
     one = stage(x, num_threads=1)
     np.testing.assert_array_equal(stage(x, num_threads=2), one)
     np.testing.assert_array_equal(stage(x, num_threads=4), one)
-    np.testing.assert_allclose(stage(x, num_threads=2, vectorized=False), one, rtol=1e-5, atol=1e-5)
+    scale = max(1.0, float(np.abs(one).max()))  # Winograd's rounding grows with the outputs (~3e-6 of them here)
+    np.testing.assert_allclose(stage(x, num_threads=2, vectorized=False), one, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_winograd_matches_direct_on_released_widths(rng):
+    """conv1 as Winograd F(4x4, 3x3) against direct, at the widths and sizes it serves (256 -> 128 channels at
+    16-32 px): the transforms add rounding, not error beyond the kernel's tolerance."""
+    mlp, blocks = make_stage(rng, 24, (), (256, 128, 64), 16)
+    x = rng.standard_normal((1, 24)).astype(np.float32)
+    ref = reference(x, mlp, blocks, 16)
+    rtol, atol = TOLERANCES["heads_fp32"]
+    for min_size in (0, 16):
+        out = ops.LowResStage(mlp, blocks, 16, winograd_min_size=min_size)(x, num_threads=2)
+        np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol * max(1.0, float(np.abs(ref).max())))
 
 
 def test_batch_items_are_independent(rng):

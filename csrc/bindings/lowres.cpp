@@ -23,9 +23,11 @@ const float* floats(py::handle obj, const std::string& name, const std::vector<i
 
 // mlp: [(weight (out, in), bias (out,)), ...]; blocks: [dict of the LowResBlock fields as arrays, ...].
 // The stage copies the weights, so the arrays need to live only for this call.
-std::unique_ptr<LowResStage> make_stage(const py::list& mlp, const py::list& blocks, int64_t input_size) {
+std::unique_ptr<LowResStage> make_stage(const py::list& mlp, const py::list& blocks, int64_t input_size,
+                                        int64_t winograd_min_size) {
   LowResStageParams p;
   p.input_size = input_size;
+  p.winograd_min_size = winograd_min_size;
   for (size_t l = 0; l < mlp.size(); ++l) {
     const py::tuple layer = mlp[l].cast<py::tuple>();
     if (layer.size() != 2) throw std::invalid_argument("mlp: expected (weight, bias) pairs");
@@ -86,7 +88,8 @@ pybilayer.ops.LowResStage for the convention). Built from ``mlp`` [(weight (out,
 ``blocks`` [dict(scale, shift, slope, conv1_weight, conv1_bias, conv2_weight, conv2_bias, skip_weight,
 skip_bias), ...] and the first block's ``input_size``; host float32 C-contiguous arrays, copied.
 )pbdoc")
-      .def(py::init(&make_stage), py::arg("mlp"), py::arg("blocks"), py::arg("input_size"))
+      .def(py::init(&make_stage), py::arg("mlp"), py::arg("blocks"), py::arg("input_size"),
+           py::arg("winograd_min_size") = 0)
       .def_property_readonly("in_features", &LowResStage::in_features)
       .def_property_readonly("out_channels", &LowResStage::out_channels)
       .def_property_readonly("out_size", &LowResStage::out_size)

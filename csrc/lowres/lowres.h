@@ -50,6 +50,8 @@ struct LowResStageParams {
   std::vector<DenseLayer> mlp;
   std::vector<LowResBlock> blocks;
   int64_t input_size = 0;  // s0: the last MLP layer has C0 * s0 * s0 outputs, C0 = blocks[0].in_channels
+  // conv1 runs as Winograd F(4x4, 3x3) on maps whose side is a multiple of 4 and at least this (<= 0: never)
+  int64_t winograd_min_size = 0;
 };
 
 // The weights, copied and packed once (per avatar); `run` reuses its scratch maps, so calls on one object

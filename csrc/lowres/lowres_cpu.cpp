@@ -254,6 +254,165 @@ PYBILAYER_AVX2 void box_avx2(const float* const at[4], int64_t channels, float* 
 }
 #endif
 
+// ------------------------------------------------------------------ Winograd F(4x4, 3x3)
+//
+// conv1 on larger maps: a 3x3 convolution over a 4x4 output tile is 36 products per channel pair (against
+// 144 direct) between transforms of the tile's 6x6 input window and of its 6x6 products (Lavin & Gray,
+// "Fast Algorithms for Convolutional Neural Networks", 2016; interpolation points 0, +-1, +-2, infinity).
+// The products are 36 independent 1x1 convolutions over the tiles, run by the step above. The transforms
+// are written once, on W lanes of consecutive channels, and left to the compiler to vectorise: the AVX2
+// path instantiates them inside AVX2 functions. Additions and constant multiplications only, no fused
+// multiply-adds (-ffp-contract=off), so both paths transform to the same bits.
+
+constexpr int kTile = 4, kWindow = 6, kPoints = kWindow * kWindow;
+
+#if defined(__GNUC__)
+#define PYBILAYER_INLINE inline __attribute__((always_inline))
+#else
+#define PYBILAYER_INLINE inline
+#endif
+
+// r = B^T d, one column of 6 window values. T: float, or a vector of consecutive channels.
+template <typename T>
+PYBILAYER_INLINE void winograd_input_1d(const T d[kWindow], T r[kWindow]) {
+  r[0] = (d[0] * 4.f - d[2] * 5.f) + d[4];
+  r[1] = (d[3] + d[4]) - (d[1] + d[2]) * 4.f;
+  r[2] = (d[4] - d[3]) + (d[1] - d[2]) * 4.f;
+  r[3] = (d[4] - d[2]) + (d[3] - d[1]) * 2.f;
+  r[4] = (d[4] - d[2]) - (d[3] - d[1]) * 2.f;
+  r[5] = (d[1] * 4.f - d[3] * 5.f) + d[5];
+}
+
+// r = A^T m, 4 outputs from 6 products.
+template <typename T>
+PYBILAYER_INLINE void winograd_output_1d(const T m[kWindow], T r[kTile]) {
+  const T even = m[1] + m[2], odd = m[1] - m[2], even_far = m[3] + m[4], odd_far = m[3] - m[4];
+  r[0] = (m[0] + even) + even_far;
+  r[1] = odd + odd_far * 2.f;
+  r[2] = even + even_far * 4.f;
+  r[3] = (odd + odd_far * 8.f) + m[5];
+}
+
+// u = G g, in float64: the 6 interpolated values of 3 kernel taps.
+void winograd_kernel_1d(const double g[3], double u[kWindow]) {
+  u[0] = g[0] / 4;
+  u[1] = -(g[0] + g[1] + g[2]) / 6;
+  u[2] = -(g[0] - g[1] + g[2]) / 6;
+  u[3] = g[0] / 24 + g[1] / 12 + g[2] / 6;
+  u[4] = g[0] / 24 - g[1] / 12 + g[2] / 6;
+  u[5] = g[2];
+}
+
+// The lanes the transforms work on: one float (Scalar), or 8 consecutive channels (Vector8, a GCC/Clang vector
+// extension type, which the AVX2 functions below compile to one register).
+struct Scalar {};
+template <typename L>
+struct Lanes;
+template <>
+struct Lanes<Scalar> {
+  using type = float;
+  static constexpr int count = 1;
+  static PYBILAYER_INLINE void load(const float* p, type& v) { v = *p; }
+  static PYBILAYER_INLINE void store(float* p, const type& v) { *p = v; }
+  static PYBILAYER_INLINE void store_lrelu(float* p, const type& v) { *p = v < 0.f ? v * kSlope : v; }
+};
+#ifdef PYBILAYER_X86_AVX2
+struct Vector8 {};
+template <>
+struct Lanes<Vector8> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int count = 8;
+  static PYBILAYER_INLINE void load(const float* p, type& v) { __builtin_memcpy(&v, p, sizeof v); }
+  static PYBILAYER_INLINE void store(float* p, const type& v) { __builtin_memcpy(p, &v, sizeof v); }
+  static PYBILAYER_INLINE void store_lrelu(float* p, const type& v) {
+    const type negative = v * kSlope;
+    store(p, v < 0.f ? negative : v);
+  }
+};
+#endif
+
+// Lanes of one tile: the 6x6 window at `in` (channels-last) -> point k at out + k * plane.
+template <typename L>
+PYBILAYER_INLINE void winograd_input_tile(const float* in, int64_t pixel, int64_t row, float* out, int64_t plane) {
+  using T = typename Lanes<L>::type;
+  T columns[kWindow][kWindow];  // [i][x]: (B^T d)[i] of window column x
+  for (int x = 0; x < kWindow; ++x) {
+    T d[kWindow], r[kWindow];
+    for (int y = 0; y < kWindow; ++y) Lanes<L>::load(in + y * row + x * pixel, d[y]);
+    winograd_input_1d(d, r);
+    for (int i = 0; i < kWindow; ++i) columns[i][x] = r[i];
+  }
+  for (int i = 0; i < kWindow; ++i) {
+    T r[kWindow];
+    winograd_input_1d(columns[i], r);
+    for (int j = 0; j < kWindow; ++j) Lanes<L>::store(out + (i * kWindow + j) * plane, r[j]);
+  }
+}
+
+// Lanes of one tile: products (point k at in + k * plane) -> lrelu(A^T M A + bias), the 4x4 outputs at `out`
+// (channels-last).
+template <typename L>
+PYBILAYER_INLINE void winograd_output_tile(const float* in, int64_t plane, const float* bias, float* out, int64_t pixel,
+                                           int64_t row) {
+  using T = typename Lanes<L>::type;
+  T rows[kTile][kWindow];  // [x][i]: (m_i A)[x] of product row i
+  for (int i = 0; i < kWindow; ++i) {
+    T m[kWindow], r[kTile];
+    for (int j = 0; j < kWindow; ++j) Lanes<L>::load(in + (i * kWindow + j) * plane, m[j]);
+    winograd_output_1d(m, r);
+    for (int x = 0; x < kTile; ++x) rows[x][i] = r[x];
+  }
+  T b;
+  Lanes<L>::load(bias, b);
+  for (int x = 0; x < kTile; ++x) {
+    T r[kTile];
+    winograd_output_1d(rows[x], r);
+    for (int y = 0; y < kTile; ++y) Lanes<L>::store_lrelu(out + y * row + x * pixel, r[y] + b);
+  }
+}
+
+// One of conv1's Winograd passes over tiles [begin, end) of a map of `tiles_per_row`^2 tiles; `channels` is a
+// multiple of 16.
+struct WinogradInput {
+  MapView in;  // the padded input: tile (ty, tx)'s window starts at (4 ty, 4 tx)
+  float* out;  // [point][tile][channels]
+  int64_t tiles_per_row, channels;
+};
+
+struct WinogradOutput {
+  const float* in;  // [point][tile][channels]
+  const float* bias;
+  MapView out;  // tile (ty, tx)'s outputs start at (4 ty, 4 tx)
+  int64_t tiles_per_row, channels;
+};
+
+template <typename L>
+PYBILAYER_INLINE void winograd_input_tiles(const WinogradInput& p, int64_t begin, int64_t end) {
+  const int64_t tiles = p.tiles_per_row * p.tiles_per_row, plane = tiles * p.channels;
+  for (int64_t tile = begin; tile < end; ++tile) {
+    const float* in = p.in.data + tile / p.tiles_per_row * kTile * p.in.row + tile % p.tiles_per_row * kTile * p.in.pixel;
+    for (int64_t c = 0; c < p.channels; c += Lanes<L>::count)
+      winograd_input_tile<L>(in + c, p.in.pixel, p.in.row, p.out + tile * p.channels + c, plane);
+  }
+}
+
+template <typename L>
+PYBILAYER_INLINE void winograd_output_tiles(const WinogradOutput& p, int64_t begin, int64_t end) {
+  const int64_t tiles = p.tiles_per_row * p.tiles_per_row, plane = tiles * p.channels;
+  for (int64_t tile = begin; tile < end; ++tile) {
+    float* out = p.out.data + tile / p.tiles_per_row * kTile * p.out.row + tile % p.tiles_per_row * kTile * p.out.pixel;
+    for (int64_t c = 0; c < p.channels; c += Lanes<L>::count)
+      winograd_output_tile<L>(p.in + tile * p.channels + c, plane, p.bias + c, out + c, p.out.pixel, p.out.row);
+  }
+}
+
+void winograd_input_portable(const WinogradInput& p, int64_t begin, int64_t end) { winograd_input_tiles<Scalar>(p, begin, end); }
+void winograd_output_portable(const WinogradOutput& p, int64_t begin, int64_t end) { winograd_output_tiles<Scalar>(p, begin, end); }
+#ifdef PYBILAYER_X86_AVX2
+PYBILAYER_AVX2 void winograd_input_avx2(const WinogradInput& p, int64_t begin, int64_t end) { winograd_input_tiles<Vector8>(p, begin, end); }
+PYBILAYER_AVX2 void winograd_output_avx2(const WinogradOutput& p, int64_t begin, int64_t end) { winograd_output_tiles<Vector8>(p, begin, end); }
+#endif
+
 // ------------------------------------------------------------------ workers
 
 // Workers wait here between passes: spin briefly (passes are tens of microseconds apart), then yield.
@@ -313,8 +472,11 @@ struct LowResStage::Impl {
     int64_t size, in_channels, channels;  // s, Cin', C' (padded)
     int64_t real_channels;                // C
     Activation activation;
-    PackedConv conv1, groups[4];
+    PackedConv conv1, groups[4];  // conv1: direct, or (winograd) its bias only
     std::vector<float> t, hx, v;  // the maps (see the top of this file)
+    bool winograd = false;
+    std::vector<PackedConv> conv1_points;  // Winograd: one 1x1 convolution per point
+    std::vector<float> points_in, points_out;  // [point][tile][Cin'], [point][tile][C']
   };
 
   int64_t in_features = 0, input_size = 0;
@@ -399,9 +561,42 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
     std::vector<Tap> taps3;
     for (int dy = 0; dy < 3; ++dy)
       for (int dx = 0; dx < 3; ++dx) taps3.push_back({dy, dx});
-    b.conv1 = pack(
-        c, cin, taps3, [&](int64_t o, int64_t i, int64_t t) { return in.conv1_weight[(o * cin + i) * 9 + t]; },
-        std::vector<float>(in.conv1_bias, in.conv1_bias + c), true);
+    const std::vector<float> conv1_bias(in.conv1_bias, in.conv1_bias + c);
+    b.winograd = p.winograd_min_size > 0 && s >= p.winograd_min_size && s % kTile == 0;
+    if (b.winograd) {
+      b.conv1 = pack(c, 0, {}, [](int64_t, int64_t, int64_t) { return 0.f; }, conv1_bias, true);
+      // U = G g G^T per channel pair, in float64, then one packed 1x1 convolution per point.
+      std::vector<float> u(kPoints * c * cin);  // [point][o][i]
+      for (int64_t o = 0; o < c; ++o)
+        for (int64_t i = 0; i < cin; ++i) {
+          const float* g = in.conv1_weight + (o * cin + i) * 9;
+          double rows[3][kWindow];  // G applied to each kernel column... then to each row
+          for (int kx = 0; kx < 3; ++kx) {
+            const double column[3] = {g[kx], g[3 + kx], g[6 + kx]};
+            double r[kWindow];
+            winograd_kernel_1d(column, r);
+            for (int k = 0; k < kWindow; ++k) rows[kx][k] = r[k];
+          }
+          for (int k = 0; k < kWindow; ++k) {
+            const double row[3] = {rows[0][k], rows[1][k], rows[2][k]};
+            double r[kWindow];
+            winograd_kernel_1d(row, r);
+            for (int m = 0; m < kWindow; ++m) u[((k * kWindow + m) * c + o) * cin + i] = static_cast<float>(r[m]);
+          }
+        }
+      const std::vector<float> zeros(c, 0.f);
+      for (int k = 0; k < kPoints; ++k)
+        b.conv1_points.push_back(pack(
+            c, b.in_channels, {{0, 0}},
+            [&](int64_t o, int64_t i, int64_t) { return i < cin ? u[(k * c + o) * cin + i] : 0.f; }, zeros, false));
+      const int64_t tiles = (s / kTile) * (s / kTile);
+      b.points_in.assign(kPoints * tiles * b.in_channels, 0.f);
+      b.points_out.assign(kPoints * tiles * cp, 0.f);
+    } else {
+      b.conv1 = pack(
+          c, cin, taps3, [&](int64_t o, int64_t i, int64_t t) { return in.conv1_weight[(o * cin + i) * 9 + t]; },
+          conv1_bias, true);
+    }
 
     // Tap groups (frame_graph.upsample_conv_taps): rows and columns pick the even taps [1] (offset 0 in the
     // padded map) or the odd ones [0, 2] (offsets 0, 1). The 1x1 group also reads x (the skip) after C'.
@@ -488,7 +683,36 @@ void LowResStage::Impl::run_one(const float* features, float* out, int worker, i
     MapView t = t_map(b), hx = hx_map(b), v = v_map(b);
     // conv1 into HX's first C' channels, at (y+1, x+1)
     const MapView h_out{hx.data + hx.row + hx.pixel, hx.pixel, hx.row};
-    convolve({ConvJob{&b.conv1, t, h_out, s, s}});
+    if (b.winograd) {
+      const int64_t per_row = s / kTile, tiles = per_row * per_row;
+      int64_t begin, end;
+      share(tiles, &begin, &end);
+      const WinogradInput input{t, b.points_in.data(), per_row, b.in_channels};
+#ifdef PYBILAYER_X86_AVX2
+      if (avx2)
+        winograd_input_avx2(input, begin, end);
+      else
+#endif
+        winograd_input_portable(input, begin, end);
+      barrier.wait();
+      std::vector<ConvJob> products;
+      for (int k = 0; k < kPoints; ++k) {
+        const MapView in{b.points_in.data() + k * tiles * b.in_channels, b.in_channels, 0};
+        const MapView to{b.points_out.data() + k * tiles * cp, cp, 0};
+        products.push_back({&b.conv1_points[k], in, to, 1, tiles});
+      }
+      convolve(products);
+      const WinogradOutput output{b.points_out.data(), b.conv1.bias.data(), h_out, per_row, cp};
+#ifdef PYBILAYER_X86_AVX2
+      if (avx2)
+        winograd_output_avx2(output, begin, end);
+      else
+#endif
+        winograd_output_portable(output, begin, end);
+      barrier.wait();
+    } else {
+      convolve({ConvJob{&b.conv1, t, h_out, s, s}});
+    }
     // The tap groups: output g reads padded rows/columns g (and g+1). The box reads V[m][n] for m, n in
     // [1, 2s + 1] only: grid g in [1, s] of the even groups and [0, s] of the odd ones.
     std::vector<ConvJob> groups;

@@ -75,14 +75,15 @@ def use_native_heads(requested: bool | None) -> bool:
     return requested
 
 
-def use_native_blocks(requested: int | None, native_heads: bool, weights) -> int:
+def use_native_blocks(requested: int | None, native_heads: bool, weights, max_input_size: int | None) -> int:
     """How many leading blocks (with the keypoint MLP) a folded-graph backend runs in the native stage
-    (``ops.LowResStage``): ``requested``, or with None ``frame_graph.default_native_blocks`` where the native
-    heads run (0 elsewhere). 0 keeps the whole network in the graph."""
+    (``ops.LowResStage``): ``requested``, or with None those with inputs of at most the backend's
+    ``max_input_size`` (``frame_graph.default_native_blocks``) where the native heads run (0 elsewhere).
+    0 keeps the whole network in the graph."""
     from .frame_graph import default_native_blocks
 
     if requested is None:
-        return default_native_blocks(weights) if native_heads else 0
+        return default_native_blocks(weights, max_input_size) if native_heads else 0
     n = len(weights.blocks)
     if not isinstance(requested, int) or isinstance(requested, bool) or not 0 <= requested < n:
         raise ValueError(f"native_blocks must be None or an int in [0, {n - 1}] (the graph keeps the last "

@@ -520,7 +520,8 @@ class LowResWeights:
     def stage(self) -> "KeypointStage":
         from .. import ops
 
-        return KeypointStage(ops.LowResStage(self.mlp, self.blocks, self.input_size), self.frequencies)
+        stage = ops.LowResStage(self.mlp, self.blocks, self.input_size, winograd_min_size=WINOGRAD_MIN_SIZE)
+        return KeypointStage(stage, self.frequencies)
 
 
 class KeypointStage(NamedTuple):
@@ -567,19 +568,20 @@ def folded_low_res_stage(weights: FrameWeights, flat_params: dict[str, np.ndarra
                          frequencies=weights.frequencies)
 
 
-# The native stage (``ops.LowResStage``) runs the keypoint MLP and the blocks whose input maps are at most this
-# size; the graph runtimes take the rest. Measured per block on the 2-core AVX2 machine (released size, the
-# stage against MNN's forward, in one loop): the MLP with the 4 px block 0.4-0.5 against ~1.2 ms, the 8 px
-# block ~1.1 against ~1.35 ms; at 16 px the stage's direct convolutions (4.2-4.4 ms) lose to MNN's Winograd
-# ones (~2.6 ms).
-NATIVE_BLOCKS_MAX_SIZE = 8
+# The native stage computes conv1 as Winograd F(4x4, 3x3) on maps of at least this size (whose side is a
+# multiple of 4). Released size, 2-core AVX2 machine, the stage through block 4 alone: 15.8 against 19.7 ms
+# (minimum of 60, in turns) with direct convolutions from 16 px; from 8 or from 32 px, no faster.
+WINOGRAD_MIN_SIZE = 16
 
 
-def default_native_blocks(weights: FrameWeights) -> int:
+def default_native_blocks(weights: FrameWeights, max_input_size: int | None) -> int:
     """How many leading blocks the native stage runs by default: those with inputs of at most
-    ``NATIVE_BLOCKS_MAX_SIZE`` px, leaving at least the last block to the graph."""
-    small = sum(1 for j in range(len(weights.blocks)) if weights.input_size * 2 ** j <= NATIVE_BLOCKS_MAX_SIZE)
-    return min(small, len(weights.blocks) - 1)
+    ``max_input_size`` px (None: any), leaving at least the last block to the graph."""
+    n = len(weights.blocks)
+    if max_input_size is None:
+        return n - 1
+    small = sum(1 for j in range(n) if weights.input_size * 2 ** j <= max_input_size)
+    return min(small, n - 1)
 
 
 class FoldedFrame(NamedTuple):

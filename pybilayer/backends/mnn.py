@@ -201,12 +201,21 @@ def run_module(module, inputs: list[np.ndarray], copy: bool = True) -> list[np.n
     return [np.array(F.convert(var, F.NCHW).read(), dtype=np.float32, copy=copy) for var in outputs]
 
 
+# By default the native stage runs the keypoint MLP and the blocks with inputs of at most this size, MNN the
+# rest. Measured per block on the 2-core AVX2 machine (released size, the stage against MNN's forward, in one
+# loop): the MLP with the 4 px block 0.4-0.5 against ~1.2 ms, the 8 px block ~1.1 against ~1.35 ms. From 16 px
+# MNN's convolutions match the stage's (Winograd conv1): whole frames in turns on a busy host, two runs, stage
+# through block 1 / 3 / 4: p50 35.8 / 32.9 / 35.6 and 33.2 / 32.3 / 34.2 ms (minimum 24.7 / 25.5 / 25.6 and
+# 22.8 / 22.1 / 24.1 ms).
+NATIVE_BLOCKS_MAX_SIZE = 8
+
+
 class MnnBackend(FrameBackend):
     """Per-frame network in MNN on the CPU, one module per avatar. ``threads``: MNN's and the native passes'
     threads per frame (None: ``os.cpu_count()``). ``native_heads``: finish each frame with the native heads
     kernel; None (default) wherever the native core is built, False for the graph's own heads.
     ``native_blocks``: how many first blocks (with the keypoint MLP) the native stage runs; None (default):
-    ``frame_graph.default_native_blocks`` with the native heads, 0 for none."""
+    the blocks with inputs of at most ``NATIVE_BLOCKS_MAX_SIZE`` px with the native heads, 0 for none."""
 
     name = "mnn"
     device = "cpu"
@@ -225,7 +234,7 @@ class MnnBackend(FrameBackend):
         self.image_size = self.weights.image_size
         self._runtime = create_runtime(self.num_threads)
         self.native_heads = use_native_heads(native_heads)
-        self.native_blocks = use_native_blocks(native_blocks, self.native_heads, self.weights)
+        self.native_blocks = use_native_blocks(native_blocks, self.native_heads, self.weights, NATIVE_BLOCKS_MAX_SIZE)
 
     def describe(self) -> str:
         heads = ", native heads" if self.native_heads else ""
