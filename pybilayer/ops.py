@@ -273,10 +273,9 @@ def depth_to_space_box_reference(phases: torch.Tensor) -> torch.Tensor:
 
 
 class LowResStage:
-    """The per-frame network's keypoint MLP and first up-sampling blocks, one avatar folded in, in one native
-    CPU call (``csrc/lowres``: direct convolutions on channels-last maps, three passes per block). Graph
-    runtimes run these small, wide maps (4-16 px, 256 channels at the released size) far below the CPU's
-    multiply-add rate.
+    """The per-frame network's keypoint MLP and up-sampling blocks, one avatar folded in, in one native CPU
+    call (``csrc/lowres``: direct convolutions on channels-last maps, conv1 as Winograd F(4x4, 3x3) on maps of
+    at least ``winograd_min_size`` px (<= 0: never), three passes per block).
 
     ``mlp``: [(weight (out, in), bias (out,))], LeakyReLU(0.2) between layers; the last layer's outputs are
     the first block's input x, (C0, s0, s0) with s0 = ``input_size``. ``blocks``: per block a dict of
@@ -284,11 +283,13 @@ class LowResStage:
     ``conv2_weight`` (C, C, 3, 3), ``conv2_bias``, ``skip_weight`` (C, Cin), ``skip_bias`` (C,), computing
     ``t = prelu(x * scale + shift, slope)``, ``h = lrelu(conv3x3(t, conv1) + conv1_bias, 0.2)`` and the next
     x ``= conv3x3(up2(h), conv2) + conv2_bias + up2(conv1x1(x, skip) + skip_bias)`` (``low_res_stage_reference``).
-    The weights are copied once; calls are serialised. Needs the native core (no fallback: callers use the
-    graph instead)."""
+    With ``heads_inputs`` the last block stops before its up-sampling convolution (no conv2 needed there):
+    the outputs are its ``h`` and ``conv1x1(x, skip) + skip_bias``, the inputs of ``UpsampleConv`` for
+    ``heads``. The weights are copied once; calls are serialised. Needs the native core (no fallback:
+    callers use the graph instead)."""
 
     def __init__(self, mlp: Sequence[tuple[np.ndarray, np.ndarray]], blocks: Sequence[dict[str, np.ndarray]],
-                 input_size: int, winograd_min_size: int = 0):
+                 input_size: int, winograd_min_size: int = 0, heads_inputs: bool = False):
         caps = native.capabilities()
         if not caps.native:
             from .errors import BackendUnavailableError
@@ -297,26 +298,31 @@ class LowResStage:
         as_floats = functools.partial(np.ascontiguousarray, dtype=np.float32)
         self._stage = native.load().LowResStage(
             [(as_floats(w), as_floats(b)) for w, b in mlp],
-            [{k: as_floats(v) for k, v in block.items()} for block in blocks], int(input_size), int(winograd_min_size))
+            [{k: as_floats(v) for k, v in block.items()} for block in blocks], int(input_size), int(winograd_min_size),
+            bool(heads_inputs))
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
-        """(C, S, S) of one item's output."""
+        """(C, S, S) of one item's output (of each, with ``heads_inputs``)."""
         return self._stage.out_channels, self._stage.out_size, self._stage.out_size
 
-    def __call__(self, features: np.ndarray, *, num_threads: int | None = None, vectorized: bool = True) -> np.ndarray:
-        """features (B, F) float32 (the MLP's input) -> a new (B, C, S, S) float32 array, the last block's output.
-        ``num_threads``: None uses every core. ``vectorized=False`` forces the kernel's portable path."""
+    def __call__(self, features: np.ndarray, *, num_threads: int | None = None,
+                 vectorized: bool = True) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """features (B, F) float32 (the MLP's input) -> a new (B, C, S, S) float32 array, the last block's output;
+        with ``heads_inputs`` two, its ``h`` and skip. ``num_threads``: None uses every core.
+        ``vectorized=False`` forces the kernel's portable path."""
         features = np.ascontiguousarray(features, dtype=np.float32)
         if features.ndim != 2:
             raise ValueError(f"features: expected (B, F), got shape {features.shape}")
         out = np.empty((features.shape[0], *self.output_shape), np.float32)
-        self._stage.run(features, out, **_cpu_kernel_options(num_threads, vectorized))
-        return out
+        skip = np.empty_like(out) if self._stage.heads_inputs else None
+        self._stage.run(features, out, skip, **_cpu_kernel_options(num_threads, vectorized))
+        return out if skip is None else (out, skip)
 
 
 def low_res_stage_reference(features: torch.Tensor, mlp: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                            blocks: Sequence[dict[str, torch.Tensor]], input_size: int) -> torch.Tensor:
+                            blocks: Sequence[dict[str, torch.Tensor]], input_size: int,
+                            heads_inputs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``LowResStage`` in plain PyTorch, in the inputs' dtype (the nearest up-sampling done explicitly)."""
     h = features
     for i, (weight, bias) in enumerate(mlp):
@@ -329,6 +335,8 @@ def low_res_stage_reference(features: torch.Tensor, mlp: Sequence[tuple[torch.Te
         t = torch.where(v < 0, v * b["slope"].view(1, -1, 1, 1), v)
         h = F.leaky_relu(F.conv2d(t, b["conv1_weight"], b["conv1_bias"], padding=1), 0.2)
         skip = F.conv2d(x, b["skip_weight"][:, :, None, None], b["skip_bias"])
+        if heads_inputs and b is blocks[-1]:
+            return h, skip
         x = upsample_conv_reference(h, b["conv2_weight"], b["conv2_bias"], skip)
     return x
 

@@ -224,11 +224,11 @@ def tiny_harmonic():
 @pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
 @pytest.mark.parametrize("which, per_block, max_input_size", [
     ("tiny", False, 8), ("tiny", True, 8), ("tiny", True, None), ("tiny_harmonic", False, 8),
-    ("full", False, 8), ("full", True, 8), ("full", True, None)])
+    ("full", False, 8), ("full", True, 8), ("full", False, None)])
 def test_native_stage_then_graphs_match_reference(which, per_block, max_input_size, request):
-    """The native stage (keypoint MLP and the first blocks: mnn's default, 4 and 8 px; onnxruntime's, all but
-    the last, conv1 as Winograd from 16 px) and the graphs from there on, with the norm1 edge cases inside the
-    stage and at its boundary."""
+    """The native stage (keypoint MLP and the first blocks: mnn's default, 4 and 8 px; or onnxruntime's, every
+    block, conv1 as Winograd from 16 px, and no graph) and the graphs from there on, with the norm1 edge cases
+    inside the stage and at its boundary."""
     from pybilayer import ops
     from pybilayer.backends.frame_graph import STAGE_INPUT, build_folded_frame, default_native_blocks
 
@@ -237,9 +237,10 @@ def test_native_stage_then_graphs_match_reference(which, per_block, max_input_si
     params = _with_edge_cases(_params(model, 1))
     flat = {k: v.numpy() for k, v in params.flatten().items()}
     native_blocks = default_native_blocks(weights, max_input_size)
-    assert native_blocks == (2 if max_input_size == 8 else len(weights.blocks) - 1)  # inputs of 4 and 8 px
+    every_block = max_input_size is None
+    assert native_blocks == (len(weights.blocks) if every_block else 2)  # inputs of 4 and 8 px
     frame = build_folded_frame(weights, flat, native_heads=True, per_block=per_block, native_blocks=native_blocks)
-    assert len(frame.graphs) == (len(weights.blocks) - native_blocks if per_block else 1)
+    assert len(frame.graphs) == (0 if every_block else len(weights.blocks) - native_blocks if per_block else 1)
     keypoints = _keypoints(model, 3, seed=4)
     x = frame.low_res.stage()(keypoints, num_threads=2)
     for graph in frame.graphs:
@@ -248,7 +249,11 @@ def test_native_stage_then_graphs_match_reference(which, per_block, max_input_si
     for graph in frame.graphs[:-1]:
         (phases,) = create_session(graph, threads=1).run([PHASES_OUTPUT], {STAGE_INPUT: x})
         x = ops.depth_to_space_box(phases, num_threads=2)
-    upsample_input, skip = create_session(frame.graphs[-1], threads=1).run([UPSAMPLE_INPUT, SKIP_OUTPUT], {STAGE_INPUT: x})
+    if every_block:
+        upsample_input, skip = x
+    else:
+        upsample_input, skip = create_session(frame.graphs[-1], threads=1).run([UPSAMPLE_INPUT, SKIP_OUTPUT],
+                                                                              {STAGE_INPUT: x})
     out = frame.heads.finish(upsample_input, skip, num_threads=2)
     ref = _reference(model, keypoints, params.repeat_frames(3))
     _, atol = TOLERANCES["onnx_fp32"]
@@ -257,9 +262,10 @@ def test_native_stage_then_graphs_match_reference(which, per_block, max_input_si
 
 def test_native_stage_output_is_the_stage_graphs_input(tiny):
     """folded_low_res_stage in plain PyTorch (ops.low_res_stage_reference, no native core needed) gives the
-    input that the graph from block k expects: the output of the per-block graphs 0..k-1."""
+    input that the graph from block k expects: the output of the per-block graphs 0..k-1; with every block,
+    the last graph's outputs for the native heads."""
     from pybilayer import ops
-    from pybilayer.backends.frame_graph import build_folded_stages, folded_low_res_stage, mlp_features
+    from pybilayer.backends.frame_graph import STAGE_INPUT, build_folded_stages, folded_low_res_stage, mlp_features
 
     weights = FrameWeights.from_model(tiny)
     params = _with_edge_cases(_params(tiny, 1))
@@ -279,8 +285,23 @@ def test_native_stage_output_is_the_stage_graphs_input(tiny):
             x = ops.depth_to_space_box_reference(torch.from_numpy(phases)).numpy()
         assert got.shape == x.shape
         np.testing.assert_allclose(got, x, rtol=0, atol=2e-5 * max(1.0, float(np.abs(x).max())))
-    with pytest.raises(ValueError, match="num_blocks must be in"):
-        folded_low_res_stage(weights, flat, len(weights.blocks))
+    n = len(weights.blocks)
+    low_res = folded_low_res_stage(weights, flat, n)
+    assert low_res.heads_inputs and "conv2_weight" not in low_res.blocks[-1]
+    got = ops.low_res_stage_reference(as64(mlp_features(weights.frequencies, keypoints)),
+                                      [(as64(w), as64(b)) for w, b in low_res.mlp],
+                                      [{name: as64(v) for name, v in b.items()} for b in low_res.blocks],
+                                      low_res.input_size, heads_inputs=True)
+    x = keypoints
+    for stage in stages[:-1]:
+        (phases,) = create_session(stage, threads=1).run([PHASES_OUTPUT], {stage.graph.input[0].name: x})
+        x = ops.depth_to_space_box_reference(torch.from_numpy(phases)).numpy()
+    want = create_session(stages[-1], threads=1).run([UPSAMPLE_INPUT, SKIP_OUTPUT], {STAGE_INPUT: x})
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b, rtol=0, atol=2e-5 * max(1.0, float(np.abs(b).max())))
+    for bad in (0, n + 1):
+        with pytest.raises(ValueError, match="num_blocks must be in"):
+            folded_low_res_stage(weights, flat, bad)
 
 
 def test_per_block_graphs_need_native_heads(tiny):

@@ -110,6 +110,32 @@ def test_winograd_matches_direct_on_released_widths(rng):
         np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol * max(1.0, float(np.abs(ref).max())))
 
 
+@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("winograd_min_size", [0, 4])
+def test_heads_inputs_match_reference(winograd_min_size, vectorized, rng):
+    """heads_inputs: the last block stops after conv1 and its skip (no conv2 given): h and skip, NCHW."""
+    mlp, blocks = make_stage(rng, 12, (20,), (16, 24, 9), 4)
+    del blocks[-1]["conv2_weight"], blocks[-1]["conv2_bias"]
+    stage = ops.LowResStage(mlp, blocks, 4, winograd_min_size=winograd_min_size, heads_inputs=True)
+    assert stage.output_shape == (9, 8, 8)
+    x = rng.standard_normal((2, 12)).astype(np.float32)
+    as64 = lambda a: torch.from_numpy(a).double()  # noqa: E731
+    want = ops.low_res_stage_reference(as64(x), [(as64(w), as64(b)) for w, b in mlp],
+                                       [{k: as64(v) for k, v in b.items()} for b in blocks], 4, heads_inputs=True)
+    rtol, atol = TOLERANCES["heads_fp32"]
+    for threads in (1, 2):
+        got = stage(x, num_threads=threads, vectorized=vectorized)
+        for a, b in zip(got, want):
+            b = b.numpy()
+            assert a.shape == b.shape == (2, 9, 8, 8) and np.abs(b).max() > 0.1
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * max(1.0, float(np.abs(b).max())))
+    out = np.zeros((2, 9, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="this stage \\(heads_inputs\\) writes a skip array"):
+        stage._stage.run(x, out)
+    with pytest.raises(ValueError, match=r"blocks\[1\].conv2_weight: missing"):  # needed without heads_inputs
+        ops.LowResStage(mlp, blocks, 4)
+
+
 def test_batch_items_are_independent(rng):
     mlp, blocks = make_stage(rng, 10, (16,), (8, 8), 2)
     stage = ops.LowResStage(mlp, blocks, 2)

@@ -151,12 +151,11 @@ def test_native_heads_are_used_where_built_and_said(backend, default, request, a
     renderer = request.getfixturevalue(backend)
     assert renderer._backend.native_heads is default
     assert ("native heads" in renderer.backend_reason) is default
-    if backend == "fast":  # onnxruntime fp32: the native stage for every block but the last, then one graph
+    if backend == "fast":  # onnxruntime fp32: the native stage for every block, no graph per frame
         low_res, sessions, heads = renderer._prepare(avatar).state
-        blocks = renderer.model.inference_generator.num_blocks - 1
+        blocks = renderer.model.inference_generator.num_blocks
         assert renderer._backend.native_blocks == blocks and f"native MLP and {blocks} blocks" in renderer.backend_reason
-        assert low_res is not None and heads is not None
-        assert len(sessions) == 1
+        assert low_res is not None and heads is not None and sessions == []
 
 
 @pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
@@ -165,7 +164,7 @@ def test_native_stage_gives_the_graphs_frames(backend, request, avatar):
     """The native stage (MLP and first blocks) against the same network all in the graph: same frames."""
     renderer = request.getfixturevalue(backend)
     graph_only = request.getfixturevalue(f"{backend}_graph_blocks")
-    stage_blocks = {"fast": renderer.model.inference_generator.num_blocks - 1, "mnn": 2}[backend]
+    stage_blocks = {"fast": renderer.model.inference_generator.num_blocks, "mnn": 2}[backend]
     assert renderer._backend.native_blocks == stage_blocks and graph_only._backend.native_blocks == 0
     drivers = random_drivers(3, seed=21)
     a, b = renderer.render(avatar, drivers, output="layers"), graph_only.render(avatar, drivers, output="layers")
@@ -175,8 +174,8 @@ def test_native_stage_gives_the_graphs_frames(backend, request, avatar):
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"native_blocks": 4}, r"native_blocks must be None or an int in \[0, 3\]"),
-    ({"native_blocks": -1}, r"native_blocks must be None or an int in \[0, 3\]"),
+    ({"native_blocks": 5}, r"native_blocks must be None or an int in \[0, 4\]"),
+    ({"native_blocks": -1}, r"native_blocks must be None or an int in \[0, 4\]"),
     ({"native_blocks": True}, "native_blocks must be None or an int"),
     ({"native_blocks": 1, "native_heads": False}, "native_blocks needs the native heads"),
     ({"native_blocks": 1, "graph": "generic"}, "native_blocks needs graph='folded' and precision='fp32'"),

@@ -24,10 +24,11 @@ const float* floats(py::handle obj, const std::string& name, const std::vector<i
 // mlp: [(weight (out, in), bias (out,)), ...]; blocks: [dict of the LowResBlock fields as arrays, ...].
 // The stage copies the weights, so the arrays need to live only for this call.
 std::unique_ptr<LowResStage> make_stage(const py::list& mlp, const py::list& blocks, int64_t input_size,
-                                        int64_t winograd_min_size) {
+                                        int64_t winograd_min_size, bool heads_inputs) {
   LowResStageParams p;
   p.input_size = input_size;
   p.winograd_min_size = winograd_min_size;
+  p.heads_inputs = heads_inputs;
   for (size_t l = 0; l < mlp.size(); ++l) {
     const py::tuple layer = mlp[l].cast<py::tuple>();
     if (layer.size() != 2) throw std::invalid_argument("mlp: expected (weight, bias) pairs");
@@ -58,8 +59,10 @@ std::unique_ptr<LowResStage> make_stage(const py::list& mlp, const py::list& blo
     b.shift = floats(field("shift"), name + "shift", {cin});
     b.slope = floats(field("slope"), name + "slope", {cin});
     b.conv1_bias = floats(field("conv1_bias"), name + "conv1_bias", {c});
-    b.conv2_weight = floats(field("conv2_weight"), name + "conv2_weight", {c, c, 3, 3});
-    b.conv2_bias = floats(field("conv2_bias"), name + "conv2_bias", {c});
+    if (!(heads_inputs && j + 1 == blocks.size())) {  // else the heads kernel's (heads.h)
+      b.conv2_weight = floats(field("conv2_weight"), name + "conv2_weight", {c, c, 3, 3});
+      b.conv2_bias = floats(field("conv2_bias"), name + "conv2_bias", {c});
+    }
     b.skip_weight = floats(field("skip_weight"), name + "skip_weight", {c, cin});
     b.skip_bias = floats(field("skip_bias"), name + "skip_bias", {c});
     p.blocks.push_back(b);
@@ -67,7 +70,8 @@ std::unique_ptr<LowResStage> make_stage(const py::list& mlp, const py::list& blo
   return std::make_unique<LowResStage>(p);
 }
 
-void run_stage(LowResStage& stage, py::handle features, py::handle out, int num_threads, bool vectorized) {
+void run_stage(LowResStage& stage, py::handle features, py::handle out, py::handle skip, int num_threads,
+               bool vectorized) {
   const ArrayView f = view_array(features, "features");
   if (f.shape.size() != 2 || f.shape[0] < 1)
     throw std::invalid_argument("features: expected (B, " + std::to_string(stage.in_features()) + ") with B >= 1, got " +
@@ -75,8 +79,12 @@ void run_stage(LowResStage& stage, py::handle features, py::handle out, int num_
   const int64_t B = f.shape[0], S = stage.out_size();
   const float* in = host_floats(f, {B, stage.in_features()});
   float* o = writable_floats(view_array(out, "out"), {B, stage.out_channels(), S, S});
+  if (stage.heads_inputs() == skip.is_none())
+    throw std::invalid_argument(stage.heads_inputs() ? "skip: this stage (heads_inputs) writes a skip array"
+                                                     : "skip: only a heads_inputs stage writes one");
+  float* k = skip.is_none() ? nullptr : writable_floats(view_array(skip, "skip"), {B, stage.out_channels(), S, S});
   py::gil_scoped_release release;
-  stage.run(in, B, o, num_threads, vectorized);
+  stage.run(in, B, o, k, num_threads, vectorized);
 }
 
 }  // namespace
@@ -86,17 +94,21 @@ void register_lowres(py::module_& m) {
 The per-frame network's keypoint MLP and first up-sampling blocks on the CPU, one avatar folded in (see
 pybilayer.ops.LowResStage for the convention). Built from ``mlp`` [(weight (out, in), bias), ...],
 ``blocks`` [dict(scale, shift, slope, conv1_weight, conv1_bias, conv2_weight, conv2_bias, skip_weight,
-skip_bias), ...] and the first block's ``input_size``; host float32 C-contiguous arrays, copied.
+skip_bias), ...] and the first block's ``input_size``; host float32 C-contiguous arrays, copied. conv1 runs as
+Winograd F(4x4, 3x3) on maps of at least ``winograd_min_size`` px (a multiple of 4; <= 0: never). With
+``heads_inputs`` the last block stops before its up-sampling convolution (it needs no conv2 weights).
 )pbdoc")
       .def(py::init(&make_stage), py::arg("mlp"), py::arg("blocks"), py::arg("input_size"),
-           py::arg("winograd_min_size") = 0)
+           py::arg("winograd_min_size") = 0, py::arg("heads_inputs") = false)
       .def_property_readonly("in_features", &LowResStage::in_features)
       .def_property_readonly("out_channels", &LowResStage::out_channels)
       .def_property_readonly("out_size", &LowResStage::out_size)
-      .def("run", &run_stage, py::arg("features"), py::arg("out"), py::kw_only(), py::arg("num_threads") = 0,
-           py::arg("vectorized") = true, R"pbdoc(
-features (B, in_features) -> ``out`` (B, out_channels, out_size, out_size), written in full. Calls on one
-stage are serialised. ``num_threads``: 0 uses every core; ``vectorized=False`` forces the portable path.
+      .def_property_readonly("heads_inputs", &LowResStage::heads_inputs)
+      .def("run", &run_stage, py::arg("features"), py::arg("out"), py::arg("skip") = py::none(), py::kw_only(),
+           py::arg("num_threads") = 0, py::arg("vectorized") = true, R"pbdoc(
+features (B, in_features) -> ``out`` (B, out_channels, out_size, out_size), written in full (with
+``heads_inputs``: the last block's h, and its skip into ``skip``, of the same shape). Calls on one stage are
+serialised. ``num_threads``: 0 uses every core; ``vectorized=False`` forces the portable path.
 )pbdoc");
 }
 

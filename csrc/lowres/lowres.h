@@ -15,7 +15,9 @@
 //           y = conv3x3(up2(h), conv2_weight, padding 1) + conv2_bias
 //               + up2(conv1x1(x, skip_weight) + skip_bias)                      C channels, 2s x 2s
 //           with up2 the nearest 2x up-sampling; y is the next block's x.
-//   The stage's output is the last block's y, (B, C, S, S) NCHW.
+//   The stage's output is the last block's y, (B, C, S, S) NCHW; or, with heads_inputs, the last block stops
+//   before its up-sampling convolution and the outputs are its h and skip conv1x1(x, skip_weight) + skip_bias,
+//   (B, C, s, s) each: the inputs of the native heads kernel (heads.h, UpsampleConv), which finishes it.
 // The up-sampling convolution is computed at the low resolution as four tap groups and a 2x2 box sum
 // (frame_graph.upsample_conv_taps); the skip joins the 1x1 group as extra input channels.
 // float32 throughout; every array C-contiguous. No torch types here: the bindings translate arrays.
@@ -40,8 +42,8 @@ struct LowResBlock {
   const float* slope = nullptr;           // (Cin,)
   const float* conv1_weight = nullptr;    // (C, Cin, 3, 3)
   const float* conv1_bias = nullptr;      // (C,)
-  const float* conv2_weight = nullptr;    // (C, C, 3, 3), applied after the up-sampling
-  const float* conv2_bias = nullptr;      // (C,)
+  const float* conv2_weight = nullptr;    // (C, C, 3, 3), applied after the up-sampling (unused, may be
+  const float* conv2_bias = nullptr;      // (C,)             null, in the last block with heads_inputs)
   const float* skip_weight = nullptr;     // (C, Cin)
   const float* skip_bias = nullptr;       // (C,)
 };
@@ -52,6 +54,7 @@ struct LowResStageParams {
   int64_t input_size = 0;  // s0: the last MLP layer has C0 * s0 * s0 outputs, C0 = blocks[0].in_channels
   // conv1 runs as Winograd F(4x4, 3x3) on maps whose side is a multiple of 4 and at least this (<= 0: never)
   int64_t winograd_min_size = 0;
+  bool heads_inputs = false;  // the last block stops before its up-sampling convolution (see the top)
 };
 
 // The weights, copied and packed once (per avatar); `run` reuses its scratch maps, so calls on one object
@@ -66,9 +69,11 @@ class LowResStage {
   int64_t in_features() const;
   int64_t out_channels() const;
   int64_t out_size() const;
-  // features (B, in_features) -> out (B, out_channels, out_size, out_size). num_threads <= 0: every core.
-  // vectorized=false forces the portable code path (AVX2+FMA is used where the CPU has it).
-  void run(const float* features, int64_t batch, float* out, int num_threads, bool vectorized);
+  bool heads_inputs() const;
+  // features (B, in_features) -> out (B, out_channels, out_size, out_size), and with heads_inputs the skip
+  // (same shape; null otherwise). num_threads <= 0: every core. vectorized=false forces the portable code
+  // path (AVX2+FMA is used where the CPU has it).
+  void run(const float* features, int64_t batch, float* out, float* skip, int num_threads, bool vectorized);
 
  private:
   struct Impl;

@@ -266,6 +266,15 @@ PYBILAYER_AVX2 void box_avx2(const float* const at[4], int64_t channels, float* 
 
 constexpr int kTile = 4, kWindow = 6, kPoints = kWindow * kWindow;
 
+// Where the points' weights fit in L2 with a chunk's points beside them, each worker transforms, multiplies
+// and transforms back kChunkTiles tiles at a time (no pass over the whole map's points, which outgrow the
+// caches at 64-128 px); elsewhere the three are passes over the map, the products shared by output block.
+constexpr int64_t kChunkTiles = 2 * kPixels;
+constexpr int64_t kChunkedWeightBytes = 320 * 1024;
+bool points_chunked(int64_t in_channels, int64_t channels) {
+  return kPoints * in_channels * channels * int64_t(sizeof(float)) <= kChunkedWeightBytes;
+}
+
 #if defined(__GNUC__)
 #define PYBILAYER_INLINE inline __attribute__((always_inline))
 #else
@@ -371,38 +380,39 @@ PYBILAYER_INLINE void winograd_output_tile(const float* in, int64_t plane, const
   }
 }
 
-// One of conv1's Winograd passes over tiles [begin, end) of a map of `tiles_per_row`^2 tiles; `channels` is a
-// multiple of 16.
+// One of conv1's Winograd passes over tiles [begin, end) of a map of `tiles_per_row`^2 tiles, between the map
+// and a buffer of the points of tiles [first, first + count); `channels` is a multiple of 16.
 struct WinogradInput {
   MapView in;  // the padded input: tile (ty, tx)'s window starts at (4 ty, 4 tx)
-  float* out;  // [point][tile][channels]
-  int64_t tiles_per_row, channels;
+  float* out;  // [point][tile - first][channels]
+  int64_t tiles_per_row, channels, first, count;
 };
 
 struct WinogradOutput {
-  const float* in;  // [point][tile][channels]
+  const float* in;  // [point][tile - first][channels]
   const float* bias;
   MapView out;  // tile (ty, tx)'s outputs start at (4 ty, 4 tx)
-  int64_t tiles_per_row, channels;
+  int64_t tiles_per_row, channels, first, count;
 };
 
 template <typename L>
 PYBILAYER_INLINE void winograd_input_tiles(const WinogradInput& p, int64_t begin, int64_t end) {
-  const int64_t tiles = p.tiles_per_row * p.tiles_per_row, plane = tiles * p.channels;
+  const int64_t plane = p.count * p.channels;
   for (int64_t tile = begin; tile < end; ++tile) {
     const float* in = p.in.data + tile / p.tiles_per_row * kTile * p.in.row + tile % p.tiles_per_row * kTile * p.in.pixel;
     for (int64_t c = 0; c < p.channels; c += Lanes<L>::count)
-      winograd_input_tile<L>(in + c, p.in.pixel, p.in.row, p.out + tile * p.channels + c, plane);
+      winograd_input_tile<L>(in + c, p.in.pixel, p.in.row, p.out + (tile - p.first) * p.channels + c, plane);
   }
 }
 
 template <typename L>
 PYBILAYER_INLINE void winograd_output_tiles(const WinogradOutput& p, int64_t begin, int64_t end) {
-  const int64_t tiles = p.tiles_per_row * p.tiles_per_row, plane = tiles * p.channels;
+  const int64_t plane = p.count * p.channels;
   for (int64_t tile = begin; tile < end; ++tile) {
     float* out = p.out.data + tile / p.tiles_per_row * kTile * p.out.row + tile % p.tiles_per_row * kTile * p.out.pixel;
     for (int64_t c = 0; c < p.channels; c += Lanes<L>::count)
-      winograd_output_tile<L>(p.in + tile * p.channels + c, plane, p.bias + c, out + c, p.out.pixel, p.out.row);
+      winograd_output_tile<L>(p.in + (tile - p.first) * p.channels + c, plane, p.bias + c, out + c, p.out.pixel,
+                              p.out.row);
   }
 }
 
@@ -476,10 +486,18 @@ struct LowResStage::Impl {
     std::vector<float> t, hx, v;  // the maps (see the top of this file)
     bool winograd = false;
     std::vector<PackedConv> conv1_points;  // Winograd: one 1x1 convolution per point
-    std::vector<float> points_in, points_out;  // [point][tile][Cin'], [point][tile][C']
+    // [point][tile][Cin'], [point][tile][C'] of the whole map; empty where each worker goes through its
+    // tiles a chunk at a time (points_chunked), in its own scratch
+    std::vector<float> points_in, points_out;
+    bool heads_inputs = false;  // the last block with heads_inputs: conv1 and the skip alone, no groups
+    PackedConv skip;
+    std::vector<float> skip_map;  // s^2 x C'
   };
 
   int64_t in_features = 0, input_size = 0;
+  bool heads_inputs = false;
+  int64_t scratch_size = 0;                  // floats per worker, for chunked Winograd points
+  std::vector<std::vector<float>> scratch;  // one per worker
   std::vector<PackedConv> mlp;
   std::vector<std::vector<float>> mlp_out;  // each layer's output, padded to 16
   std::vector<Block> blocks;
@@ -492,7 +510,8 @@ struct LowResStage::Impl {
   }
   MapView v_map(Block& b) { return {b.v.data(), 4 * b.channels, (b.size + 1) * 4 * b.channels}; }
 
-  void run_one(const float* features, float* out, int worker, int workers, SpinBarrier& barrier, bool avx2);
+  void run_one(const float* features, float* out, float* skip, int worker, int workers, SpinBarrier& barrier,
+               bool avx2);
 };
 
 namespace {
@@ -509,6 +528,7 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
   check(p.input_size >= 1, "input_size must be >= 1");
   m.in_features = p.mlp.front().in_features;
   m.input_size = p.input_size;
+  m.heads_inputs = p.heads_inputs;
   const int64_t s0 = p.input_size, c0 = p.blocks.front().in_channels, c0_padded = round_up(c0, kLanes);
 
   for (size_t l = 0; l < p.mlp.size(); ++l) {
@@ -541,9 +561,10 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
   for (size_t j = 0; j < p.blocks.size(); ++j, s *= 2) {
     const LowResBlock& in = p.blocks[j];
     const std::string name = "block " + std::to_string(j);
+    const bool heads_inputs = p.heads_inputs && j + 1 == p.blocks.size();
     check(in.in_channels >= 1 && in.channels >= 1, name + " has no channels");
-    check(in.scale && in.shift && in.slope && in.conv1_weight && in.conv1_bias && in.conv2_weight && in.conv2_bias &&
-              in.skip_weight && in.skip_bias, name + " misses a weight");
+    check(in.scale && in.shift && in.slope && in.conv1_weight && in.conv1_bias && in.skip_weight && in.skip_bias &&
+              (heads_inputs || (in.conv2_weight && in.conv2_bias)), name + " misses a weight");
     if (j) check(in.in_channels == p.blocks[j - 1].channels, name + " does not fit the block before");
     Impl::Block b;
     b.size = s;
@@ -590,14 +611,30 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
             c, b.in_channels, {{0, 0}},
             [&](int64_t o, int64_t i, int64_t) { return i < cin ? u[(k * c + o) * cin + i] : 0.f; }, zeros, false));
       const int64_t tiles = (s / kTile) * (s / kTile);
-      b.points_in.assign(kPoints * tiles * b.in_channels, 0.f);
-      b.points_out.assign(kPoints * tiles * cp, 0.f);
+      if (points_chunked(b.in_channels, cp)) {
+        m.scratch_size = std::max(m.scratch_size, kPoints * kChunkTiles * (b.in_channels + cp));
+      } else {
+        b.points_in.assign(kPoints * tiles * b.in_channels, 0.f);
+        b.points_out.assign(kPoints * tiles * cp, 0.f);
+      }
     } else {
       b.conv1 = pack(
           c, cin, taps3, [&](int64_t o, int64_t i, int64_t t) { return in.conv1_weight[(o * cin + i) * 9 + t]; },
           conv1_bias, true);
     }
 
+    b.t.assign((s + 2) * (s + 2) * b.in_channels, 0.f);
+    b.hx.assign((s + 2) * (s + 2) * (cp + b.in_channels), 0.f);
+    if (heads_inputs) {
+      b.heads_inputs = true;
+      b.skip = pack(
+          c, b.in_channels, {{0, 0}},
+          [&](int64_t o, int64_t i, int64_t) { return i < cin ? in.skip_weight[o * cin + i] : 0.f; },
+          std::vector<float>(in.skip_bias, in.skip_bias + c), false);
+      b.skip_map.assign(s * s * cp, 0.f);
+      m.blocks.push_back(std::move(b));
+      continue;
+    }
     // Tap groups (frame_graph.upsample_conv_taps): rows and columns pick the even taps [1] (offset 0 in the
     // padded map) or the odd ones [0, 2] (offsets 0, 1). The 1x1 group also reads x (the skip) after C'.
     const int even[] = {1}, odd[] = {0, 2};
@@ -625,8 +662,6 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
             zeros, false);
       }
     }
-    b.t.assign((s + 2) * (s + 2) * b.in_channels, 0.f);
-    b.hx.assign((s + 2) * (s + 2) * (cp + b.in_channels), 0.f);
     b.v.assign((s + 1) * (s + 1) * 4 * cp, 0.f);
     m.blocks.push_back(std::move(b));
   }
@@ -636,10 +671,11 @@ LowResStage::~LowResStage() = default;
 
 int64_t LowResStage::in_features() const { return impl_->in_features; }
 int64_t LowResStage::out_channels() const { return impl_->blocks.back().real_channels; }
-int64_t LowResStage::out_size() const { return impl_->blocks.back().size * 2; }
+int64_t LowResStage::out_size() const { return impl_->blocks.back().size * (impl_->heads_inputs ? 1 : 2); }
+bool LowResStage::heads_inputs() const { return impl_->heads_inputs; }
 
-void LowResStage::Impl::run_one(const float* features, float* out, int worker, int workers, SpinBarrier& barrier,
-                                bool avx2) {
+void LowResStage::Impl::run_one(const float* features, float* out, float* skip, int worker, int workers,
+                                SpinBarrier& barrier, bool avx2) {
   const auto share = [&](int64_t n, int64_t* begin, int64_t* end) {
     *begin = n * worker / workers, *end = n * (worker + 1) / workers;
   };
@@ -681,13 +717,47 @@ void LowResStage::Impl::run_one(const float* features, float* out, int worker, i
     Block& b = blocks[j];
     const int64_t s = b.size, cp = b.channels;
     MapView t = t_map(b), hx = hx_map(b), v = v_map(b);
-    // conv1 into HX's first C' channels, at (y+1, x+1)
+    // conv1 into HX's first C' channels, at (y+1, x+1); with heads_inputs the skip beside it (it reads x)
     const MapView h_out{hx.data + hx.row + hx.pixel, hx.pixel, hx.row};
-    if (b.winograd) {
+    std::vector<ConvJob> skip_job;
+    if (b.heads_inputs)
+      skip_job.push_back({&b.skip, {hx.data + hx.row + hx.pixel + cp, hx.pixel, hx.row}, {b.skip_map.data(), cp, s * cp}, s, s});
+    if (b.winograd && b.points_in.empty()) {
       const int64_t per_row = s / kTile, tiles = per_row * per_row;
       int64_t begin, end;
       share(tiles, &begin, &end);
-      const WinogradInput input{t, b.points_in.data(), per_row, b.in_channels};
+      float* points_in = scratch[worker].data();
+      float* points_out = points_in + kPoints * kChunkTiles * b.in_channels;
+      for (int64_t first = begin; first < end; first += kChunkTiles) {
+        const int64_t count = std::min(kChunkTiles, end - first);
+        const WinogradInput input{t, points_in, per_row, b.in_channels, first, count};
+        const WinogradOutput output{points_out, b.conv1.bias.data(), h_out, per_row, cp, first, count};
+        std::vector<ConvJob> products;
+        int64_t items = 0;
+        for (int k = 0; k < kPoints; ++k) {
+          const MapView in{points_in + k * count * b.in_channels, b.in_channels, 0};
+          const MapView to{points_out + k * count * cp, cp, 0};
+          products.push_back({&b.conv1_points[k], in, to, 1, count});
+          items += products.back().items();
+        }
+#ifdef PYBILAYER_X86_AVX2
+        if (avx2) {
+          winograd_input_avx2(input, first, first + count);
+          run_items(products, 0, items, true);
+          winograd_output_avx2(output, first, first + count);
+          continue;
+        }
+#endif
+        winograd_input_portable(input, first, first + count);
+        run_items(products, 0, items, false);
+        winograd_output_portable(output, first, first + count);
+      }
+      convolve(skip_job);
+    } else if (b.winograd) {
+      const int64_t per_row = s / kTile, tiles = per_row * per_row;
+      int64_t begin, end;
+      share(tiles, &begin, &end);
+      const WinogradInput input{t, b.points_in.data(), per_row, b.in_channels, 0, tiles};
 #ifdef PYBILAYER_X86_AVX2
       if (avx2)
         winograd_input_avx2(input, begin, end);
@@ -695,14 +765,14 @@ void LowResStage::Impl::run_one(const float* features, float* out, int worker, i
 #endif
         winograd_input_portable(input, begin, end);
       barrier.wait();
-      std::vector<ConvJob> products;
+      std::vector<ConvJob> products = skip_job;
       for (int k = 0; k < kPoints; ++k) {
         const MapView in{b.points_in.data() + k * tiles * b.in_channels, b.in_channels, 0};
         const MapView to{b.points_out.data() + k * tiles * cp, cp, 0};
         products.push_back({&b.conv1_points[k], in, to, 1, tiles});
       }
       convolve(products);
-      const WinogradOutput output{b.points_out.data(), b.conv1.bias.data(), h_out, per_row, cp};
+      const WinogradOutput output{b.points_out.data(), b.conv1.bias.data(), h_out, per_row, cp, 0, tiles};
 #ifdef PYBILAYER_X86_AVX2
       if (avx2)
         winograd_output_avx2(output, begin, end);
@@ -711,7 +781,20 @@ void LowResStage::Impl::run_one(const float* features, float* out, int worker, i
         winograd_output_portable(output, begin, end);
       barrier.wait();
     } else {
-      convolve({ConvJob{&b.conv1, t, h_out, s, s}});
+      skip_job.push_back({&b.conv1, t, h_out, s, s});
+      convolve(skip_job);
+    }
+    if (b.heads_inputs) {  // h and the skip, channels-last -> NCHW
+      int64_t begin, end;
+      share(s, &begin, &end);
+      for (int64_t y = begin; y < end; ++y)  // a row of each map stays in cache across the channels
+        for (int64_t c = 0; c < b.real_channels; ++c)
+          for (int64_t xx = 0; xx < s; ++xx) {
+            out[(c * s + y) * s + xx] = hx.data[(y + 1) * hx.row + (xx + 1) * hx.pixel + c];
+            skip[(c * s + y) * s + xx] = b.skip_map[(y * s + xx) * cp + c];
+          }
+      barrier.wait();
+      return;
     }
     // The tap groups: output g reads padded rows/columns g (and g+1). The box reads V[m][n] for m, n in
     // [1, 2s + 1] only: grid g in [1, s] of the even groups and [0, s] of the odd ones.
@@ -757,15 +840,21 @@ void LowResStage::Impl::run_one(const float* features, float* out, int worker, i
   }
 }
 
-void LowResStage::run(const float* features, int64_t batch, float* out, int num_threads, bool vectorized) {
+void LowResStage::run(const float* features, int64_t batch, float* out, float* skip, int num_threads,
+                      bool vectorized) {
   Impl& m = *impl_;
+  if (m.heads_inputs != (skip != nullptr))
+    throw std::invalid_argument(m.heads_inputs ? "LowResStage: heads_inputs needs a skip output"
+                                               : "LowResStage: a skip output without heads_inputs");
   std::lock_guard<std::mutex> lock(m.mutex);
   const bool avx2 = vectorized && has_avx2_fma();
   if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const int64_t out_values = out_channels() * out_size() * out_size();
+  if (static_cast<int>(m.scratch.size()) < num_threads) m.scratch.resize(num_threads, std::vector<float>(m.scratch_size));
   run_team(num_threads, [&](int worker, int workers, SpinBarrier& barrier) {
     for (int64_t i = 0; i < batch; ++i)
-      m.run_one(features + i * m.in_features, out + i * out_values, worker, workers, barrier, avx2);
+      m.run_one(features + i * m.in_features, out + i * out_values, skip ? skip + i * out_values : nullptr, worker,
+                workers, barrier, avx2);
   });
 }
 

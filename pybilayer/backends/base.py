@@ -79,15 +79,14 @@ def use_native_blocks(requested: int | None, native_heads: bool, weights, max_in
     """How many leading blocks (with the keypoint MLP) a folded-graph backend runs in the native stage
     (``ops.LowResStage``): ``requested``, or with None those with inputs of at most the backend's
     ``max_input_size`` (``frame_graph.default_native_blocks``) where the native heads run (0 elsewhere).
-    0 keeps the whole network in the graph."""
+    0 keeps the whole network in the graph; every block leaves no graph (the stage feeds the heads)."""
     from .frame_graph import default_native_blocks
 
     if requested is None:
         return default_native_blocks(weights, max_input_size) if native_heads else 0
     n = len(weights.blocks)
-    if not isinstance(requested, int) or isinstance(requested, bool) or not 0 <= requested < n:
-        raise ValueError(f"native_blocks must be None or an int in [0, {n - 1}] (the graph keeps the last "
-                         f"block), got {requested!r}")
+    if not isinstance(requested, int) or isinstance(requested, bool) or not 0 <= requested <= n:
+        raise ValueError(f"native_blocks must be None or an int in [0, {n}], got {requested!r}")
     if requested and not native_heads:
         raise ValueError("native_blocks needs the native heads (native_heads=False was asked for, or the native "
                          "core is not built)")

@@ -509,38 +509,43 @@ def mlp_features(frequencies: np.ndarray | None, keypoints: np.ndarray) -> np.nd
 class LowResWeights:
     """One avatar's keypoint MLP and first blocks in the form of the native stage (``ops.LowResStage``,
     convention in ``csrc/lowres/lowres.h``); the graphs of ``build_folded_frame(native_blocks=len(blocks))``
-    continue from its output, the input x' of the next block (its norm's shift included)."""
+    continue from its output, the input x' of the next block (its norm's shift included). With
+    ``heads_inputs`` it holds every block and ends with the last one's ``upsample_input`` and ``skip``."""
 
     mlp: list  # [(weight (out, in), bias (out,))] float32; LeakyReLU between layers
     blocks: list  # [dict(scale, shift, slope, conv1_weight, conv1_bias, conv2_weight, conv2_bias, skip_weight,
-    #                     skip_bias)] float32
+    #                     skip_bias)] float32; no conv2 in the last block with heads_inputs
     input_size: int
     frequencies: np.ndarray | None  # harmonic encoding of the keypoints (None: raw)
+    heads_inputs: bool = False
 
     def stage(self) -> "KeypointStage":
         from .. import ops
 
-        stage = ops.LowResStage(self.mlp, self.blocks, self.input_size, winograd_min_size=WINOGRAD_MIN_SIZE)
+        stage = ops.LowResStage(self.mlp, self.blocks, self.input_size, winograd_min_size=WINOGRAD_MIN_SIZE,
+                                heads_inputs=self.heads_inputs)
         return KeypointStage(stage, self.frequencies)
 
 
 class KeypointStage(NamedTuple):
     """One avatar's native stage called on keypoints (N, 68, 2): the keypoint MLP's input features
-    (``mlp_features``), then the native kernel; returns the first graph's ``STAGE_INPUT``."""
+    (``mlp_features``), then the native kernel; returns the first graph's ``STAGE_INPUT``, or with
+    ``heads_inputs`` the heads' ``upsample_input`` and ``skip``."""
 
     kernel: object  # ops.LowResStage
     frequencies: np.ndarray | None
 
-    def __call__(self, keypoints: np.ndarray, num_threads: int | None = None) -> np.ndarray:
+    def __call__(self, keypoints: np.ndarray, num_threads: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         return self.kernel(mlp_features(self.frequencies, keypoints), num_threads=num_threads)
 
 
 def folded_low_res_stage(weights: FrameWeights, flat_params: dict[str, np.ndarray], num_blocks: int) -> LowResWeights:
     """The keypoint MLP and blocks 0..num_blocks-1 of one avatar, folded as ``_FoldedGraphs`` folds them, for
-    the native stage; num_blocks < the number of blocks (the graph keeps at least the last one)."""
+    the native stage. With every block (num_blocks = the number of blocks) the last one stops where the
+    native heads take over (``heads_inputs``): no graph is left."""
     n = len(weights.blocks)
-    if not 1 <= num_blocks < n:
-        raise ValueError(f"num_blocks must be in [1, {n - 1}] (the graph keeps the last block), got {num_blocks}")
+    if not 1 <= num_blocks <= n:
+        raise ValueError(f"num_blocks must be in [1, {n}], got {num_blocks}")
     p, affines = _params_and_affines(weights, flat_params)
     f32 = functools.partial(np.ascontiguousarray, dtype=np.float32)
     blocks = []
@@ -560,12 +565,13 @@ def folded_low_res_stage(weights: FrameWeights, flat_params: dict[str, np.ndarra
             "scale": f32(scale), "shift": f32(shift), "slope": f32(slope),
             "conv1_weight": f32(blk.conv1_weight * gain[None, :, None, None] * a2[:, None, None, None]),
             "conv1_bias": f32(blk.conv1_bias * a2 + c2),
-            "conv2_weight": f32(blk.conv2_weight),
-            "conv2_bias": f32(blk.conv2_bias + _input_norm(weights, affines, j + 1).shift),
             "skip_weight": f32(sw), "skip_bias": f32(skip_bias),
         })
+        if j < n - 1:  # the last block's up-sampling convolution is the heads kernel's (folded_heads)
+            blocks[-1]["conv2_weight"] = f32(blk.conv2_weight)
+            blocks[-1]["conv2_bias"] = f32(blk.conv2_bias + _input_norm(weights, affines, j + 1).shift)
     return LowResWeights(mlp=[(f32(w), f32(b)) for w, b in weights.mlp], blocks=blocks, input_size=weights.input_size,
-                         frequencies=weights.frequencies)
+                         frequencies=weights.frequencies, heads_inputs=num_blocks == n)
 
 
 # The native stage computes conv1 as Winograd F(4x4, 3x3) on maps of at least this size (whose side is a
@@ -576,12 +582,11 @@ WINOGRAD_MIN_SIZE = 16
 
 def default_native_blocks(weights: FrameWeights, max_input_size: int | None) -> int:
     """How many leading blocks the native stage runs by default: those with inputs of at most
-    ``max_input_size`` px (None: any), leaving at least the last block to the graph."""
+    ``max_input_size`` px (None: every block, and no graph)."""
     n = len(weights.blocks)
     if max_input_size is None:
-        return n - 1
-    small = sum(1 for j in range(n) if weights.input_size * 2 ** j <= max_input_size)
-    return min(small, n - 1)
+        return n
+    return sum(1 for j in range(n) if weights.input_size * 2 ** j <= max_input_size)
 
 
 class FoldedFrame(NamedTuple):
@@ -596,9 +601,9 @@ def build_folded_frame(weights: FrameWeights, flat_params: dict[str, np.ndarray]
                        per_block: bool = False, native_blocks: int = 0) -> FoldedFrame:
     """What a folded-graph backend prepares per avatar: with ``native_blocks`` > 0 the native stage's weights
     for the keypoint MLP and that many first blocks (``folded_low_res_stage``); its graphs (one, or with
-    ``per_block`` one per block, see ``build_folded_stages``), from the keypoints or from the stage's
-    output; and with ``native_heads`` the heads that ``HeadsWeights.finish`` runs on the last graph's
-    ``upsample_input`` and ``skip`` outputs (else None)."""
+    ``per_block`` one per block, see ``build_folded_stages``; none when the stage runs every block), from the
+    keypoints or from the stage's output; and with ``native_heads`` the heads that ``HeadsWeights.finish``
+    runs on the ``upsample_input`` and ``skip`` of the last graph, or of the stage (else None)."""
     if (per_block or native_blocks) and not native_heads:
         raise ValueError("per_block graphs and native_blocks need native_heads (they run native kernels)")
     split = "blocks" if per_block else "heads" if native_heads else "none"
@@ -657,6 +662,8 @@ class _FoldedGraphs:
         from onnx import TensorProto
 
         weights, p = self.weights, self.params
+        if first_block == len(weights.blocks):  # the native stage runs every block
+            return []
         b = _Builder(np.float32)
         if first_block:  # the native stage (folded_low_res_stage) ran the MLP and the blocks before
             s = weights.input_size * 2 ** first_block

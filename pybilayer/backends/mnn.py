@@ -204,9 +204,10 @@ def run_module(module, inputs: list[np.ndarray], copy: bool = True) -> list[np.n
 # By default the native stage runs the keypoint MLP and the blocks with inputs of at most this size, MNN the
 # rest. Measured per block on the 2-core AVX2 machine (released size, the stage against MNN's forward, in one
 # loop): the MLP with the 4 px block 0.4-0.5 against ~1.2 ms, the 8 px block ~1.1 against ~1.35 ms. From 16 px
-# MNN's convolutions match the stage's (Winograd conv1): whole frames in turns on a busy host, two runs, stage
-# through block 1 / 3 / 4: p50 35.8 / 32.9 / 35.6 and 33.2 / 32.3 / 34.2 ms (minimum 24.7 / 25.5 / 25.6 and
-# 22.8 / 22.1 / 24.1 ms).
+# MNN's convolutions match the stage's (Winograd conv1): whole frames in turns on a busy host, stage through
+# block 1 against every block (no MNN graph per frame): p50 30.8 / 33.9, 32.8 / 32.0, 35.0 / 33.4 ms in three
+# runs (minimum 22.3 / 23.4, 23.2 / 23.2, 24.2 / 25.0 ms): no clear winner, so MNN keeps the blocks it was
+# measured to run faster.
 NATIVE_BLOCKS_MAX_SIZE = 8
 
 
@@ -247,6 +248,8 @@ class MnnBackend(FrameBackend):
                                    native_blocks=self.native_blocks)
         outputs = [UPSAMPLE_INPUT, SKIP_OUTPUT] if self.native_heads else list(OUTPUT_NAMES)
         low_res = frame.low_res.stage() if frame.low_res else None
+        if not frame.graphs:  # the native stage runs every block
+            return PreparedAvatar(texture, (low_res, None, frame.heads))
         module = load_module(frame.graphs[0], [STAGE_INPUT if low_res else KEYPOINTS_INPUT], outputs, self._runtime)
         # MNN plans the graph and transforms the weights on the first forward (~80-130 ms at the released
         # size): pay it here, with the avatar, rather than as a hitch on its first frame.
@@ -261,6 +264,8 @@ class MnnBackend(FrameBackend):
 
     def _forward(self, low_res, module, heads, keypoints: np.ndarray) -> list[np.ndarray]:
         """One frame's outputs: the graph's, or finished by the native heads kernel from the graph's."""
+        if module is None:  # the native stage ran every block
+            return list(heads.finish(*low_res(keypoints, num_threads=self.num_threads), self.num_threads))
         x = self._graph_input(low_res, keypoints)
         if heads is None:
             return run_module(module, [x])

@@ -70,10 +70,11 @@ def create_session(model_proto, threads: int | None):
                                 providers=["CPUExecutionProvider"])
 
 
-# By default the native stage runs the keypoint MLP and every block but the last (None: no size limit); the
-# graph, the last block's first convolution and skip. Whole frames in turns on the 2-core AVX2 machine
-# (released size, Winograd conv1 in the stage from 16 px), stage through block 1 / 2 / 3 / 4: p50 42.0 / 40.0
-# / 36.8 / 34.8 ms (minimum 35.8 / 34.1 / 30.0 / 29.9) on a busy host.
+# By default the native stage runs the keypoint MLP and every block (None: no size limit), so that no graph runs
+# per frame. Whole frames in turns on the 2-core AVX2 machine (released size, Winograd conv1 in the stage from
+# 16 px), on a busy host: stage through block 1 / 2 / 3 / 4 with onnxruntime for the rest, p50 42.0 / 40.0 /
+# 36.8 / 34.8 ms (minimum 35.8 / 34.1 / 30.0 / 29.9); through block 4 against every block, p50 31.8 / 29.6 ms
+# (minimum 24.3 / 22.3).
 NATIVE_BLOCKS_MAX_SIZE = None
 
 
@@ -85,7 +86,7 @@ class OnnxRuntimeBackend(FrameBackend):
     ``native_heads`` (folded graph): finish each frame with the native heads kernel; None (default)
     wherever the native core is built, False for the graph's own heads. ``native_blocks`` (folded fp32
     graph with native heads): how many first blocks (with the keypoint MLP) the native stage
-    ``ops.LowResStage`` runs before the graphs; None (default): every block but the last.
+    ``ops.LowResStage`` runs before the graphs; None (default): every block, so that no graph runs per frame.
     """
 
     name = "onnxruntime"
@@ -149,14 +150,17 @@ class OnnxRuntimeBackend(FrameBackend):
                 if heads is None:
                     results.append(FrameOutputs(*sessions[0].run(OUTPUT_NAMES, {KEYPOINTS_INPUT: keypoints})))
                     continue
-                if low_res is None:
-                    feed = {KEYPOINTS_INPUT: keypoints}
+                if not sessions:  # the native stage ran every block
+                    upsample_input, skip = low_res(keypoints, num_threads=self.threads)
                 else:
-                    feed = {STAGE_INPUT: low_res(keypoints, num_threads=self.threads)}
-                for session in sessions[:-1]:  # per-block graphs: the native pass joins them
-                    (phases,) = session.run([PHASES_OUTPUT], feed)
-                    feed = {STAGE_INPUT: ops.depth_to_space_box(phases, num_threads=self.threads)}
-                upsample_input, skip = sessions[-1].run([UPSAMPLE_INPUT, SKIP_OUTPUT], feed)
+                    if low_res is None:
+                        feed = {KEYPOINTS_INPUT: keypoints}
+                    else:
+                        feed = {STAGE_INPUT: low_res(keypoints, num_threads=self.threads)}
+                    for session in sessions[:-1]:  # per-block graphs: the native pass joins them
+                        (phases,) = session.run([PHASES_OUTPUT], feed)
+                        feed = {STAGE_INPUT: ops.depth_to_space_box(phases, num_threads=self.threads)}
+                    upsample_input, skip = sessions[-1].run([UPSAMPLE_INPUT, SKIP_OUTPUT], feed)
                 results.append(FrameOutputs(*heads.finish(upsample_input, skip, self.threads)))
             return results
         sizes = [len(kp) for _, kp in groups]
