@@ -138,11 +138,11 @@ PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_p
   const int64_t ntaps = static_cast<int64_t>(c.taps.size()), cin = c.in_channels;
   const float* in[kPixels];
   float* out[kPixels];
+  int64_t y = first_pixel / job.width, x = first_pixel % job.width;  // one division per step, not six
   for (int p = 0; p < kPixels; ++p) {
-    const int64_t pixel = first_pixel + std::min(p, P - 1);  // the unused ones repeat the last
-    const int64_t y = pixel / job.width, x = pixel % job.width;
     in[p] = job.in.data + y * job.in.row + x * job.in.pixel;
     out[p] = job.out.data + y * job.out.row + x * job.out.pixel + block * kLanes;
+    if (p + 1 < P && ++x == job.width) x = 0, ++y;  // the unused ones repeat the last
   }
   const __m256 bias_lo = _mm256_loadu_ps(c.bias.data() + block * kLanes);
   const __m256 bias_hi = _mm256_loadu_ps(c.bias.data() + block * kLanes + 8);
@@ -330,9 +330,12 @@ struct Vector8 {};
 template <>
 struct Lanes<Vector8> {
   typedef float type __attribute__((vector_size(32)));
+  // Loads and stores through a 4-byte aligned alias: one unaligned move each (a memcpy became two 16-byte
+  // halves through the stack, stalling every load on store forwarding).
+  typedef float unaligned __attribute__((vector_size(32), aligned(4), may_alias));
   static constexpr int count = 8;
-  static PYBILAYER_INLINE void load(const float* p, type& v) { __builtin_memcpy(&v, p, sizeof v); }
-  static PYBILAYER_INLINE void store(float* p, const type& v) { __builtin_memcpy(p, &v, sizeof v); }
+  static PYBILAYER_INLINE void load(const float* p, type& v) { v = *reinterpret_cast<const unaligned*>(p); }
+  static PYBILAYER_INLINE void store(float* p, const type& v) { *reinterpret_cast<unaligned*>(p) = v; }
   static PYBILAYER_INLINE void store_lrelu(float* p, const type& v) {
     const type negative = v * kSlope;
     store(p, v < 0.f ? negative : v);
@@ -733,6 +736,7 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
         const WinogradInput input{t, points_in, per_row, b.in_channels, first, count};
         const WinogradOutput output{points_out, b.conv1.bias.data(), h_out, per_row, cp, first, count};
         std::vector<ConvJob> products;
+        products.reserve(kPoints);
         int64_t items = 0;
         for (int k = 0; k < kPoints; ++k) {
           const MapView in{points_in + k * count * b.in_channels, b.in_channels, 0};
