@@ -85,6 +85,7 @@ struct ConvJob {
 
   int64_t pixel_blocks() const { return (height * width + kPixels - 1) / kPixels; }
   int64_t items() const { return conv->out_blocks * pixel_blocks(); }
+  int64_t cost() const { return static_cast<int64_t>(conv->taps.size()) * conv->in_channels + 1; }  // per item
   // Items in order of output block, each over every pixel (its weights stay in L2 across the pixels), or,
   // where all the weights fit in L2, of pixel block, each over every output block (its inputs stay in L1).
   bool pixels_outer() const { return conv->weight.size() * sizeof(float) <= kPixelsOuterWeightBytes; }
@@ -187,6 +188,25 @@ PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_p
   }
 }
 #endif
+
+// Worker w's items [begin, end) of the jobs taken as one list: equal shares of the multiply-adds, not of the
+// items (a tap group's items cost its taps x input channels: 1-4 taps over 1-3x the channels).
+void share_by_cost(const std::vector<ConvJob>& jobs, int worker, int workers, int64_t* begin, int64_t* end) {
+  int64_t total = 0;
+  for (const ConvJob& job : jobs) total += job.items() * job.cost();
+  const int64_t from = total * worker / workers, to = total * (worker + 1) / workers;
+  // The item at which the running cost reaches `cost` (the first whose start is at or after it).
+  const auto item_at = [&](int64_t cost) {
+    int64_t items = 0, before = 0;
+    for (const ConvJob& job : jobs) {
+      const int64_t n = job.items(), c = job.cost();
+      if (cost < before + n * c) return items + (cost - before + c - 1) / c;
+      items += n, before += n * c;
+    }
+    return items;
+  };
+  *begin = item_at(from), *end = item_at(to);
+}
 
 // Items [begin, end) of the jobs taken as one list (job by job, output block by output block).
 void run_items(const std::vector<ConvJob>& jobs, int64_t begin, int64_t end, bool avx2) {
@@ -692,9 +712,8 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
     *begin = n * worker / workers, *end = n * (worker + 1) / workers;
   };
   const auto convolve = [&](const std::vector<ConvJob>& jobs) {
-    int64_t n = 0, begin, end;
-    for (const ConvJob& job : jobs) n += job.items();
-    share(n, &begin, &end);
+    int64_t begin, end;
+    share_by_cost(jobs, worker, workers, &begin, &end);
     run_items(jobs, begin, end, avx2);
     barrier.wait();
   };
