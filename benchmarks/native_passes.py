@@ -9,15 +9,15 @@ Kernels, fp32, on the same random inputs as their references:
 - ``ops.heads`` from a random input of the model's last up-sampling convolution (``ops.UpsampleConv``, as the
   backends call it) against ``ops.heads_reference`` (torch: nearest up-sampling, 3x3 convolution,
   activation, 3x3 convolution, tanh);
-- ``ops.LowResStage`` (the keypoint MLP and every block but the last, one random avatar folded in, as the
-  onnxruntime backend builds it) against ``ops.low_res_stage_reference`` (torch: linear layers, convolutions, nearest
+- ``ops.LowResStage`` (the keypoint MLP and every block up to the heads' inputs, one random avatar folded in,
+  as the backends build it) against ``ops.low_res_stage_reference`` (torch: linear layers, convolutions, nearest
   up-sampling).
 Frames: ``Renderer.render``, landmarks in -> uint8 frame out, batch 1, for each folded-graph backend in
 three variants timed in alternating turns in one process, so that a shared host's slow phases hit them
 alike: the graph computes everything (``native_heads=False``); the native heads finish the frame from the
 last block's up-sampling convolution (``native_blocks=0``; onnxruntime also runs one graph per block
-joined by ``ops.depth_to_space_box``); and the default, where the native stage also runs the keypoint
-MLP and the first blocks.
+joined by ``ops.depth_to_space_box``); and the default, where the native stage runs the keypoint MLP and
+every block, and no graph runs per frame.
 """
 
 from __future__ import annotations
@@ -86,15 +86,16 @@ def stage_rows(model: Bilayer, threads: list[int], min_time_s: float) -> list[di
     embeds = [torch.randn(1, c, 8, 8) for c in model.config.embedding_channels()]
     with torch.no_grad():
         params = model.inference_generator.project(embeds)
-    blocks = default_native_blocks(weights, NATIVE_BLOCKS_MAX_SIZE)  # the onnxruntime backend's stage, the larger
+    blocks = default_native_blocks(weights, NATIVE_BLOCKS_MAX_SIZE)  # the backends' stage: every block
     low_res = folded_low_res_stage(weights, {k: v.numpy() for k, v in params.flatten().items()}, blocks)
     stage = low_res.stage().kernel
     features = mlp_features(weights.frequencies, np.random.default_rng(0).uniform(-0.8, 0.8, (1, 68, 2)))
     as_tensor = torch.from_numpy
     tensors = (as_tensor(features), [(as_tensor(w), as_tensor(b)) for w, b in low_res.mlp],
-               [{k: as_tensor(v) for k, v in b.items()} for b in low_res.blocks], low_res.input_size)
+               [{k: as_tensor(v) for k, v in b.items()} for b in low_res.blocks], low_res.input_size,
+               low_res.heads_inputs)
     rows, torch_threads = [], torch.get_num_threads()
-    size = low_res.input_size * 2 ** blocks
+    size = stage.output_shape[1]
     try:
         for n in threads:
             torch.set_num_threads(n)

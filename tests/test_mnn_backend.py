@@ -1,6 +1,6 @@
-"""The ``mnn`` backend (the folded per-frame graph in Alibaba MNN): what is particular to it. Its agreement with
-the torch reference, batches and several avatars per call are checked with the other CPU backends in
-test_renderer.py."""
+"""The ``mnn`` backend (by default the native stage for every block; with fewer native blocks, the folded
+per-frame graph in Alibaba MNN): what is particular to it. Its agreement with the torch reference, batches
+and several avatars per call are checked with the other CPU backends in test_renderer.py."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ def renderer(model):
     return Renderer(model, backend="mnn", threads=1)
 
 
+@pytest.fixture(scope="module")
+def graph_renderer(model):
+    """MNN runs the blocks after the 4 and 8 px ones (the default runs no MNN graph per frame)."""
+    return Renderer(model, backend="mnn", threads=1, backend_options={"mnn": {"native_blocks": 2}})
+
+
 def _photo(seed: int):
     return random_photo(seed, 200)
 
@@ -48,22 +54,36 @@ def test_selected_by_name_on_the_cpu(renderer):
     assert "1 threads" in renderer.backend_reason  # Renderer(threads=...) reaches MNN
 
 
-def test_prepare_runs_the_first_forward(renderer, avatar2, monkeypatch):
+def test_prepare_runs_the_first_forward(graph_renderer, avatar2, monkeypatch):
     """MNN's first forward plans the graph: it belongs to avatar preparation, not to the first frame."""
     calls = []
     run = mnn_backend.run_module
     monkeypatch.setattr(mnn_backend, "run_module",
                         lambda module, inputs, copy=True: calls.append(inputs) or run(module, inputs, copy))
-    backend = renderer._backend
+    backend = graph_renderer._backend
     prepared = backend.prepare(avatar2)
     assert backend.native_blocks == 2  # the native stage runs the MLP and the 4 and 8 px blocks; the graph the rest
     assert len(calls) == 1 and calls[0][0].shape == (1, 32, 16, 16)
-    keypoints = renderer.normalize_landmarks(random_drivers(1, seed=9))
-    assert renderer._backend.run([(prepared, keypoints)])[0].lf.shape == (1, 3, SIZE, SIZE)
+    keypoints = graph_renderer.normalize_landmarks(random_drivers(1, seed=9))
+    assert backend.run([(prepared, keypoints)])[0].lf.shape == (1, 3, SIZE, SIZE)
 
 
-def test_outputs_are_owned_float32_copies(renderer, avatar):
+def test_default_runs_no_graph_per_frame(renderer, avatar2, monkeypatch):
+    """By default the native stage runs every block: no MNN module is made for the avatar or run per frame."""
+    monkeypatch.setattr(mnn_backend, "load_module", lambda *a, **k: pytest.fail("no MNN graph expected"))
+    monkeypatch.setattr(mnn_backend, "run_module", lambda *a, **k: pytest.fail("no MNN forward expected"))
+    backend = renderer._backend
+    blocks = renderer.model.inference_generator.num_blocks
+    assert backend.native_blocks == blocks and f"native MLP and {blocks} blocks" in renderer.backend_reason
+    prepared = backend.prepare(avatar2)
+    keypoints = renderer.normalize_landmarks(random_drivers(2, seed=9))
+    assert backend.run([(prepared, keypoints)])[0].lf.shape == (2, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("which", ["renderer", "graph_renderer"])
+def test_outputs_are_owned_float32_copies(which, avatar, request):
     """run() results survive the next forward (MNN reuses its buffers) and are contiguous float32."""
+    renderer = request.getfixturevalue(which)
     backend, prepared = renderer._backend, renderer._prepare(avatar)
     keypoints = renderer.normalize_landmarks(random_drivers(3, seed=8)).astype(np.float32)
     first = backend.run([(prepared, keypoints)])[0]
@@ -105,7 +125,8 @@ def test_missing_mnn_says_how_to_install(monkeypatch):
 
 def test_prepare_prints_nothing(model, renderer, capfd):
     capfd.readouterr()
-    fresh = Renderer(model, backend="mnn", threads=1)  # runtime manager creation prints without silencing
+    # runtime manager creation prints without silencing; the graph is converted with fewer native blocks
+    fresh = Renderer(model, backend="mnn", threads=1, backend_options={"mnn": {"native_blocks": 2}})
     avatar = fresh.create_avatar(*_photo(3))  # prepare: fold, convert, load
     fresh.render(avatar, random_drivers(2, seed=9))
     out, err = capfd.readouterr()

@@ -1,9 +1,10 @@
-// The per-frame network's first layers on the CPU: the keypoint MLP and the first up-sampling blocks, whose
-// maps are small (4-16 px at the released size) and wide (256 channels). Graph runtimes run those layers
-// far below this CPU's multiply-add rate (few pixels to share between threads, a pass over memory per
-// operator); here every convolution is a direct one on channels-last maps, 6 pixels x 16 output channels
-// per step, and each block is three passes (conv1, the up-sampling convolution's tap groups, the box sum
-// with the next activation) between which the workers meet at a barrier.
+// The per-frame network on the CPU: the keypoint MLP and the up-sampling blocks (all of them at the released
+// size, up to the inputs of the native heads kernel). Graph runtimes run the first, small and wide maps
+// (4-16 px, 256 channels) far below this CPU's multiply-add rate (few pixels to share between threads, a
+// pass over memory per operator); here every convolution runs on channels-last maps, 6 pixels x 16 output
+// channels per step, conv1 as Winograd F(4x4, 3x3) on larger maps, and each block is a few passes (conv1,
+// the up-sampling convolution's tap groups, the box sum with the next activation) between which the
+// workers meet at a barrier.
 //
 // Convention (frame_graph.folded_low_res_stage folds one avatar into these weights, the graphs of
 // frame_graph.build_folded_frame(native_blocks=k) continue from the output, and

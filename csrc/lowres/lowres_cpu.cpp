@@ -1,4 +1,4 @@
-// The keypoint MLP and the first up-sampling blocks on the CPU (convention in lowres.h).
+// The keypoint MLP and the up-sampling blocks on the CPU (convention in lowres.h).
 //
 // Maps are channels-last with every channel count rounded up to 16 (the extra channels hold zeros and
 // zero weights, so no pass needs a tail), and each convolution's input carries a zero border, written
@@ -7,9 +7,11 @@
 //   HX (s+2)^2 x (C' + Cin')  [h | x]: conv1's output beside the block input, so the up-sampling
 //                             convolution's 1x1 tap group and the skip are one convolution over C' + Cin
 //   V  (s+1)^2 x 4C'         the four tap groups (ee, eo, oe, oo), read by the box sum
+// (with heads_inputs the last block has no V: its skip goes to a map of its own, and both leave as NCHW).
 // A convolution is packed as [output block of 16][tap][input channel][16] and run as independent items
-// (output block x 6 consecutive pixels), shared out in order so that a worker keeps one output block's
-// weights in L2 across its pixels. The workers run every pass of the stage and meet at a barrier between
+// (output block x 6 consecutive pixels), shared out in order and by multiply-adds, so that a worker keeps
+// one output block's weights in L2 across its pixels (or, where they all fit, a pixel block's inputs in
+// L1 across the output blocks). The workers run every pass of the stage and meet at a barrier between
 // passes (starting threads per pass would cost ~10 us each, against 20-500 us passes).
 #include <algorithm>
 #include <atomic>

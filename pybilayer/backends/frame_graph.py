@@ -34,10 +34,13 @@ Two graphs come from the same weights (`FrameWeights`, read once from a Bilayer)
   ``build_folded_stages`` goes further for runtimes with slow depth-to-space: one graph per block, with
   ``ops.depth_to_space_box`` between them (onnxruntime: 41.3 -> 37.3 ms more, in turns).
   ``build_folded_frame(native_blocks=k)`` also leaves the keypoint MLP and the first k blocks to the native
-  stage ``ops.LowResStage`` (``folded_low_res_stage``: the same folding, in the stage's form; by default
-  the blocks with inputs of at most 8 px, ``default_native_blocks``), and its graphs start at block k
-  from the stage's output (input ``x``): graph runtimes run those small, wide maps far below the CPU's
-  multiply-add rate (in turns, whole frames: mnn 22.8 -> 22.3 ms, onnxruntime 34.2 -> 33.2 ms).
+  stage ``ops.LowResStage`` (``folded_low_res_stage``: the same folding, in the stage's form), and its
+  graphs start at block k from the stage's output (input ``x``); with every block (the backends' default)
+  the stage stops where the native heads take over and no graph is left. Graph runtimes run the small,
+  wide maps of the first blocks far below the CPU's multiply-add rate (in turns, whole frames, the stage
+  for the 4-8 px blocks: mnn 22.8 -> 22.3 ms, onnxruntime 34.2 -> 33.2 ms); with conv1 as Winograd and
+  its passes shared by multiply-adds, the stage for every block beat both (``NATIVE_BLOCKS_MAX_SIZE`` in
+  each backend).
 
 Graph I/O (both, whole): input ``keypoints`` (N, 68, 2) float32 in [-1, 1] crop coordinates; outputs
 ``delta_uv`` (N, 2, S, S), ``lf`` (N, 3, S, S), ``mask_logits`` (N, 1, S, S), float32. Only the batch

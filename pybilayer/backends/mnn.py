@@ -1,17 +1,18 @@
-"""The ``mnn`` backend: each avatar's folded per-frame graph in Alibaba MNN on the CPU (fp32).
+"""The ``mnn`` backend: the per-frame network on the CPU (fp32), in the native stage or in Alibaba MNN.
 
-At ``prepare`` the avatar's parameters are folded into the weights (``frame_graph.build_folded_frame``,
-the graph the onnxruntime backend runs by default), MNN's converter turns that ONNX graph into an MNN
-model, and MNN loads it as a module of its own. MNN runs the 3x3 convolutions with Winograd kernels.
-Where the native core is built, the native stage ``ops.LowResStage`` runs the keypoint MLP and the
-blocks with 4-8 px inputs (``native_blocks``), the graph the blocks after them, stopping before the last
-block's up-sampling convolution, and ``ops.heads`` computes that convolution and finishes the frame
-(``native_heads``). Per frame (released size, batch 1, 2 threads, 2-core AVX2, quiet): the stage ~1.6 ms,
-the forward ~15 ms and the heads ~4 ms, against ~23.3 ms for the full graph in MNN and ~45 ms for the
-full graph in onnxruntime; the warped image within ~3e-5 of the torch reference.
+Where the native core is built, by default the native stage ``ops.LowResStage`` runs the keypoint MLP and
+every block of each avatar's folded network (``frame_graph.folded_low_res_stage``, conv1 as Winograd) and
+``ops.heads`` the last up-sampling convolution and the heads, as in the onnxruntime backend: measured
+faster than MNN's graph for the blocks from 16 px (see ``NATIVE_BLOCKS_MAX_SIZE``). With ``native_blocks``
+< the number of blocks (or without the native core) the avatar's parameters are folded into an ONNX graph
+(``frame_graph.build_folded_frame``) for the blocks after the stage, MNN's converter turns it into an MNN
+model, and MNN loads it as a module of its own; MNN runs the 3x3 convolutions with Winograd kernels.
+Per frame, that path (released size, batch 1, 2 threads, 2-core AVX2, quiet): the stage for the 4 and 8 px
+blocks ~1.6 ms, the forward ~15 ms and the heads ~4 ms, against ~23.3 ms for the full graph in MNN and
+~45 ms for the full graph in onnxruntime; the warped image within ~3e-5 of the torch reference.
 Precision "high": fp32 throughout, no fp16/bf16.
 
-Cost per avatar (released size, measured under load): ~0.4 s, counted as avatar creation: folding
+Cost per avatar of a graph (released size, measured under load): ~0.4 s, counted as avatar creation: folding
 ~0.06-0.14 s, writing the ONNX graph and converting it ~0.23 s, loading ~0.02 s, and one warm-up forward
 ~0.1 s (MNN's planning and weight transforms, which would otherwise delay the avatar's first frame). The
 converter reads and writes files only (there is no in-memory route), so both live in a temporary
@@ -201,14 +202,13 @@ def run_module(module, inputs: list[np.ndarray], copy: bool = True) -> list[np.n
     return [np.array(F.convert(var, F.NCHW).read(), dtype=np.float32, copy=copy) for var in outputs]
 
 
-# By default the native stage runs the keypoint MLP and the blocks with inputs of at most this size, MNN the
-# rest. Measured per block on the 2-core AVX2 machine (released size, the stage against MNN's forward, in one
-# loop): the MLP with the 4 px block 0.4-0.5 against ~1.2 ms, the 8 px block ~1.1 against ~1.35 ms. From 16 px
-# MNN's convolutions match the stage's (Winograd conv1): whole frames in turns on a busy host, stage through
-# block 1 against every block (no MNN graph per frame): p50 30.8 / 33.9, 32.8 / 32.0, 35.0 / 33.4 ms in three
-# runs (minimum 22.3 / 23.4, 23.2 / 23.2, 24.2 / 25.0 ms): no clear winner, so MNN keeps the blocks it was
-# measured to run faster.
-NATIVE_BLOCKS_MAX_SIZE = 8
+# By default the native stage runs the keypoint MLP and every block (None: no size limit), so that no MNN graph
+# runs per frame. Whole frames in turns on the 2-core AVX2 machine (released size, busy host), the stage
+# through the 8 px block and MNN from 16 px against the stage for every block: p50 26.1 / 24.7 ms (minimum
+# 21.4 / 19.7) once the stage shared its passes by multiply-adds and chunked its Winograd at 64-128 px; before
+# that, no clear winner. Measured per block against MNN's forward: the MLP with the 4 px block 0.4-0.5 against
+# ~1.2 ms, the 8 px block ~1.1 against ~1.35 ms.
+NATIVE_BLOCKS_MAX_SIZE = None
 
 
 class MnnBackend(FrameBackend):
@@ -216,7 +216,7 @@ class MnnBackend(FrameBackend):
     threads per frame (None: ``os.cpu_count()``). ``native_heads``: finish each frame with the native heads
     kernel; None (default) wherever the native core is built, False for the graph's own heads.
     ``native_blocks``: how many first blocks (with the keypoint MLP) the native stage runs; None (default):
-    the blocks with inputs of at most ``NATIVE_BLOCKS_MAX_SIZE`` px with the native heads, 0 for none."""
+    every block with the native heads (no MNN graph per frame), 0 for none."""
 
     name = "mnn"
     device = "cpu"

@@ -2,14 +2,13 @@
 
 Two graph modes (see ``frame_graph``):
 
-* ``"folded"`` (default): at ``prepare`` each avatar's parameters are folded into the weights of its own
-  graph (AdaBN into the convolutions, up-sampling convolutions at the low resolution, skips there too,
-  the first norm and skip inside the keypoint MLP) and given its own session. Session creation
-  counts toward avatar creation; rendering is the fastest onnxruntime path (the `mnn` backend runs the
-  same graph faster). Where the native core is built (fp32), native passes take the parts onnxruntime
-  runs slowly: the keypoint MLP and the first blocks (``ops.LowResStage``), the block boundaries
-  (``ops.depth_to_space_box`` between one graph per block) and the last up-sampling convolution with
-  the heads (``ops.heads``).
+* ``"folded"`` (default): at ``prepare`` each avatar's parameters are folded into the weights (AdaBN into
+  the convolutions, up-sampling convolutions at the low resolution, skips there too, the first norm and
+  skip inside the keypoint MLP). Where the native core is built (fp32), by default the native stage
+  (``ops.LowResStage``) runs the keypoint MLP and every block and ``ops.heads`` the last up-sampling
+  convolution with the heads, so no onnxruntime graph runs per frame (``NATIVE_BLOCKS_MAX_SIZE``). With
+  fewer ``native_blocks``, one graph per remaining block is given its own session (counted as avatar
+  creation), joined by ``ops.depth_to_space_box``; without the native core, one graph does everything.
 * ``"generic"``: one session over the exported graph whose inputs include the per-identity parameters
   (the graph TensorRT builds from), shared by all avatars; several avatars run in one batch.
 
