@@ -93,6 +93,15 @@ def use_native_blocks(requested: int | None, native_heads: bool, weights, max_in
     return requested
 
 
+def describe_native_passes(native_heads: bool, native_blocks: int, num_blocks: int) -> str:
+    """The part of a folded-graph backend's description that names its native passes."""
+    text = ", native heads" if native_heads else ""
+    if native_blocks:
+        text += f", native MLP and {native_blocks} blocks"
+        text += " (no graph per frame)" if native_blocks == num_blocks else ""
+    return text
+
+
 def split_outputs(outputs: FrameOutputs, sizes: Sequence[int]) -> list[FrameOutputs]:
     """Cut a batched FrameOutputs into consecutive groups of ``sizes`` frames (views, no copies)."""
     result, start = [], 0

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailableError, EngineError
-from .base import FrameBackend, FrameOutputs, PreparedAvatar, use_native_blocks, use_native_heads
+from .base import FrameBackend, FrameOutputs, PreparedAvatar, describe_native_passes, use_native_blocks, use_native_heads
 from .frame_graph import (HEAD_CHANNELS, KEYPOINTS_INPUT, OUTPUT_NAMES, SKIP_OUTPUT, STAGE_INPUT, UPSAMPLE_INPUT,
                           FrameWeights, build_folded_frame)
 
@@ -238,9 +238,8 @@ class MnnBackend(FrameBackend):
         self.native_blocks = use_native_blocks(native_blocks, self.native_heads, self.weights, NATIVE_BLOCKS_MAX_SIZE)
 
     def describe(self) -> str:
-        heads = ", native heads" if self.native_heads else ""
-        blocks = f", native MLP and {self.native_blocks} blocks" if self.native_blocks else ""
-        return f"mnn on cpu (folded graph{heads}{blocks}, fp32, {self.num_threads} threads)"
+        native = describe_native_passes(self.native_heads, self.native_blocks, len(self.weights.blocks))
+        return f"mnn on cpu (folded graph{native}, fp32, {self.num_threads} threads)"
 
     def prepare(self, avatar) -> PreparedAvatar:
         texture = avatar.texture.detach().float().numpy()

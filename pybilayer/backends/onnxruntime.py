@@ -26,7 +26,8 @@ import numpy as np
 
 from .. import ops
 from ..errors import BackendUnavailableError
-from .base import FrameBackend, FrameOutputs, PreparedAvatar, split_outputs, use_native_blocks, use_native_heads
+from .base import (FrameBackend, FrameOutputs, PreparedAvatar, describe_native_passes, split_outputs,
+                   use_native_blocks, use_native_heads)
 from .frame_graph import (KEYPOINTS_INPUT, OUTPUT_NAMES, PHASES_OUTPUT, SKIP_OUTPUT, STAGE_INPUT, UPSAMPLE_INPUT,
                           FrameWeights, build_folded_frame, build_generic_graph)
 from .int8 import calibration_keypoints, quantize_folded_graph
@@ -120,9 +121,8 @@ class OnnxRuntimeBackend(FrameBackend):
                               if folded_fp32 else 0)
 
     def describe(self) -> str:
-        heads = ", native heads" if self.native_heads else ""
-        blocks = f", native MLP and {self.native_blocks} blocks" if self.native_blocks else ""
-        return (f"onnxruntime on cpu ({self.graph} graph{heads}{blocks}, {self.precision}, "
+        native = describe_native_passes(self.native_heads, self.native_blocks, len(self.weights.blocks))
+        return (f"onnxruntime on cpu ({self.graph} graph{native}, {self.precision}, "
                 f"{self.threads or 'default'} threads)")
 
     def prepare(self, avatar) -> PreparedAvatar:
