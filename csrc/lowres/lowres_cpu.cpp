@@ -450,12 +450,26 @@ PYBILAYER_INLINE void winograd_output_tiles(const WinogradOutput& p, int64_t beg
   }
 }
 
-void winograd_input_portable(const WinogradInput& p, int64_t begin, int64_t end) { winograd_input_tiles<Scalar>(p, begin, end); }
-void winograd_output_portable(const WinogradOutput& p, int64_t begin, int64_t end) { winograd_output_tiles<Scalar>(p, begin, end); }
 #ifdef PYBILAYER_X86_AVX2
 PYBILAYER_AVX2 void winograd_input_avx2(const WinogradInput& p, int64_t begin, int64_t end) { winograd_input_tiles<Vector8>(p, begin, end); }
 PYBILAYER_AVX2 void winograd_output_avx2(const WinogradOutput& p, int64_t begin, int64_t end) { winograd_output_tiles<Vector8>(p, begin, end); }
 #endif
+
+void winograd_input(const WinogradInput& p, int64_t begin, int64_t end, bool avx2) {
+#ifdef PYBILAYER_X86_AVX2
+  if (avx2) return winograd_input_avx2(p, begin, end);
+#endif
+  (void)avx2;
+  winograd_input_tiles<Scalar>(p, begin, end);
+}
+
+void winograd_output(const WinogradOutput& p, int64_t begin, int64_t end, bool avx2) {
+#ifdef PYBILAYER_X86_AVX2
+  if (avx2) return winograd_output_avx2(p, begin, end);
+#endif
+  (void)avx2;
+  winograd_output_tiles<Scalar>(p, begin, end);
+}
 
 // ------------------------------------------------------------------ channels-last -> planes
 
@@ -795,65 +809,39 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
     std::vector<ConvJob> skip_job;
     if (b.heads_inputs)
       skip_job.push_back({&b.skip, {hx.data + hx.row + hx.pixel + cp, hx.pixel, hx.row}, {b.skip_map.data(), cp, s * cp}, s, s});
-    if (b.winograd && b.points_in.empty()) {
+    // The products of `count` tiles' points: one 1x1 convolution per point, [point][tile][channels] buffers.
+    const auto products = [&](float* points_in, float* points_out, int64_t count) {
+      std::vector<ConvJob> jobs;
+      for (int k = 0; k < kPoints; ++k)
+        jobs.push_back({&b.conv1_points[k], {points_in + k * count * b.in_channels, b.in_channels, 0},
+                        {points_out + k * count * cp, cp, 0}, 1, count});
+      return jobs;
+    };
+    if (b.winograd) {
       const int64_t per_row = s / kTile, tiles = per_row * per_row;
       int64_t begin, end;
       share(tiles, &begin, &end);
-      float* points_in = scratch[worker].data();
-      float* points_out = points_in + kPoints * kChunkTiles * b.in_channels;
-      for (int64_t first = begin; first < end; first += kChunkTiles) {
-        const int64_t count = std::min(kChunkTiles, end - first);
-        const WinogradInput input{t, points_in, per_row, b.in_channels, first, count};
-        const WinogradOutput output{points_out, b.conv1.bias.data(), h_out, per_row, cp, first, count};
-        std::vector<ConvJob> products;
-        products.reserve(kPoints);
-        int64_t items = 0;
-        for (int k = 0; k < kPoints; ++k) {
-          const MapView in{points_in + k * count * b.in_channels, b.in_channels, 0};
-          const MapView to{points_out + k * count * cp, cp, 0};
-          products.push_back({&b.conv1_points[k], in, to, 1, count});
-          items += products.back().items();
+      if (b.points_in.empty()) {  // chunks of this worker's tiles, in its scratch
+        float* points_in = scratch[worker].data();
+        float* points_out = points_in + kPoints * kChunkTiles * b.in_channels;
+        for (int64_t first = begin; first < end; first += kChunkTiles) {
+          const int64_t count = std::min(kChunkTiles, end - first);
+          const std::vector<ConvJob> jobs = products(points_in, points_out, count);
+          winograd_input({t, points_in, per_row, b.in_channels, first, count}, first, first + count, avx2);
+          run_items(jobs, 0, static_cast<int64_t>(jobs.size()) * jobs[0].items(), avx2);
+          winograd_output({points_out, b.conv1.bias.data(), h_out, per_row, cp, first, count}, first, first + count,
+                          avx2);
         }
-#ifdef PYBILAYER_X86_AVX2
-        if (avx2) {
-          winograd_input_avx2(input, first, first + count);
-          run_items(products, 0, items, true);
-          winograd_output_avx2(output, first, first + count);
-          continue;
-        }
-#endif
-        winograd_input_portable(input, first, first + count);
-        run_items(products, 0, items, false);
-        winograd_output_portable(output, first, first + count);
+        convolve(skip_job);
+      } else {  // passes over the whole map's points
+        winograd_input({t, b.points_in.data(), per_row, b.in_channels, 0, tiles}, begin, end, avx2);
+        barrier.wait();
+        std::vector<ConvJob> jobs = products(b.points_in.data(), b.points_out.data(), tiles);
+        jobs.insert(jobs.end(), skip_job.begin(), skip_job.end());
+        convolve(jobs);
+        winograd_output({b.points_out.data(), b.conv1.bias.data(), h_out, per_row, cp, 0, tiles}, begin, end, avx2);
+        barrier.wait();
       }
-      convolve(skip_job);
-    } else if (b.winograd) {
-      const int64_t per_row = s / kTile, tiles = per_row * per_row;
-      int64_t begin, end;
-      share(tiles, &begin, &end);
-      const WinogradInput input{t, b.points_in.data(), per_row, b.in_channels, 0, tiles};
-#ifdef PYBILAYER_X86_AVX2
-      if (avx2)
-        winograd_input_avx2(input, begin, end);
-      else
-#endif
-        winograd_input_portable(input, begin, end);
-      barrier.wait();
-      std::vector<ConvJob> products = skip_job;
-      for (int k = 0; k < kPoints; ++k) {
-        const MapView in{b.points_in.data() + k * tiles * b.in_channels, b.in_channels, 0};
-        const MapView to{b.points_out.data() + k * tiles * cp, cp, 0};
-        products.push_back({&b.conv1_points[k], in, to, 1, tiles});
-      }
-      convolve(products);
-      const WinogradOutput output{b.points_out.data(), b.conv1.bias.data(), h_out, per_row, cp, 0, tiles};
-#ifdef PYBILAYER_X86_AVX2
-      if (avx2)
-        winograd_output_avx2(output, begin, end);
-      else
-#endif
-        winograd_output_portable(output, begin, end);
-      barrier.wait();
     } else {
       skip_job.push_back({&b.conv1, t, h_out, s, s});
       convolve(skip_job);
