@@ -91,7 +91,7 @@ void run_stage(LowResStage& stage, py::handle features, py::handle out, py::hand
 
 void register_lowres(py::module_& m) {
   py::class_<LowResStage>(m, "LowResStage", R"pbdoc(
-The per-frame network's keypoint MLP and first up-sampling blocks on the CPU, one avatar folded in (see
+The per-frame network's keypoint MLP and up-sampling blocks on the CPU, one avatar folded in (see
 pybilayer.ops.LowResStage for the convention). Built from ``mlp`` [(weight (out, in), bias), ...],
 ``blocks`` [dict(scale, shift, slope, conv1_weight, conv1_bias, conv2_weight, conv2_bias, skip_weight,
 skip_bias), ...] and the first block's ``input_size``; host float32 C-contiguous arrays, copied. conv1 runs as

@@ -12,9 +12,11 @@ Two graph modes (see ``frame_graph``):
 * ``"generic"``: one session over the exported graph whose inputs include the per-identity parameters
   (the graph TensorRT builds from), shared by all avatars; several avatars run in one batch.
 
-Cost of "folded" per avatar (released size): ~0.2 s to fold plus the session creation, and ~100-120 MiB
-of resident memory (ORT keeps the weights in its blocked NCHWc layout, prepacked). For more than a
-handful of live avatars use "generic" (~1 MiB per avatar, one session).
+Cost of "folded" per avatar (released size): with the native stage for every block, ~0.1-0.2 s to fold and
+pack, and ~75 MiB of resident memory (the stage's packed and Winograd-transformed weights and its maps:
+measured +69 and +145 MiB for two and three more live avatars); with onnxruntime sessions, ~100-120 MiB
+(ORT keeps the weights in its blocked NCHWc layout, prepacked). For more than a handful of live avatars
+use "generic" (~1 MiB per avatar, one session).
 """
 
 from __future__ import annotations
