@@ -79,14 +79,13 @@ def kernel_rows(channels: int, low_size: int, threads: list[int], min_time_s: fl
 
 
 def stage_rows(model: Bilayer, threads: list[int], min_time_s: float) -> list[dict]:
-    from pybilayer.backends.frame_graph import FrameWeights, default_native_blocks, folded_low_res_stage, mlp_features
-    from pybilayer.backends.onnxruntime import NATIVE_BLOCKS_MAX_SIZE
+    from pybilayer.backends.frame_graph import FrameWeights, folded_low_res_stage, mlp_features
 
     weights = FrameWeights.from_model(model)
     embeds = [torch.randn(1, c, 8, 8) for c in model.config.embedding_channels()]
     with torch.no_grad():
         params = model.inference_generator.project(embeds)
-    blocks = default_native_blocks(weights, NATIVE_BLOCKS_MAX_SIZE)  # the backends' stage: every block
+    blocks = len(weights.blocks)  # the backends' stage: every block
     low_res = folded_low_res_stage(weights, {k: v.numpy() for k, v in params.flatten().items()}, blocks)
     stage = low_res.stage().kernel
     features = mlp_features(weights.frequencies, np.random.default_rng(0).uniform(-0.8, 0.8, (1, 68, 2)))

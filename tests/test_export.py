@@ -222,23 +222,22 @@ def tiny_harmonic():
 
 
 @pytest.mark.skipif(not native.capabilities().native, reason=str(native.capabilities().native_reason))
-@pytest.mark.parametrize("which, per_block, max_input_size", [
-    ("tiny", False, 8), ("tiny", True, 8), ("tiny", True, None), ("tiny_harmonic", False, 8),
-    ("full", False, 8), ("full", True, 8), ("full", False, None)])
-def test_native_stage_then_graphs_match_reference(which, per_block, max_input_size, request):
-    """The native stage (keypoint MLP and the first blocks: mnn's default, 4 and 8 px; or onnxruntime's, every
-    block, conv1 as Winograd from 16 px, and no graph) and the graphs from there on, with the norm1 edge cases
-    inside the stage and at its boundary."""
+@pytest.mark.parametrize("which, per_block, every_block", [
+    ("tiny", False, False), ("tiny", True, False), ("tiny", True, True), ("tiny_harmonic", False, False),
+    ("full", False, False), ("full", True, False), ("full", False, True)])
+def test_native_stage_then_graphs_match_reference(which, per_block, every_block, request):
+    """The native stage (keypoint MLP and the 4 and 8 px blocks; or the backends' default, every block, conv1
+    as Winograd from 8 px, and no graph) and the graphs from there on, with the norm1 edge cases inside the
+    stage and at its boundary."""
     from pybilayer import ops
-    from pybilayer.backends.frame_graph import STAGE_INPUT, build_folded_frame, default_native_blocks
+    from pybilayer.backends.frame_graph import STAGE_INPUT, build_folded_frame
 
     model = request.getfixturevalue(which)
     weights = FrameWeights.from_model(model)
     params = _with_edge_cases(_params(model, 1))
     flat = {k: v.numpy() for k, v in params.flatten().items()}
-    native_blocks = default_native_blocks(weights, max_input_size)
-    every_block = max_input_size is None
-    assert native_blocks == (len(weights.blocks) if every_block else 2)  # inputs of 4 and 8 px
+    assert weights.input_size == 4  # blocks 0 and 1 take inputs of 4 and 8 px, in both sizes
+    native_blocks = len(weights.blocks) if every_block else 2
     frame = build_folded_frame(weights, flat, native_heads=True, per_block=per_block, native_blocks=native_blocks)
     assert len(frame.graphs) == (0 if every_block else len(weights.blocks) - native_blocks if per_block else 1)
     keypoints = _keypoints(model, 3, seed=4)

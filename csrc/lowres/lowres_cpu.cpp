@@ -289,9 +289,9 @@ PYBILAYER_AVX2 void box_avx2(const float* const at[4], int64_t channels, float* 
 // 144 direct) between transforms of the tile's 6x6 input window and of its 6x6 products (Lavin & Gray,
 // "Fast Algorithms for Convolutional Neural Networks", 2016; interpolation points 0, +-1, +-2, infinity).
 // The products are 36 independent 1x1 convolutions over the tiles, run by the step above. The transforms
-// are written once, on W lanes of consecutive channels, and left to the compiler to vectorise: the AVX2
-// path instantiates them inside AVX2 functions. Additions and constant multiplications only, no fused
-// multiply-adds (-ffp-contract=off), so both paths transform to the same bits.
+// are written once over a lane type (`Lanes`: one float, or 8 channels in one AVX register). Additions and
+// constant multiplications only, no fused multiply-adds (-ffp-contract=off), so both paths transform to
+// the same bits.
 
 constexpr int kTile = 4, kWindow = 6, kPoints = kWindow * kWindow;
 

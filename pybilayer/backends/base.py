@@ -75,16 +75,20 @@ def use_native_heads(requested: bool | None) -> bool:
     return requested
 
 
-def use_native_blocks(requested: int | None, native_heads: bool, weights, max_input_size: int | None) -> int:
+# By default the native stage runs the keypoint MLP and every block, and no graph runs per frame: whole frames
+# timed in turns on the 2-core AVX2 machine (released size, busy host), the stage through the 8 px block with
+# the graph after it against the stage for every block: onnxruntime p50 42.0 -> 29.6 ms (minimum 35.8 ->
+# 22.3), mnn p50 26.1 -> 24.7 ms (minimum 21.4 -> 19.7). The stage through block 1 / 2 / 3 / 4 with
+# onnxruntime for the rest: p50 42.0 / 40.0 / 36.8 / 34.8 ms (Winograd conv1 from 16 px, before its chunks).
+# Before the stage's Winograd conv1, chunks and shares by multiply-adds, MNN was faster from 16 px.
+def use_native_blocks(requested: int | None, native_heads: bool, weights) -> int:
     """How many leading blocks (with the keypoint MLP) a folded-graph backend runs in the native stage
-    (``ops.LowResStage``): ``requested``, or with None those with inputs of at most the backend's
-    ``max_input_size`` (``frame_graph.default_native_blocks``) where the native heads run (0 elsewhere).
-    0 keeps the whole network in the graph; every block leaves no graph (the stage feeds the heads)."""
-    from .frame_graph import default_native_blocks
-
-    if requested is None:
-        return default_native_blocks(weights, max_input_size) if native_heads else 0
+    (``ops.LowResStage``): ``requested``, or with None every block where the native heads run (0
+    elsewhere). 0 keeps the whole network in the graph; every block leaves no graph (the stage feeds the
+    heads)."""
     n = len(weights.blocks)
+    if requested is None:
+        return n if native_heads else 0
     if not isinstance(requested, int) or isinstance(requested, bool) or not 0 <= requested <= n:
         raise ValueError(f"native_blocks must be None or an int in [0, {n}], got {requested!r}")
     if requested and not native_heads:

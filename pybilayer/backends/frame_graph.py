@@ -39,8 +39,7 @@ Two graphs come from the same weights (`FrameWeights`, read once from a Bilayer)
   the stage stops where the native heads take over and no graph is left. Graph runtimes run the small,
   wide maps of the first blocks far below the CPU's multiply-add rate (in turns, whole frames, the stage
   for the 4-8 px blocks: mnn 22.8 -> 22.3 ms, onnxruntime 34.2 -> 33.2 ms); with conv1 as Winograd and
-  its passes shared by multiply-adds, the stage for every block beat both (``NATIVE_BLOCKS_MAX_SIZE`` in
-  each backend).
+  its passes shared by multiply-adds, the stage for every block beat both (``base.use_native_blocks``).
 
 Graph I/O (both, whole): input ``keypoints`` (N, 68, 2) float32 in [-1, 1] crop coordinates; outputs
 ``delta_uv`` (N, 2, S, S), ``lf`` (N, 3, S, S), ``mask_logits`` (N, 1, S, S), float32. Only the batch
@@ -582,15 +581,6 @@ def folded_low_res_stage(weights: FrameWeights, flat_params: dict[str, np.ndarra
 # 19.7 ms (minimum of 60) from 16 px than with direct convolutions; the whole stage from 8 px against from
 # 16 px, minimum and p50 faster in four runs of five (by 0.4-0.9 ms), 300 calls each (from 32 px: slower, once).
 WINOGRAD_MIN_SIZE = 8
-
-
-def default_native_blocks(weights: FrameWeights, max_input_size: int | None) -> int:
-    """How many leading blocks the native stage runs by default: those with inputs of at most
-    ``max_input_size`` px (None: every block, and no graph)."""
-    n = len(weights.blocks)
-    if max_input_size is None:
-        return n
-    return sum(1 for j in range(n) if weights.input_size * 2 ** j <= max_input_size)
 
 
 class FoldedFrame(NamedTuple):

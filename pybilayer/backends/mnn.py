@@ -3,7 +3,7 @@
 Where the native core is built, by default the native stage ``ops.LowResStage`` runs the keypoint MLP and
 every block of each avatar's folded network (``frame_graph.folded_low_res_stage``, conv1 as Winograd) and
 ``ops.heads`` the last up-sampling convolution and the heads, as in the onnxruntime backend: measured
-faster than MNN's graph for the blocks from 16 px (see ``NATIVE_BLOCKS_MAX_SIZE``). With ``native_blocks``
+faster than MNN's graph for the blocks from 16 px (see ``base.use_native_blocks``). With ``native_blocks``
 < the number of blocks (or without the native core) the avatar's parameters are folded into an ONNX graph
 (``frame_graph.build_folded_frame``) for the blocks after the stage, MNN's converter turns it into an MNN
 model, and MNN loads it as a module of its own; MNN runs the 3x3 convolutions with Winograd kernels.
@@ -202,15 +202,6 @@ def run_module(module, inputs: list[np.ndarray], copy: bool = True) -> list[np.n
     return [np.array(F.convert(var, F.NCHW).read(), dtype=np.float32, copy=copy) for var in outputs]
 
 
-# By default the native stage runs the keypoint MLP and every block (None: no size limit), so that no MNN graph
-# runs per frame. Whole frames in turns on the 2-core AVX2 machine (released size, busy host), the stage
-# through the 8 px block and MNN from 16 px against the stage for every block: p50 26.1 / 24.7 ms (minimum
-# 21.4 / 19.7) once the stage shared its passes by multiply-adds and chunked its Winograd at 64-128 px; before
-# that, no clear winner. Measured per block against MNN's forward: the MLP with the 4 px block 0.4-0.5 against
-# ~1.2 ms, the 8 px block ~1.1 against ~1.35 ms.
-NATIVE_BLOCKS_MAX_SIZE = None
-
-
 class MnnBackend(FrameBackend):
     """Per-frame network in MNN on the CPU, one module per avatar. ``threads``: MNN's and the native passes'
     threads per frame (None: ``os.cpu_count()``). ``native_heads``: finish each frame with the native heads
@@ -235,7 +226,7 @@ class MnnBackend(FrameBackend):
         self.image_size = self.weights.image_size
         self._runtime = create_runtime(self.num_threads)
         self.native_heads = use_native_heads(native_heads)
-        self.native_blocks = use_native_blocks(native_blocks, self.native_heads, self.weights, NATIVE_BLOCKS_MAX_SIZE)
+        self.native_blocks = use_native_blocks(native_blocks, self.native_heads, self.weights)
 
     def describe(self) -> str:
         native = describe_native_passes(self.native_heads, self.native_blocks, len(self.weights.blocks))

@@ -6,7 +6,7 @@ Two graph modes (see ``frame_graph``):
   the convolutions, up-sampling convolutions at the low resolution, skips there too, the first norm and
   skip inside the keypoint MLP). Where the native core is built (fp32), by default the native stage
   (``ops.LowResStage``) runs the keypoint MLP and every block and ``ops.heads`` the last up-sampling
-  convolution with the heads, so no onnxruntime graph runs per frame (``NATIVE_BLOCKS_MAX_SIZE``). With
+  convolution with the heads, so no onnxruntime graph runs per frame (``base.use_native_blocks``). With
   fewer ``native_blocks``, one graph per remaining block is given its own session (counted as avatar
   creation), joined by ``ops.depth_to_space_box``; without the native core, one graph does everything.
 * ``"generic"``: one session over the exported graph whose inputs include the per-identity parameters
@@ -72,14 +72,6 @@ def create_session(model_proto, threads: int | None):
                                 providers=["CPUExecutionProvider"])
 
 
-# By default the native stage runs the keypoint MLP and every block (None: no size limit), so that no graph runs
-# per frame. Whole frames in turns on the 2-core AVX2 machine (released size, Winograd conv1 in the stage from
-# 16 px), on a busy host: stage through block 1 / 2 / 3 / 4 with onnxruntime for the rest, p50 42.0 / 40.0 /
-# 36.8 / 34.8 ms (minimum 35.8 / 34.1 / 30.0 / 29.9); through block 4 against every block, p50 31.8 / 29.6 ms
-# (minimum 24.3 / 22.3).
-NATIVE_BLOCKS_MAX_SIZE = None
-
-
 class OnnxRuntimeBackend(FrameBackend):
     """Per-frame network in onnxruntime on the CPU. ``threads``: intra-op threads (None: ORT's default).
 
@@ -119,8 +111,7 @@ class OnnxRuntimeBackend(FrameBackend):
         folded_fp32 = graph == "folded" and precision == "fp32"
         if native_blocks and not folded_fp32:
             raise ValueError("native_blocks needs graph='folded' and precision='fp32'")
-        self.native_blocks = (use_native_blocks(native_blocks, self.native_heads, self.weights, NATIVE_BLOCKS_MAX_SIZE)
-                              if folded_fp32 else 0)
+        self.native_blocks = use_native_blocks(native_blocks, self.native_heads, self.weights) if folded_fp32 else 0
 
     def describe(self) -> str:
         native = describe_native_passes(self.native_heads, self.native_blocks, len(self.weights.blocks))
