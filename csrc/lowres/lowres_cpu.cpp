@@ -806,9 +806,9 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
     MapView t = t_map(b), hx = hx_map(b), v = v_map(b);
     // conv1 into HX's first C' channels, at (y+1, x+1); with heads_inputs the skip beside it (it reads x)
     const MapView h_out{hx.data + hx.row + hx.pixel, hx.pixel, hx.row};
-    std::vector<ConvJob> skip_job;
+    std::vector<ConvJob> skip_jobs;  // the heads inputs' skip, run in conv1's pass
     if (b.heads_inputs)
-      skip_job.push_back({&b.skip, {hx.data + hx.row + hx.pixel + cp, hx.pixel, hx.row}, {b.skip_map.data(), cp, s * cp}, s, s});
+      skip_jobs.push_back({&b.skip, {hx.data + hx.row + hx.pixel + cp, hx.pixel, hx.row}, {b.skip_map.data(), cp, s * cp}, s, s});
     // The products of `count` tiles' points: one 1x1 convolution per point, [point][tile][channels] buffers.
     const auto products = [&](float* points_in, float* points_out, int64_t count) {
       std::vector<ConvJob> jobs;
@@ -832,19 +832,20 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
           winograd_output({points_out, b.conv1.bias.data(), h_out, per_row, cp, first, count}, first, first + count,
                           avx2);
         }
-        convolve(skip_job);
+        convolve(skip_jobs);  // also the pass's barrier when there is no skip
       } else {  // passes over the whole map's points
         winograd_input({t, b.points_in.data(), per_row, b.in_channels, 0, tiles}, begin, end, avx2);
         barrier.wait();
         std::vector<ConvJob> jobs = products(b.points_in.data(), b.points_out.data(), tiles);
-        jobs.insert(jobs.end(), skip_job.begin(), skip_job.end());
+        jobs.insert(jobs.end(), skip_jobs.begin(), skip_jobs.end());
         convolve(jobs);
         winograd_output({b.points_out.data(), b.conv1.bias.data(), h_out, per_row, cp, 0, tiles}, begin, end, avx2);
         barrier.wait();
       }
     } else {
-      skip_job.push_back({&b.conv1, t, h_out, s, s});
-      convolve(skip_job);
+      std::vector<ConvJob> jobs = skip_jobs;
+      jobs.push_back({&b.conv1, t, h_out, s, s});
+      convolve(jobs);
     }
     if (b.heads_inputs) {  // h and the skip, channels-last -> NCHW
       int64_t begin, end;
