@@ -61,7 +61,8 @@ struct HeadsParams {
 };
 
 // `num_threads` <= 0 uses every core (small frames use fewer). `vectorized` = false forces the portable
-// code path, which the AVX2+FMA one matches within float rounding (tests run both).
+// code path (direct convolution); the AVX2+FMA one (Winograd along rows) matches it within float rounding
+// (tests run both).
 void heads_cpu(const HeadsParams& params, int num_threads, bool vectorized = true);
 
 struct BlockOutputParams {

@@ -1,10 +1,10 @@
 // The fused heads and the block output (depth-to-space + box sum) on the CPU (convention in heads.h).
 //
-// Work is split into output rows. A worker keeps, per channel, the box-filtered rows of V it needs
-// (R(m)[x] = V[m][x+1] + V[m][x+2], so x = R(y+1) + R(y+2) and each row of the tap groups is used once)
-// and, for the heads, a ring of three activation rows t(y-1), t(y), t(y+1) with a zero column on each
-// side. The heads read only that ring, which stays in L2 (C = 32, S = 256: 170 KiB with the box rows),
-// instead of the full-resolution activation that a graph would write out and read back.
+// Work is split into bands of 4 output rows. A worker keeps, per channel, the box-filtered rows of V it
+// needs (R(m)[x] = V[m][x+1] + V[m][x+2], so x = R(y+1) + R(y+2) and each row of the tap groups is used
+// once) and, for the heads, a ring of the six activation rows t(y0-1) .. t(y0+4) that band y0 reads, with
+// a zero column on each side. The heads read only that ring (C = 32, S = 256: 210 KiB), instead of the
+// full-resolution activation that a graph would write out and read back.
 //
 // Tap groups given as an UpsampleConv are computed a row at a time (GroupRows): row g of the groups of
 // one row parity needs input rows g-1 and g only, kept zero-padded per worker. The AVX2 version computes
@@ -13,10 +13,13 @@
 // U[k] + T[k+1] afterwards, so every accumulator takes one multiply-add per input channel (no chain of
 // two dependent ones) and each step loads one input vector per 16 pixels' half.
 //
-// Each row kernel has an AVX2+FMA version (the heads: 16 pixels x 6 outputs per step in 12 registers,
-// pixels along the vector, weights broadcast) and a portable one (plain loops), picked at run time. Both
-// round the box sum and the activation identically; the heads' sums (fused multiply-adds or not) and
-// tanh differ by float rounding only.
+// Each row kernel has an AVX2+FMA version and a portable one (plain loops), picked at run time. The AVX2
+// heads compute a band's 3x3 convolution as Winograd F(4, 3) along y (half the multiply-adds of a direct
+// one; 16 pixels x 6 outputs per step in 12 registers, pixels along the vector, weights broadcast), the
+// portable heads directly, a row at a time. Both round the box sum and the activation identically; the
+// heads differ by float rounding (up to ~3e-6 of the heads' magnitude) and a NaN reaches the rest of its
+// band in the Winograd path.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <utility>
@@ -25,6 +28,7 @@
 
 #include "../cpu_features.h"
 #include "../parallel.h"
+#include "../winograd.h"
 #include "heads.h"
 
 namespace pybilayer {
@@ -118,27 +122,41 @@ GroupsShape shape_of(const TapGroups& groups) {
   return {c.batch, c.channels, c.low_size};
 }
 
-// An UpsampleConv's weights in the order the AVX2 group rows read them: per kernel row ky, output channel
-// pair and input channel, {w[ky][1], w[ky][0], w[ky][2]} of the pair's first channel, then of its second
-// (zeros for the missing second channel of an odd C). Built once per call, shared by the workers.
+// Kernel rows of the packed weights below: w[0], w[1], w[2], then w[0] + w[2] and -w[0] for the odd rows'
+// pairs (GroupRows::compute_pair).
+constexpr int64_t kPackedKernelRows = 5, kSharedRow = 3, kFirstRow = 4;
+
+// An UpsampleConv's weights in the order the AVX2 group rows read them: per kernel row (kPackedKernelRows),
+// output channel pair and input channel, {w[1], w[0], w[2]} of the row for the pair's first channel, then
+// for its second (zeros for the missing second channel of an odd C). Built once per call, shared by the
+// workers.
 std::vector<float> pack_upsample_weights(const UpsampleConv& conv) {
   const int64_t C = conv.channels, Cin = conv.in_channels, pairs = (C + 1) / 2;
-  std::vector<float> packed(3 * pairs * Cin * 6, 0.f);
-  for (int64_t ky = 0; ky < 3; ++ky)
+  std::vector<float> packed(kPackedKernelRows * pairs * Cin * 6, 0.f);
+  for (int64_t row = 0; row < kPackedKernelRows; ++row)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t ci = 0; ci < Cin; ++ci) {
-        const float* w = conv.weight + ((c * Cin + ci) * 3 + ky) * 3;
-        float* out = packed.data() + ((ky * pairs + c / 2) * Cin + ci) * 6 + (c % 2) * 3;
-        out[0] = w[1], out[1] = w[0], out[2] = w[2];
+        const float* w = conv.weight + (c * Cin + ci) * 9;
+        float tap[3];
+        for (int kx = 0; kx < 3; ++kx)
+          tap[kx] = row < 3 ? w[row * 3 + kx] : row == kSharedRow ? w[kx] + w[6 + kx] : -w[kx];
+        float* out = packed.data() + ((row * pairs + c / 2) * Cin + ci) * 6 + (c % 2) * 3;
+        out[0] = tap[1], out[1] = tap[0], out[2] = tap[2];
       }
   return packed;
 }
 
 // One kernel row's contribution to a row of tap groups: input row (zero-padded, channel 0; channel ci at
-// + ci * stride) and its weights (kernel row ky of `pack_upsample_weights`, or of conv.weight).
+// + ci * stride) and its weights (row `ky` of `pack_upsample_weights`, or of conv.weight).
 struct GroupTap {
   const float* row;
   int64_t ky;
+};
+
+// A row of the even-column group (E) and of the odd-column group's two parts (U, T: file comment), channel
+// c at + c * width.
+struct GroupRowSet {
+  std::vector<float> even, odd, odd_shift;
 };
 
 #ifdef PYBILAYER_X86_AVX2
@@ -150,21 +168,42 @@ PYBILAYER_AVX2 inline void accumulate_columns_avx2(float weight, __m256 a, __m25
   if (NV == 2) into_b = _mm256_fmadd_ps(b, x, into_b);
 }
 
-// Columns [k, k + 8 NV), NV = 1 or 2, of the group rows of output channels c0 = 2 * pair and c0 + 1:
-// even-column group E, and U, T of the odd-column group (file comment). `init` (or null): E's starting
-// values, channel c0's row (c0 + 1 at + init_stride). Padded index k holds input column k - 1. Named
-// accumulators, not arrays: GCC kept arrays of them in memory, storing all twelve in every step.
+// Where a group_columns_avx2 step starts and ends: its accumulators start from `init` (E's starting values,
+// or null for zeros) or, with `accumulate`, from the rows of `out`; the sums go to `out` and, where set, to
+// `also` too. Row pointers at channel c0 = 2 * pair; channel c0 + 1 at + width.
+struct GroupStep {
+  const float* init;
+  bool accumulate;
+  float *even, *odd, *odd_shift;
+  float *also_even, *also_odd, *also_odd_shift;
+  int64_t width;
+};
+
+PYBILAYER_AVX2 inline __m256 load_or(const float* p, bool load, __m256 otherwise) {
+  return load ? _mm256_loadu_ps(p) : otherwise;
+}
+
+// Columns [k, k + 8 NV), NV = 1 or 2, of the group rows E, U, T of output channels c0 = 2 * pair and c0 + 1.
+// Padded index k holds input column k - 1. Named accumulators, not arrays: GCC kept arrays of them in
+// memory, storing all twelve in every step.
 template <int NV>
 PYBILAYER_AVX2 inline void group_columns_avx2(const GroupTap* taps, int ntaps, const float* packed, int64_t pairs,
                                               int64_t pair, int64_t cin, int64_t stride, int64_t k,
-                                              const float* init, int64_t init_stride, float* e0, float* u0,
-                                              float* t0, float* e1, float* u1, float* t1) {
+                                              const GroupStep& step) {
   static_assert(NV == 1 || NV == 2, "one or two vectors of pixels");
   const __m256 zero = _mm256_setzero_ps();
-  __m256 e0a = init ? _mm256_loadu_ps(init + k) : zero, e1a = init ? _mm256_loadu_ps(init + init_stride + k) : zero;
-  __m256 e0b = zero, e1b = zero;
-  if (NV == 2 && init) e0b = _mm256_loadu_ps(init + k + 8), e1b = _mm256_loadu_ps(init + init_stride + k + 8);
-  __m256 u0a = zero, u0b = zero, t0a = zero, t0b = zero, u1a = zero, u1b = zero, t1a = zero, t1b = zero;
+  const int64_t W = step.width;
+  const float* e_from = step.accumulate ? step.even : step.init;
+  const bool e_load = e_from != nullptr, ut_load = step.accumulate;
+  __m256 e0a = load_or(e_from + k, e_load, zero), e1a = load_or(e_from + W + k, e_load, zero);
+  __m256 u0a = load_or(step.odd + k, ut_load, zero), u1a = load_or(step.odd + W + k, ut_load, zero);
+  __m256 t0a = load_or(step.odd_shift + k, ut_load, zero), t1a = load_or(step.odd_shift + W + k, ut_load, zero);
+  __m256 e0b = zero, e1b = zero, u0b = zero, u1b = zero, t0b = zero, t1b = zero;
+  if (NV == 2) {
+    e0b = load_or(e_from + k + 8, e_load, zero), e1b = load_or(e_from + W + k + 8, e_load, zero);
+    u0b = load_or(step.odd + k + 8, ut_load, zero), u1b = load_or(step.odd + W + k + 8, ut_load, zero);
+    t0b = load_or(step.odd_shift + k + 8, ut_load, zero), t1b = load_or(step.odd_shift + W + k + 8, ut_load, zero);
+  }
   for (int t = 0; t < ntaps; ++t) {
     const float* in = taps[t].row + k;
     const float* w = packed + (taps[t].ky * pairs + pair) * cin * 6;
@@ -178,11 +217,15 @@ PYBILAYER_AVX2 inline void group_columns_avx2(const GroupTap* taps, int ntaps, c
       accumulate_columns_avx2<NV>(w[5], a, b, t1a, t1b);
     }
   }
-  _mm256_storeu_ps(e0 + k, e0a), _mm256_storeu_ps(u0 + k, u0a), _mm256_storeu_ps(t0 + k, t0a);
-  _mm256_storeu_ps(e1 + k, e1a), _mm256_storeu_ps(u1 + k, u1a), _mm256_storeu_ps(t1 + k, t1a);
-  if (NV == 2) {
-    _mm256_storeu_ps(e0 + k + 8, e0b), _mm256_storeu_ps(u0 + k + 8, u0b), _mm256_storeu_ps(t0 + k + 8, t0b);
-    _mm256_storeu_ps(e1 + k + 8, e1b), _mm256_storeu_ps(u1 + k + 8, u1b), _mm256_storeu_ps(t1 + k + 8, t1b);
+  for (int copy = 0; copy < (step.also_even ? 2 : 1); ++copy) {
+    float *e = copy ? step.also_even : step.even, *u = copy ? step.also_odd : step.odd;
+    float* t = copy ? step.also_odd_shift : step.odd_shift;
+    _mm256_storeu_ps(e + k, e0a), _mm256_storeu_ps(u + k, u0a), _mm256_storeu_ps(t + k, t0a);
+    _mm256_storeu_ps(e + W + k, e1a), _mm256_storeu_ps(u + W + k, u1a), _mm256_storeu_ps(t + W + k, t1a);
+    if (NV == 2) {
+      _mm256_storeu_ps(e + k + 8, e0b), _mm256_storeu_ps(u + k + 8, u0b), _mm256_storeu_ps(t + k + 8, t0b);
+      _mm256_storeu_ps(e + W + k + 8, e1b), _mm256_storeu_ps(u + W + k + 8, u1b), _mm256_storeu_ps(t + W + k + 8, t1b);
+    }
   }
 }
 #endif
@@ -198,11 +241,11 @@ class GroupRows {
       // Group columns 0 .. s, rounded up to whole vectors: the last vector's extra columns cost less than
       // finishing one at a time. Input columns -1 .. s and beyond, zero outside 0 .. s-1.
       width_ = (P_ + 7) / 8 * 8;
-      input_.assign(2 * conv->in_channels * width_, 0.f);
+      input_.assign(kInputSlots * conv->in_channels * width_, 0.f);
+      diff_.assign(2 * conv->in_channels * width_, 0.f);
       init_.assign(padded_channels * width_, 0.f);
-      even_.assign(padded_channels * width_, 0.f);
-      odd_.assign(padded_channels * width_, 0.f);
-      odd_shift_.assign(padded_channels * width_, 0.f);
+      for (GroupRowSet& rows : rows_)
+        for (std::vector<float>* v : {&rows.even, &rows.odd, &rows.odd_shift}) v->assign(padded_channels * width_, 0.f);
     }
   }
 
@@ -215,28 +258,34 @@ class GroupRows {
       const float* base = p.data + (b * 4 + parity * 2) * group + g * P_;
       return {base, base + group};
     }
-    compute(b, parity, g, avx2);
-    return {even_.data(), odd_.data()};
+    const GroupRowSet& rows = compute(b, parity, g, avx2);
+    return {rows.even.data(), rows.odd.data()};
   }
   int64_t stride() const { return conv_ == nullptr ? P_ * P_ : width_; }
 
  private:
-  // Input row r of item b, zero-padded (nullptr outside the image): slot r % 2, loaded once.
+  static constexpr int64_t kInputSlots = 3;  // input rows g-1, g, g+1 for a pair of odd rows
+
+  // Input row r of item b, zero-padded (nullptr outside the image): slot r % 3, loaded once.
   const float* input_row(int64_t b, int64_t r) {
     const int64_t s = shape_.low_size, cin = conv_->in_channels;
     if (r < 0 || r >= s) return nullptr;
-    float* row = input_.data() + (r % 2) * cin * width_;
-    if (loaded_[r % 2] != b * s + r) {
+    float* row = input_.data() + (r % kInputSlots) * cin * width_;
+    if (loaded_[r % kInputSlots] != b * s + r) {
       const float* src = conv_->input + (b * cin * s + r) * s;
       for (int64_t ci = 0; ci < cin; ++ci) std::memcpy(row + ci * width_ + 1, src + ci * s * s, sizeof(float) * s);
-      loaded_[r % 2] = b * s + r;
+      loaded_[r % kInputSlots] = b * s + r;
     }
     return row;
   }
 
-  void compute(int64_t b, int64_t parity, int64_t g, bool avx2) {
+  const GroupRowSet& compute(int64_t b, int64_t parity, int64_t g, bool avx2) {
     const UpsampleConv& conv = *conv_;
     const int64_t C = conv.channels, s = shape_.low_size;
+    if (parity == 1 && paired_item_ == b && paired_row_ == g) return rows_[1];
+#ifdef PYBILAYER_X86_AVX2
+    if (avx2 && parity == 1 && g % 2 == 0 && g < s) return compute_pair(b, g);
+#endif
     // Kernel rows: the even parity reads input row g-1 with w[1]; the odd one g-1 with w[0], g with w[2].
     GroupTap taps[2];
     int ntaps = 0;
@@ -257,33 +306,71 @@ class GroupRows {
           init[x + 1] = conv.bias[c] + (has_skip ? conv.skip[((b * C + c) * s + g - 1) * s + x] : 0.f);
       }
 #ifdef PYBILAYER_X86_AVX2
-    if (avx2) return compute_avx2(taps, ntaps, with_init);
+    if (avx2) {
+      compute_avx2(taps, ntaps, {with_init ? init_.data() : nullptr, false}, nullptr);
+      return finish_odd(rows_[0]);
+    }
 #endif
     compute_portable(taps, ntaps, with_init);
+    return finish_odd(rows_[0]);
   }
 
 #ifdef PYBILAYER_X86_AVX2
-  PYBILAYER_AVX2 void compute_avx2(const GroupTap* taps, int ntaps, bool with_init) {
+  // Odd rows g and g + 1 (g even) as Winograd F(2, 2) along y, as the stage's odd-row groups: with D(r) =
+  // in(r + 1) - in(r), row g = (w0 + w2) in(g) - w0 D(g - 1) and row g + 1 = (w0 + w2) in(g) + w2 D(g): 3
+  // products per two rows, not 4. Row g + 1 waits in rows_[1].
+  PYBILAYER_AVX2 const GroupRowSet& compute_pair(int64_t b, int64_t g) {
+    const int64_t cin = conv_->in_channels, n = cin * width_;
+    const float *above = input_row(b, g - 1), *here = input_row(b, g), *below = input_row(b, g + 1);
+    float *diff_above = diff_.data(), *diff_below = diff_.data() + n;
+    for (int64_t i = 0; i < n; ++i) {  // zero rows outside the image
+      diff_above[i] = here[i] - (above ? above[i] : 0.f);
+      diff_below[i] = (below ? below[i] : 0.f) - here[i];
+    }
+    const GroupTap shared{here, kSharedRow}, first{diff_above, kFirstRow}, second{diff_below, 2};
+    compute_avx2(&shared, 1, {nullptr, false}, &rows_[1]);
+    compute_avx2(&first, 1, {nullptr, true}, nullptr);
+    std::swap(rows_[0], rows_[1]);  // compute_avx2 writes rows_[0]
+    compute_avx2(&second, 1, {nullptr, true}, nullptr);
+    std::swap(rows_[0], rows_[1]);
+    finish_odd(rows_[1]);
+    paired_item_ = b, paired_row_ = g + 1;
+    return finish_odd(rows_[0]);
+  }
+
+  struct Start {
+    const float* init;  // E's starting values (channel 0), or null
+    bool accumulate;    // or every row's own values
+  };
+
+  // The group rows into rows_[0] (and `also`, where set).
+  PYBILAYER_AVX2 void compute_avx2(const GroupTap* taps, int ntaps, Start start, GroupRowSet* also) {
     const int64_t C = conv_->channels, cin = conv_->in_channels, pairs = (C + 1) / 2, W = width_;
+    GroupRowSet& out = rows_[0];
     for (int64_t pair = 0; pair < pairs; ++pair) {
       const int64_t c0 = 2 * pair;
-      float *e0 = even_.data() + c0 * W, *u0 = odd_.data() + c0 * W, *t0 = odd_shift_.data() + c0 * W;
-      const float* init = with_init ? init_.data() + c0 * W : nullptr;
+      const GroupStep step{start.init ? start.init + c0 * W : nullptr,
+                           start.accumulate,
+                           out.even.data() + c0 * W,
+                           out.odd.data() + c0 * W,
+                           out.odd_shift.data() + c0 * W,
+                           also ? also->even.data() + c0 * W : nullptr,
+                           also ? also->odd.data() + c0 * W : nullptr,
+                           also ? also->odd_shift.data() + c0 * W : nullptr,
+                           W};
       int64_t k = 0;
-      for (; k + 16 <= W; k += 16)
-        group_columns_avx2<2>(taps, ntaps, packed_, pairs, pair, cin, W, k, init, W, e0, u0, t0, e0 + W, u0 + W, t0 + W);
-      if (k < W)
-        group_columns_avx2<1>(taps, ntaps, packed_, pairs, pair, cin, W, k, init, W, e0, u0, t0, e0 + W, u0 + W, t0 + W);
+      for (; k + 16 <= W; k += 16) group_columns_avx2<2>(taps, ntaps, packed_, pairs, pair, cin, W, k, step);
+      if (k < W) group_columns_avx2<1>(taps, ntaps, packed_, pairs, pair, cin, W, k, step);
     }
-    finish_odd();
   }
 #endif
 
   void compute_portable(const GroupTap* taps, int ntaps, bool with_init) {
     const UpsampleConv& conv = *conv_;
     const int64_t C = conv.channels, cin = conv.in_channels, W = width_;
+    GroupRowSet& out = rows_[0];
     for (int64_t c = 0; c < C; ++c) {
-      float *e = even_.data() + c * W, *u = odd_.data() + c * W, *t_row = odd_shift_.data() + c * W;
+      float *e = out.even.data() + c * W, *u = out.odd.data() + c * W, *t_row = out.odd_shift.data() + c * W;
       for (int64_t k = 0; k < P_; ++k) e[k] = with_init ? init_[c * W + k] : 0.f, u[k] = t_row[k] = 0.f;
       for (int t = 0; t < ntaps; ++t)
         for (int64_t ci = 0; ci < cin; ++ci) {
@@ -296,16 +383,16 @@ class GroupRows {
           }
         }
     }
-    finish_odd();
   }
 
   // odd[k] = U[k] + T[k + 1] for k < s; T[s + 1] (input column s) is zero.
-  void finish_odd() {
+  const GroupRowSet& finish_odd(GroupRowSet& rows) {
     for (int64_t c = 0; c < conv_->channels; ++c) {
-      float* u = odd_.data() + c * width_;
-      const float* t = odd_shift_.data() + c * width_ + 1;
+      float* u = rows.odd.data() + c * width_;
+      const float* t = rows.odd_shift.data() + c * width_ + 1;
       for (int64_t k = 0; k + 1 < P_; ++k) u[k] += t[k];
     }
+    return rows;
   }
 
   const TapGroups& groups_;
@@ -314,8 +401,10 @@ class GroupRows {
   const int64_t P_;
   const UpsampleConv* conv_ = nullptr;
   int64_t width_ = 0;  // columns of every row buffer below
-  std::vector<float> input_, init_, even_, odd_, odd_shift_;
-  int64_t loaded_[2] = {-1, -1};
+  std::vector<float> input_, diff_, init_;
+  GroupRowSet rows_[2];  // the rows computed last; rows_[1]: the second row of a pair
+  int64_t loaded_[kInputSlots] = {-1, -1, -1};
+  int64_t paired_item_ = -1, paired_row_ = -1;  // the odd row that rows_[1] holds
 };
 
 // A worker's box rows: R(y+1) and R(y+2) of every channel, the two that output row y reads, made from the
@@ -356,28 +445,32 @@ class BoxRows {
   int64_t item_ = -1, last_ = -1;  // the rows hold R(last_ - 1) and R(last_) of item_
 };
 
-// A worker's rows; see the file comment.
+// A worker's rows; see the file comment. The activation ring holds the 6 rows that a band of 4 output rows
+// reads (kRingRows).
+constexpr int64_t kRingRows = winograd::kWindow;
+
 class Rows {
  public:
   Rows(const HeadsParams& p, bool avx2, const float* packed_conv)
       : p_(p), avx2_(avx2), box_rows_(p.groups, packed_conv, avx2), C_(shape_of(p.groups).channels),
-        S_(2 * shape_of(p.groups).low_size), stride_(S_ + 2 + kBlock), act_(3 * C_ * stride_, 0.f) {}
+        S_(2 * shape_of(p.groups).low_size), stride_(S_ + 2 + kBlock), act_(kRingRows * C_ * stride_, 0.f) {}
 
   // Activation row t(y) of channel c, with t(y)[-1] and t(y)[S] zero; valid after fill(b, y). Channel c's
   // row is channel 0's plus c * channel_stride().
-  const float* act(int64_t c, int64_t y) const { return act_.data() + (c * 3 + slot(y)) * stride_ + 1; }
-  int64_t channel_stride() const { return 3 * stride_; }
+  const float* act(int64_t c, int64_t y) const { return act_.data() + (c * kRingRows + slot(y)) * stride_ + 1; }
+  int64_t channel_stride() const { return kRingRows * stride_; }
+  int64_t row_stride() const { return stride_; }  // floats per row: S + 2 and room for a vector step beyond
 
   // Makes t(y) of item b available: from the box rows R(y+1) and R(y+2), zeros outside the frame.
   void fill(int64_t b, int64_t y) {
     if (y < 0 || y >= S_) {
       for (int64_t c = 0; c < C_; ++c)
-        std::memset(act_.data() + (c * 3 + slot(y)) * stride_, 0, sizeof(float) * stride_);
+        std::memset(act_.data() + (c * kRingRows + slot(y)) * stride_, 0, sizeof(float) * stride_);
       return;
     }
     box_rows_.advance(b, y);
     for (int64_t c = 0; c < C_; ++c) {
-      float* t = act_.data() + (c * 3 + slot(y)) * stride_ + 1;
+      float* t = act_.data() + (c * kRingRows + slot(y)) * stride_ + 1;
       const float *r0 = box_rows_.row(c, y + 1), *r1 = box_rows_.row(c, y + 2);
 #ifdef PYBILAYER_X86_AVX2
       if (avx2_)
@@ -391,7 +484,7 @@ class Rows {
   }
 
  private:
-  static int64_t slot(int64_t y) { return (y % 3 + 3) % 3; }
+  static int64_t slot(int64_t y) { return (y % kRingRows + kRingRows) % kRingRows; }
 
   const HeadsParams& p_;
   const bool avx2_;
@@ -432,25 +525,36 @@ void heads_row_portable(const HeadsParams& p, const Rows& rows, int64_t y, int64
 }
 
 #ifdef PYBILAYER_X86_AVX2
-// `packed`: the weights as (C, 3, 3, 6), so one step's six weights are adjacent.
-PYBILAYER_AVX2 void heads_row_avx2(const HeadsParams& p, const Rows& rows, int64_t y, const float* packed,
-                                   const OutputRows& out) {
+// Output rows y0 .. y0 + rows - 1 (rows <= 4) of one item: the 3x3 convolution as Winograd F(4, 3) along y
+// (winograd.h). Each channel's activation rows y0 - 1 .. y0 + 4 become 6 row points; point i is convolved
+// along x with its 3 transformed taps (16 pixels x 6 outputs per step, as a direct row would be, but 18
+// multiply-adds per channel and 4 rows against 36), and A^T of the 6 products gives the 4 rows. `packed`:
+// the transformed weights as (6 points, C, 3 taps, 6 outputs); `points`: 6 x C rows of the ring's stride.
+PYBILAYER_AVX2 void heads_band_avx2(const HeadsParams& p, const Rows& rows, int64_t y0, int64_t nrows,
+                                    const float* packed, float* points, const OutputRows out[winograd::kTile]) {
+  using winograd::kWindow;
   const GroupsShape shape = shape_of(p.groups);
-  const int64_t C = shape.channels, S = 2 * shape.low_size, vector_end = S - S % kBlock;
-  const int64_t cs = rows.channel_stride();
-  const float* const above = rows.act(0, y - 1) - 1;
-  const float* const here = rows.act(0, y) - 1;
-  const float* const below = rows.act(0, y + 1) - 1;
+  const int64_t C = shape.channels, S = 2 * shape.low_size, vector_end = S - S % kBlock, stride = rows.row_stride();
+  for (int64_t c = 0; c < C; ++c) {  // B^T of the 6 rows, columns -1 .. S (the zero padding included)
+    const float* in[kWindow];
+    for (int r = 0; r < kWindow; ++r) in[r] = rows.act(c, y0 - 1 + r) - 1;
+    for (int64_t x = 0; x < S + 2; x += 8) {
+      __m256 d[kWindow], q[kWindow];
+      for (int r = 0; r < kWindow; ++r) d[r] = _mm256_loadu_ps(in[r] + x);
+      winograd::input_1d(d, q);
+      for (int i = 0; i < kWindow; ++i) _mm256_storeu_ps(points + (i * C + c) * stride + x, q[i]);
+    }
+  }
+  alignas(32) float products[kWindow][kHeadChannels][kBlock];
   for (int64_t x = 0; x < vector_end; x += kBlock) {
-    __m256 a0 = _mm256_set1_ps(p.bias[0]), b0 = a0, a1 = _mm256_set1_ps(p.bias[1]), b1 = a1;
-    __m256 a2 = _mm256_set1_ps(p.bias[2]), b2 = a2, a3 = _mm256_set1_ps(p.bias[3]), b3 = a3;
-    __m256 a4 = _mm256_set1_ps(p.bias[4]), b4 = a4, a5 = _mm256_set1_ps(p.bias[5]), b5 = a5;
-    const float* w = packed;
-    for (int64_t c = 0; c < C; ++c)
-      for (const float* row : {above, here, below}) {
-        const float* t = row + c * cs + x;
+    for (int i = 0; i < kWindow; ++i) {
+      __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0;
+      __m256 a3 = a0, b3 = a0, a4 = a0, b4 = a0, a5 = a0, b5 = a0;
+      const float* w = packed + i * C * 3 * kHeadChannels;
+      for (int64_t c = 0; c < C; ++c) {
+        const float* t = points + (i * C + c) * stride + x;
         // Not unrolled: unrolling let GCC hoist the next taps' loads and spill an accumulator to the stack,
-        // which made the whole kernel ~1.4x slower (3.0 against 2.2 ms at 256 px, C = 32, 2 threads).
+        // which made the direct kernel ~1.4x slower (3.0 against 2.2 ms at 256 px, C = 32, 2 threads).
 #pragma GCC unroll 1
         for (int j = 0; j < 3; ++j, w += kHeadChannels) {
           const __m256 lo = _mm256_loadu_ps(t + j), hi = _mm256_loadu_ps(t + j + 8);
@@ -468,14 +572,43 @@ PYBILAYER_AVX2 void heads_row_avx2(const HeadsParams& p, const Rows& rows, int64
           a5 = _mm256_fmadd_ps(lo, v, a5), b5 = _mm256_fmadd_ps(hi, v, b5);
         }
       }
-    const __m256 sums[kHeadChannels][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}, {a4, b4}, {a5, b5}};
+      const __m256 sums[kHeadChannels][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}, {a4, b4}, {a5, b5}};
+      for (int o = 0; o < kHeadChannels; ++o) {
+        _mm256_store_ps(products[i][o], sums[o][0]);
+        _mm256_store_ps(products[i][o] + 8, sums[o][1]);
+      }
+    }
     for (int o = 0; o < kHeadChannels; ++o) {
-      const bool squash = o < kTanhChannels;
-      _mm256_storeu_ps(out.row[o] + x, squash ? tanh_avx2(sums[o][0]) : sums[o][0]);
-      _mm256_storeu_ps(out.row[o] + x + 8, squash ? tanh_avx2(sums[o][1]) : sums[o][1]);
+      const __m256 bias = _mm256_set1_ps(p.bias[o]);
+      for (int half = 0; half < kBlock; half += 8) {
+        __m256 m[kWindow], r[winograd::kTile];
+        for (int i = 0; i < kWindow; ++i) m[i] = _mm256_load_ps(products[i][o] + half);
+        winograd::output_1d(m, r);
+        for (int64_t k = 0; k < nrows; ++k) {
+          const __m256 h = _mm256_add_ps(r[k], bias);
+          _mm256_storeu_ps(out[k].row[o] + x + half, o < kTanhChannels ? tanh_avx2(h) : h);
+        }
+      }
     }
   }
-  if (vector_end < S) heads_row_portable(p, rows, y, vector_end, out);
+  if (vector_end < S)
+    for (int64_t k = 0; k < nrows; ++k) heads_row_portable(p, rows, y0 + k, vector_end, out[k]);
+}
+
+// The transformed weights of heads_band_avx2: point i of kernel column j's 3 taps, as (6, C, 3, 6).
+std::vector<float> pack_heads_weights(const HeadsParams& p, int64_t C) {
+  using winograd::kWindow;
+  std::vector<float> packed(kWindow * C * 3 * kHeadChannels);
+  for (int o = 0; o < kHeadChannels; ++o)
+    for (int64_t c = 0; c < C; ++c)
+      for (int j = 0; j < 3; ++j) {
+        const float* w = p.weight + (o * C + c) * 9 + j;
+        const double column[3] = {w[0], w[3], w[6]};
+        double u[kWindow];
+        winograd::kernel_1d(column, u);
+        for (int i = 0; i < kWindow; ++i) packed[((i * C + c) * 3 + j) * kHeadChannels + o] = static_cast<float>(u[i]);
+      }
+  return packed;
 }
 #endif
 
@@ -496,28 +629,28 @@ void block_output_rows(const BlockOutputParams& p, int64_t row_begin, int64_t ro
   }
 }
 
-void heads_rows(const HeadsParams& p, int64_t row_begin, int64_t row_end, const float* packed,
-                const float* packed_conv) {
-  const int64_t S = 2 * shape_of(p.groups).low_size;
+// Bands [band_begin, band_end) of B x ceil(S / 4): band k of an item is its output rows 4k .. 4k + 3 (< S).
+// `packed` (heads_band_avx2's weights) or null for the portable path, one row at a time.
+void heads_bands(const HeadsParams& p, int64_t band_begin, int64_t band_end, const float* packed,
+                 const float* packed_conv) {
+  constexpr int64_t kTile = winograd::kTile;
+  const int64_t S = 2 * shape_of(p.groups).low_size, C = shape_of(p.groups).channels, per_item = (S + kTile - 1) / kTile;
   Rows rows(p, packed != nullptr, packed_conv);
+  std::vector<float> points(packed != nullptr ? winograd::kWindow * C * rows.row_stride() : 0, 0.f);
   int64_t item = -1, next = 0;  // t rows of `item` are filled up to, not including, row `next`
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const int64_t b = r / S, y = r % S;
-    if (b != item || next != y + 1) {  // a new item or the worker's first row: t(y-1) and t(y) first
-      item = b;
-      rows.fill(b, y - 1);
-      rows.fill(b, y);
-    }
-    rows.fill(b, y + 1);
-    next = y + 2;
-    const OutputRows out(p, b, y);
+  for (int64_t band = band_begin; band < band_end; ++band) {
+    const int64_t b = band / per_item, y0 = band % per_item * kTile, nrows = std::min(kTile, S - y0);
+    if (b != item || next != y0 + 1) item = b, next = y0 - 1;  // a new item or the worker's first band
+    for (; next <= y0 + kTile; ++next) rows.fill(b, next);      // t(y0 - 1) .. t(y0 + 4), zero outside
+    const auto row = [&](int64_t k) { return OutputRows(p, b, std::min(y0 + k, S - 1)); };  // rows < nrows used
+    const OutputRows out[kTile] = {row(0), row(1), row(2), row(3)};
 #ifdef PYBILAYER_X86_AVX2
     if (packed != nullptr) {
-      heads_row_avx2(p, rows, y, packed, out);
+      heads_band_avx2(p, rows, y0, nrows, packed, points.data(), out);
       continue;
     }
 #endif
-    heads_row_portable(p, rows, y, 0, out);
+    for (int64_t k = 0; k < nrows; ++k) heads_row_portable(p, rows, y0 + k, 0, out[k]);
   }
 }
 
@@ -537,20 +670,18 @@ int64_t group_work_per_row(const TapGroups& groups) {
 
 void heads_cpu(const HeadsParams& p, int num_threads, bool vectorized) {
   const GroupsShape shape = shape_of(p.groups);
-  const int64_t S = 2 * shape.low_size, rows = shape.batch * S, C = shape.channels;
-  if (rows == 0 || C == 0) return;
+  const int64_t S = 2 * shape.low_size, C = shape.channels, bands = shape.batch * ((S + winograd::kTile - 1) / winograd::kTile);
+  if (bands == 0 || C == 0) return;
   const bool avx2 = vectorized && has_avx2_fma();
   std::vector<float> packed;
-  if (avx2) {
-    packed.resize(C * 9 * kHeadChannels);
-    for (int o = 0; o < kHeadChannels; ++o)
-      for (int64_t k = 0; k < C * 9; ++k) packed[k * kHeadChannels + o] = p.weight[o * C * 9 + k];
-  }
+#ifdef PYBILAYER_X86_AVX2
+  if (avx2) packed = pack_heads_weights(p, C);
+#endif
   const std::vector<float> packed_conv = packed_conv_weights(p.groups, avx2);
   // A null `packed` selects the portable path.
-  const int64_t row_work = S + group_work_per_row(p.groups) / (C * 9 * kHeadChannels);  // in pixels of the heads
-  parallel_rows(rows, worker_count(rows, row_work, kMinPixelsPerThread, num_threads), [&](int64_t begin, int64_t end) {
-    heads_rows(p, begin, end, avx2 ? packed.data() : nullptr, packed_conv.data());
+  const int64_t band_work = winograd::kTile * (S + group_work_per_row(p.groups) / (C * 9 * kHeadChannels));  // in pixels of the heads
+  parallel_rows(bands, worker_count(bands, band_work, kMinPixelsPerThread, num_threads), [&](int64_t begin, int64_t end) {
+    heads_bands(p, begin, end, avx2 ? packed.data() : nullptr, packed_conv.data());
   });
 }
 

@@ -20,12 +20,13 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
-#include <system_error>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "../cpu_features.h"
+#include "../parallel.h"
+#include "../winograd.h"
 #include "lowres.h"
 
 namespace pybilayer {
@@ -36,6 +37,9 @@ constexpr int kPixels = 6;      // pixels per step: 12 accumulators
 constexpr float kSlope = 0.2f;  // LeakyReLU after conv1 and between MLP layers
 // Released size, 2 cores, the whole stage in turns with output-block order everywhere: p50 1.2-2.0 ms faster.
 constexpr size_t kPixelsOuterWeightBytes = 256 * 1024;
+// The odd-row tap groups go by row pairs (Winograd F(2, 2) along y) on maps of this side and more: 13-14%
+// faster group passes at 8-64 px, but 37% slower at 4 px, where reading the 1.5x weights is the cost.
+constexpr int64_t kRowPairsMinSize = 8;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -84,6 +88,10 @@ struct ConvJob {
   const PackedConv* conv;
   MapView in, out;
   int64_t height, width;
+  MapView also{nullptr, 0, 0};  // where set, each output is stored here too
+  bool accumulate = false;      // the sums start from the outputs' values, not from the bias
+  int chained = 0;              // the next `chained` jobs (same grid and output blocks) run item by item with
+                                // this one, in order: their items may read what this one's item wrote
 
   int64_t pixel_blocks() const { return (height * width + kPixels - 1) / kPixels; }
   int64_t items() const { return conv->out_blocks * pixel_blocks(); }
@@ -101,11 +109,13 @@ void step_portable(const ConvJob& job, int64_t block, int64_t first_pixel, int P
   float acc[kPixels][kLanes];
   const float* in[kPixels];
   float* out[kPixels];
+  float* also[kPixels];
   for (int p = 0; p < P; ++p) {
     const int64_t y = (first_pixel + p) / job.width, x = (first_pixel + p) % job.width;
     in[p] = job.in.data + y * job.in.row + x * job.in.pixel;
     out[p] = job.out.data + y * job.out.row + x * job.out.pixel + block * kLanes;
-    std::memcpy(acc[p], c.bias.data() + block * kLanes, sizeof(acc[p]));
+    also[p] = job.also.data + y * job.also.row + x * job.also.pixel + block * kLanes;
+    std::memcpy(acc[p], job.accumulate ? out[p] : c.bias.data() + block * kLanes, sizeof(acc[p]));
   }
   const float* w = c.weight.data() + block * ntaps * cin * kLanes;
   for (int64_t t = 0; t < ntaps; ++t) {
@@ -117,11 +127,14 @@ void step_portable(const ConvJob& job, int64_t block, int64_t first_pixel, int P
       }
   }
   for (int p = 0; p < P; ++p)
-    for (int64_t l = 0; l < kLanes; ++l) out[p][l] = c.lrelu && acc[p][l] < 0.f ? acc[p][l] * kSlope : acc[p][l];
+    for (int64_t l = 0; l < kLanes; ++l) {
+      out[p][l] = c.lrelu && acc[p][l] < 0.f ? acc[p][l] * kSlope : acc[p][l];
+      if (job.also.data) also[p][l] = out[p][l];
+    }
 }
 
 #ifdef PYBILAYER_X86_AVX2
-PYBILAYER_AVX2 inline void store_avx2(float* out, __m256 lo, __m256 hi, bool lrelu) {
+PYBILAYER_AVX2 inline void store_avx2(float* out, float* also, __m256 lo, __m256 hi, bool lrelu) {
   if (lrelu) {
     const __m256 zero = _mm256_setzero_ps(), slope = _mm256_set1_ps(kSlope);
     lo = _mm256_blendv_ps(lo, _mm256_mul_ps(lo, slope), _mm256_cmp_ps(lo, zero, _CMP_LT_OQ));
@@ -129,6 +142,17 @@ PYBILAYER_AVX2 inline void store_avx2(float* out, __m256 lo, __m256 hi, bool lre
   }
   _mm256_storeu_ps(out, lo);
   _mm256_storeu_ps(out + 8, hi);
+  if (also) {
+    _mm256_storeu_ps(also, lo);
+    _mm256_storeu_ps(also + 8, hi);
+  }
+}
+
+// The accumulators' starting values: the bias, or (accumulate) the output's values.
+PYBILAYER_AVX2 inline void start_avx2(const float* out, const float* bias, bool accumulate, __m256& lo, __m256& hi) {
+  const float* from = accumulate ? out : bias;
+  lo = _mm256_loadu_ps(from);
+  hi = _mm256_loadu_ps(from + 8);
 }
 
 // One pixel's input channel times 16 weights, into its two accumulators.
@@ -145,17 +169,22 @@ PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_p
   const PackedConv& c = *job.conv;
   const int64_t ntaps = static_cast<int64_t>(c.taps.size()), cin = c.in_channels;
   const float* in[kPixels];
-  float* out[kPixels];
+  float *out[kPixels], *also[kPixels];
   int64_t y = first_pixel / job.width, x = first_pixel % job.width;  // one division per step, not six
   for (int p = 0; p < kPixels; ++p) {
     in[p] = job.in.data + y * job.in.row + x * job.in.pixel;
     out[p] = job.out.data + y * job.out.row + x * job.out.pixel + block * kLanes;
+    also[p] = job.also.data ? job.also.data + y * job.also.row + x * job.also.pixel + block * kLanes : nullptr;
     if (p + 1 < P && ++x == job.width) x = 0, ++y;  // the unused ones repeat the last
   }
-  const __m256 bias_lo = _mm256_loadu_ps(c.bias.data() + block * kLanes);
-  const __m256 bias_hi = _mm256_loadu_ps(c.bias.data() + block * kLanes + 8);
-  __m256 l0 = bias_lo, h0 = bias_hi, l1 = bias_lo, h1 = bias_hi, l2 = bias_lo, h2 = bias_hi;
-  __m256 l3 = bias_lo, h3 = bias_hi, l4 = bias_lo, h4 = bias_hi, l5 = bias_lo, h5 = bias_hi;
+  const float* bias = c.bias.data() + block * kLanes;
+  __m256 l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5;
+  start_avx2(out[0], bias, job.accumulate, l0, h0);
+  if constexpr (P > 1) start_avx2(out[1], bias, job.accumulate, l1, h1);
+  if constexpr (P > 2) start_avx2(out[2], bias, job.accumulate, l2, h2);
+  if constexpr (P > 3) start_avx2(out[3], bias, job.accumulate, l3, h3);
+  if constexpr (P > 4) start_avx2(out[4], bias, job.accumulate, l4, h4);
+  if constexpr (P > 5) start_avx2(out[5], bias, job.accumulate, l5, h5);
   const float* w = c.weight.data() + block * ntaps * cin * kLanes;
   for (int64_t t = 0; t < ntaps; ++t) {
     const int64_t offset = c.taps[t].dy * job.in.row + c.taps[t].dx * job.in.pixel;
@@ -171,12 +200,12 @@ PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_p
       if constexpr (P > 5) accumulate_avx2(s5 + i, w_lo, w_hi, l5, h5);
     }
   }
-  store_avx2(out[0], l0, h0, c.lrelu);
-  if constexpr (P > 1) store_avx2(out[1], l1, h1, c.lrelu);
-  if constexpr (P > 2) store_avx2(out[2], l2, h2, c.lrelu);
-  if constexpr (P > 3) store_avx2(out[3], l3, h3, c.lrelu);
-  if constexpr (P > 4) store_avx2(out[4], l4, h4, c.lrelu);
-  if constexpr (P > 5) store_avx2(out[5], l5, h5, c.lrelu);
+  store_avx2(out[0], also[0], l0, h0, c.lrelu);
+  if constexpr (P > 1) store_avx2(out[1], also[1], l1, h1, c.lrelu);
+  if constexpr (P > 2) store_avx2(out[2], also[2], l2, h2, c.lrelu);
+  if constexpr (P > 3) store_avx2(out[3], also[3], l3, h3, c.lrelu);
+  if constexpr (P > 4) store_avx2(out[4], also[4], l4, h4, c.lrelu);
+  if constexpr (P > 5) store_avx2(out[5], also[5], l5, h5, c.lrelu);
 }
 
 PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_pixel, int P) {
@@ -191,21 +220,30 @@ PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_p
 }
 #endif
 
+// The jobs' items as one list: a job and those chained to it count as one job, each item the sum of theirs.
+template <typename Fn>
+void for_each_job(const std::vector<ConvJob>& jobs, const Fn& fn) {
+  for (size_t j = 0; j < jobs.size(); j += jobs[j].chained + 1) {
+    int64_t cost = 0;
+    for (int k = 0; k <= jobs[j].chained; ++k) cost += jobs[j + k].cost();
+    fn(&jobs[j], jobs[j].chained + 1, jobs[j].items(), cost);
+  }
+}
+
 // Worker w's items [begin, end) of the jobs taken as one list: equal shares of the multiply-adds, not of the
 // items (a tap group's items cost its taps x input channels: 1-4 taps over 1-3x the channels).
 void share_by_cost(const std::vector<ConvJob>& jobs, int worker, int workers, int64_t* begin, int64_t* end) {
   int64_t total = 0;
-  for (const ConvJob& job : jobs) total += job.items() * job.cost();
+  for_each_job(jobs, [&](const ConvJob*, int, int64_t n, int64_t c) { total += n * c; });
   const int64_t from = total * worker / workers, to = total * (worker + 1) / workers;
   // The item at which the running cost reaches `cost` (the first whose start is at or after it).
   const auto item_at = [&](int64_t cost) {
-    int64_t items = 0, before = 0;
-    for (const ConvJob& job : jobs) {
-      const int64_t n = job.items(), c = job.cost();
-      if (cost < before + n * c) return items + (cost - before + c - 1) / c;
+    int64_t items = 0, before = 0, found = -1;
+    for_each_job(jobs, [&](const ConvJob*, int, int64_t n, int64_t c) {
+      if (found < 0 && cost < before + n * c) found = items + (cost - before + c - 1) / c;
       items += n, before += n * c;
-    }
-    return items;
+    });
+    return found < 0 ? items : found;
   };
   *begin = item_at(from), *end = item_at(to);
 }
@@ -213,23 +251,26 @@ void share_by_cost(const std::vector<ConvJob>& jobs, int worker, int workers, in
 // Items [begin, end) of the jobs taken as one list (job by job, output block by output block).
 void run_items(const std::vector<ConvJob>& jobs, int64_t begin, int64_t end, bool avx2) {
   int64_t base = 0;
-  for (const ConvJob& job : jobs) {
-    const int64_t n = job.items(), pixel_blocks = job.pixel_blocks(), pixels = job.height * job.width;
+  for_each_job(jobs, [&](const ConvJob* chain, int length, int64_t n, int64_t) {
+    const ConvJob& job = chain[0];
+    const int64_t pixel_blocks = job.pixel_blocks(), pixels = job.height * job.width;
     const bool outer = job.pixels_outer();
     for (int64_t item = std::max(begin, base); item < std::min(end, base + n); ++item) {
       const int64_t i = item - base, blocks = job.conv->out_blocks;
       const int64_t block = outer ? i % blocks : i / pixel_blocks, first = (outer ? i / blocks : i % pixel_blocks) * kPixels;
       const int P = static_cast<int>(std::min<int64_t>(kPixels, pixels - first));
+      for (int k = 0; k < length; ++k) {
 #ifdef PYBILAYER_X86_AVX2
-      if (avx2) {
-        step_avx2(job, block, first, P);
-        continue;
-      }
+        if (avx2) {
+          step_avx2(chain[k], block, first, P);
+          continue;
+        }
 #endif
-      step_portable(job, block, first, P);
+        step_portable(chain[k], block, first, P);
+      }
     }
     base += n;
-  }
+  });
   (void)avx2;
 }
 
@@ -286,14 +327,14 @@ PYBILAYER_AVX2 void box_avx2(const float* const at[4], int64_t channels, float* 
 // ------------------------------------------------------------------ Winograd F(4x4, 3x3)
 //
 // conv1 on larger maps: a 3x3 convolution over a 4x4 output tile is 36 products per channel pair (against
-// 144 direct) between transforms of the tile's 6x6 input window and of its 6x6 products (Lavin & Gray,
-// "Fast Algorithms for Convolutional Neural Networks", 2016; interpolation points 0, +-1, +-2, infinity).
-// The products are 36 independent 1x1 convolutions over the tiles, run by the step above. The transforms
-// are written once over a lane type (`Lanes`: one float, or 8 channels in one AVX register). Additions and
-// constant multiplications only, no fused multiply-adds (-ffp-contract=off), so both paths transform to
-// the same bits.
+// 144 direct) between transforms of the tile's 6x6 input window and of its 6x6 products (winograd.h along
+// both axes). The products are 36 independent 1x1 convolutions over the tiles, run by the step above. The
+// transforms are written once over a lane type (`Lanes`: one float, or 8 channels in one AVX register), so
+// both paths transform to the same bits.
 
-constexpr int kTile = 4, kWindow = 6, kPoints = kWindow * kWindow;
+using winograd::kTile;
+using winograd::kWindow;
+constexpr int kPoints = kWindow * kWindow;
 
 // Where the points' weights are small, each worker transforms, multiplies and transforms back kChunkTiles
 // tiles at a time (no pass over the whole map's points, which outgrow the caches at 64-128 px); elsewhere
@@ -304,43 +345,6 @@ constexpr int64_t kChunkTiles = 2 * kPixels;
 constexpr int64_t kChunkedWeightBytes = 2 * 1024 * 1024;
 bool points_chunked(int64_t in_channels, int64_t channels) {
   return kPoints * in_channels * channels * int64_t(sizeof(float)) <= kChunkedWeightBytes;
-}
-
-#if defined(__GNUC__)
-#define PYBILAYER_INLINE inline __attribute__((always_inline))
-#else
-#define PYBILAYER_INLINE inline
-#endif
-
-// r = B^T d, one column of 6 window values. T: float, or a vector of consecutive channels.
-template <typename T>
-PYBILAYER_INLINE void winograd_input_1d(const T d[kWindow], T r[kWindow]) {
-  r[0] = (d[0] * 4.f - d[2] * 5.f) + d[4];
-  r[1] = (d[3] + d[4]) - (d[1] + d[2]) * 4.f;
-  r[2] = (d[4] - d[3]) + (d[1] - d[2]) * 4.f;
-  r[3] = (d[4] - d[2]) + (d[3] - d[1]) * 2.f;
-  r[4] = (d[4] - d[2]) - (d[3] - d[1]) * 2.f;
-  r[5] = (d[1] * 4.f - d[3] * 5.f) + d[5];
-}
-
-// r = A^T m, 4 outputs from 6 products.
-template <typename T>
-PYBILAYER_INLINE void winograd_output_1d(const T m[kWindow], T r[kTile]) {
-  const T even = m[1] + m[2], odd = m[1] - m[2], even_far = m[3] + m[4], odd_far = m[3] - m[4];
-  r[0] = (m[0] + even) + even_far;
-  r[1] = odd + odd_far * 2.f;
-  r[2] = even + even_far * 4.f;
-  r[3] = (odd + odd_far * 8.f) + m[5];
-}
-
-// u = G g, in float64: the 6 interpolated values of 3 kernel taps.
-void winograd_kernel_1d(const double g[3], double u[kWindow]) {
-  u[0] = g[0] / 4;
-  u[1] = -(g[0] + g[1] + g[2]) / 6;
-  u[2] = -(g[0] - g[1] + g[2]) / 6;
-  u[3] = g[0] / 24 + g[1] / 12 + g[2] / 6;
-  u[4] = g[0] / 24 - g[1] / 12 + g[2] / 6;
-  u[5] = g[2];
 }
 
 // The lanes the transforms work on: one float (Scalar), or 8 consecutive channels (Vector8, a GCC/Clang vector
@@ -382,12 +386,12 @@ PYBILAYER_INLINE void winograd_input_tile(const float* in, int64_t pixel, int64_
   for (int x = 0; x < kWindow; ++x) {
     T d[kWindow], r[kWindow];
     for (int y = 0; y < kWindow; ++y) Lanes<L>::load(in + y * row + x * pixel, d[y]);
-    winograd_input_1d(d, r);
+    winograd::input_1d(d, r);
     for (int i = 0; i < kWindow; ++i) columns[i][x] = r[i];
   }
   for (int i = 0; i < kWindow; ++i) {
     T r[kWindow];
-    winograd_input_1d(columns[i], r);
+    winograd::input_1d(columns[i], r);
     for (int j = 0; j < kWindow; ++j) Lanes<L>::store(out + (i * kWindow + j) * plane, r[j]);
   }
 }
@@ -402,14 +406,14 @@ PYBILAYER_INLINE void winograd_output_tile(const float* in, int64_t plane, const
   for (int i = 0; i < kWindow; ++i) {
     T m[kWindow], r[kTile];
     for (int j = 0; j < kWindow; ++j) Lanes<L>::load(in + (i * kWindow + j) * plane, m[j]);
-    winograd_output_1d(m, r);
+    winograd::output_1d(m, r);
     for (int x = 0; x < kTile; ++x) rows[x][i] = r[x];
   }
   T b;
   Lanes<L>::load(bias, b);
   for (int x = 0; x < kTile; ++x) {
     T r[kTile];
-    winograd_output_1d(rows[x], r);
+    winograd::output_1d(rows[x], r);
     for (int y = 0; y < kTile; ++y) Lanes<L>::store_lrelu(out + y * row + x * pixel, r[y] + b);
   }
 }
@@ -538,27 +542,14 @@ class SpinBarrier {
   std::atomic<int> generation_{0};
 };
 
-// fn(worker, workers, barrier) on up to `requested` threads, the caller being worker 0. The team's size (and
-// its barrier) is fixed once every thread that could be started has started, before any of them begins.
+// fn(worker, workers, barrier) on up to `requested` workers at once (run_concurrently), the caller being
+// worker 0; the barrier is made for the workers that could be started, before any of them begins.
 template <typename Fn>
 void run_team(int requested, const Fn& fn) {
-  std::atomic<int> size{0};
   std::unique_ptr<SpinBarrier> barrier;
-  std::vector<std::thread> threads;
-  try {
-    for (int i = 1; i < requested; ++i)
-      threads.emplace_back([&size, &barrier, &fn, i] {
-        int n;
-        while ((n = size.load(std::memory_order_acquire)) == 0) std::this_thread::yield();
-        fn(i, n, *barrier);
-      });
-  } catch (const std::system_error&) {
-  }
-  const int workers = static_cast<int>(threads.size()) + 1;
-  barrier = std::make_unique<SpinBarrier>(workers);
-  size.store(workers, std::memory_order_release);
-  fn(0, workers, *barrier);
-  for (std::thread& t : threads) t.join();
+  run_concurrently(
+      requested, [&](int worker, int workers) { fn(worker, workers, *barrier); },
+      [&](int workers) { barrier = std::make_unique<SpinBarrier>(workers); });
 }
 
 }  // namespace
@@ -571,7 +562,11 @@ struct LowResStage::Impl {
     int64_t real_channels;                // C
     Activation activation;
     PackedConv conv1, groups[4];  // conv1: direct, or (winograd) its bias only
+    // The odd-row groups (oe, oo) on row pairs: kernel rows w0 + w2, -w0 and w2 (see the constructor).
+    bool row_pairs = false;
+    PackedConv pair_shared[2], pair_first[2], pair_second[2];
     std::vector<float> t, hx, v;  // the maps (see the top of this file)
+    std::vector<float> rows_diff;  // D: (s+1) x (s+2) x C', row k = padded row k+1 of h minus row k
     bool winograd = false;
     std::vector<PackedConv> conv1_points;  // Winograd: one 1x1 convolution per point
     // [point][tile][Cin'], [point][tile][C'] of the whole map; empty where each worker goes through its
@@ -683,13 +678,13 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
           for (int kx = 0; kx < 3; ++kx) {
             const double column[3] = {g[kx], g[3 + kx], g[6 + kx]};
             double r[kWindow];
-            winograd_kernel_1d(column, r);
+            winograd::kernel_1d(column, r);
             for (int k = 0; k < kWindow; ++k) rows[kx][k] = r[k];
           }
           for (int k = 0; k < kWindow; ++k) {
             const double row[3] = {rows[0][k], rows[1][k], rows[2][k]};
             double r[kWindow];
-            winograd_kernel_1d(row, r);
+            winograd::kernel_1d(row, r);
             for (int m = 0; m < kWindow; ++m) u[((k * kWindow + m) * c + o) * cin + i] = static_cast<float>(r[m]);
           }
         }
@@ -750,6 +745,21 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
             zeros, false);
       }
     }
+    // The odd-row groups' rows g, g+1 (g even) with Winograd F(2, 2) along y: with P the padded rows of h
+    // and D[k] = P[k+1] - P[k], V[g] = w0 P[g] + w2 P[g+1] = (w0 + w2) P[g+1] - w0 D[g] and
+    // V[g+1] = w0 P[g+1] + w2 P[g+2] = (w0 + w2) P[g+1] + w2 D[g+1]: 3 products per two rows, not 4.
+    b.row_pairs = s >= kRowPairsMinSize;
+    for (int g = 2; g < 4 && b.row_pairs; ++g) {
+      const int* kx = g % 2 ? odd : even;
+      const int nx = g % 2 ? 2 : 1;
+      std::vector<Tap> taps;
+      for (int k = 0; k < nx; ++k) taps.push_back({0, k});
+      const auto w = [&](int64_t o, int64_t i, int ky, int64_t t) { return in.conv2_weight[(o * c + i) * 9 + ky * 3 + kx[t]]; };
+      b.pair_shared[g - 2] = pack(c, c, taps, [&](int64_t o, int64_t i, int64_t t) { return w(o, i, 0, t) + w(o, i, 2, t); }, zeros, false);
+      b.pair_first[g - 2] = pack(c, c, taps, [&](int64_t o, int64_t i, int64_t t) { return -w(o, i, 0, t); }, zeros, false);
+      b.pair_second[g - 2] = pack(c, c, taps, [&](int64_t o, int64_t i, int64_t t) { return w(o, i, 2, t); }, zeros, false);
+    }
+    if (b.row_pairs) b.rows_diff.assign((s + 1) * (s + 2) * cp, 0.f);
     b.v.assign((s + 1) * (s + 1) * 4 * cp, 0.f);
     m.blocks.push_back(std::move(b));
   }
@@ -866,15 +876,44 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
       barrier.wait();
       return;
     }
+    const int64_t diff_row = (s + 2) * cp;
+    if (b.row_pairs) {  // D, for the odd-row groups' row pairs
+      int64_t begin, end;
+      share(s + 1, &begin, &end);
+      for (int64_t k = begin; k < end; ++k)
+        for (int64_t x = 0; x < s + 2; ++x) {
+          const float* upper = hx.data + k * hx.row + x * hx.pixel;
+          float* d = b.rows_diff.data() + k * diff_row + x * cp;
+          for (int64_t c = 0; c < cp; ++c) d[c] = upper[hx.row + c] - upper[c];
+        }
+      barrier.wait();
+    }
     // The tap groups: output g reads padded rows/columns g (and g+1). The box reads V[m][n] for m, n in
-    // [1, 2s + 1] only: grid g in [1, s] of the even groups and [0, s] of the odd ones.
+    // [1, 2s + 1] only: grid g in [1, s] of the even groups and [0, s] of the odd ones. The odd-row groups
+    // go by row pairs (the constructor) where b.row_pairs, and the rows after the pairs directly.
     std::vector<ConvJob> groups;
+    const int64_t pairs = b.row_pairs ? (s + 1) / 2 : 0;
     for (int g = 0; g < 4; ++g) {
       const bool odd_rows = g / 2, odd_columns = g % 2;
-      const int64_t oy = odd_rows ? 0 : 1, ox = odd_columns ? 0 : 1;
+      const int64_t oy = odd_rows ? 0 : 1, ox = odd_columns ? 0 : 1, width = s + odd_columns;
       const MapView in{hx.data + oy * hx.row + ox * hx.pixel, hx.pixel, hx.row};
       const MapView to{v.data + oy * v.row + ox * v.pixel + g * cp, v.pixel, v.row};
-      groups.push_back({&b.groups[g], in, to, s + odd_rows, s + odd_columns});
+      if (!odd_rows || pairs == 0) {
+        groups.push_back({&b.groups[g], in, to, s + odd_rows, width});
+        continue;
+      }
+      const MapView even_rows{to.data, to.pixel, 2 * to.row}, odd_rows_of_pairs{to.data + to.row, to.pixel, 2 * to.row};
+      float* diff = b.rows_diff.data() + ox * cp;
+      ConvJob shared{&b.pair_shared[g - 2], {in.data + in.row, in.pixel, 2 * in.row}, even_rows, pairs, width};
+      shared.also = odd_rows_of_pairs;
+      shared.chained = 2;
+      ConvJob first{&b.pair_first[g - 2], {diff, cp, 2 * diff_row}, even_rows, pairs, width};
+      ConvJob second{&b.pair_second[g - 2], {diff + diff_row, cp, 2 * diff_row}, odd_rows_of_pairs, pairs, width};
+      first.accumulate = second.accumulate = true;
+      groups.insert(groups.end(), {shared, first, second});
+      if (2 * pairs <= s)  // the last row where s is even
+        groups.push_back({&b.groups[g], {in.data + 2 * pairs * in.row, in.pixel, in.row},
+                          {to.data + 2 * pairs * to.row, to.pixel, to.row}, s + 1 - 2 * pairs, width});
     }
     convolve(groups);
     // the box sum: the block's output x, 2s x 2s, into the next block's T and HX, or `out` (NCHW)

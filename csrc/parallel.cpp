@@ -1,0 +1,149 @@
+// The CPU kernels' thread pool (parallel.h).
+//
+// A parked thread per worker, handed one task at a time: a dispatch takes an idle thread or starts a new
+// one, so the workers of one call always run at the same time, whatever other threads are doing with the
+// pool (a queue could leave a worker waiting behind another call while its team spins at a barrier). After
+// a task a thread spins briefly for the next one (a frame's kernels follow each other within tens of
+// microseconds), then sleeps on a condition variable. The pool is never destroyed: its threads are
+// detached and may still be parked when the process exits. A forked child starts a pool of its own.
+#include "parallel.h"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <system_error>
+#include <vector>
+
+#include <unistd.h>
+
+#include "cpu_features.h"
+
+namespace pybilayer {
+namespace {
+
+constexpr auto kSpinBeforeSleep = std::chrono::microseconds(200);
+
+inline void relax() {
+#ifdef PYBILAYER_X86_AVX2
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+class Pool;
+
+struct Worker {
+  std::mutex mutex;
+  std::condition_variable wake;
+  std::atomic<bool> has_task{false};
+  std::function<void()> task;
+};
+
+class Pool {
+ public:
+  // An idle worker, or a new one; throws std::system_error where no thread can be started.
+  Worker* acquire() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!idle_.empty()) {
+        Worker* w = idle_.back();
+        idle_.pop_back();
+        return w;
+      }
+    }
+    auto* w = new Worker;  // never freed: a detached thread owns it for the process's life
+    try {
+      std::thread([this, w] { serve(w); }).detach();
+    } catch (...) {
+      delete w;
+      throw;
+    }
+    return w;
+  }
+
+  static void hand(Worker* w, std::function<void()> task) {
+    {
+      std::lock_guard<std::mutex> lock(w->mutex);
+      w->task = std::move(task);
+      w->has_task.store(true, std::memory_order_release);
+    }
+    w->wake.notify_one();
+  }
+
+  // This process's pool (a fork's child gets a new one: the parent's threads are not in it).
+  static Pool& get() {
+    static std::mutex mutex;
+    static Pool* pool = nullptr;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (pool == nullptr || pool->pid_ != getpid()) pool = new Pool;  // the parent's pool, if any, is left
+    return *pool;
+  }
+
+ private:
+  Pool() : pid_(getpid()) {}
+
+  void serve(Worker* w) {
+    for (;;) {
+      const auto spin_until = std::chrono::steady_clock::now() + kSpinBeforeSleep;
+      while (!w->has_task.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < spin_until) relax();
+      std::function<void()> task;
+      {
+        std::unique_lock<std::mutex> lock(w->mutex);
+        w->wake.wait(lock, [w] { return w->has_task.load(std::memory_order_acquire); });
+        task = std::move(w->task);
+        w->task = nullptr;
+        w->has_task.store(false, std::memory_order_relaxed);
+      }
+      task();  // never throws: run_concurrently's tasks catch
+      std::lock_guard<std::mutex> lock(mutex_);
+      idle_.push_back(w);
+    }
+  }
+
+  const pid_t pid_;
+  std::mutex mutex_;
+  std::vector<Worker*> idle_;
+};
+
+}  // namespace
+
+void run_concurrently(int requested, const std::function<void(int, int)>& task,
+                      const std::function<void(int)>& prepare) {
+  Pool& pool = Pool::get();
+  std::vector<Worker*> helpers;
+  for (int i = 1; i < requested; ++i) {
+    try {
+      helpers.push_back(pool.acquire());
+    } catch (const std::system_error&) {
+      break;  // run with the workers we have
+    }
+  }
+  const int workers = static_cast<int>(helpers.size()) + 1;
+  if (prepare) prepare(workers);
+  std::vector<std::exception_ptr> errors(workers);
+  std::atomic<int> running{workers - 1};
+  const auto run = [&](int i) {
+    try {
+      task(i, workers);
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+  };
+  for (int i = 1; i < workers; ++i)
+    Pool::hand(helpers[i - 1], [&run, &running, i] {
+      run(i);
+      running.fetch_sub(1, std::memory_order_acq_rel);
+    });
+  run(0);
+  for (int spins = 0; running.load(std::memory_order_acquire) > 0; ++spins) {
+    if (spins > 4096) std::this_thread::yield();
+    else relax();
+  }
+  for (const std::exception_ptr& error : errors)
+    if (error) std::rethrow_exception(error);
+}
+
+}  // namespace pybilayer
