@@ -68,6 +68,10 @@ def rng():
     (12, (33,), (3, 17, 18, 6), 2, 2),  # three blocks
     (10, (24,), (16, 24, 8), 16, 1),  # larger maps: 16 and 32 px
     (6, (), (9, 5), 18, 2),  # odd channels on an 18 px map
+    (8, (), (5, 4, 3), 9, 1),  # odd maps with pairs of rows (9 px), then of rows and columns (18 px)
+    (5, (), (6, 7), 17, 1),  # an odd map with pairs of rows
+    (4, (), (20, 128), 17, 1),  # an odd map with pairs of rows and columns (128 channels and more)
+    (4, (), (9, 130), 18, 1),  # the same on an even map (the last row and column directly)
 ])
 def test_matches_reference(features, hidden, channels, input_size, batch, vectorized, winograd_min_size, rng):
     mlp, blocks = make_stage(rng, features, hidden, channels, input_size)

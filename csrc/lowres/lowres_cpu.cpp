@@ -37,11 +37,21 @@ constexpr int kPixels = 6;      // pixels per step: 12 accumulators
 constexpr float kSlope = 0.2f;  // LeakyReLU after conv1 and between MLP layers
 // Released size, 2 cores, the whole stage in turns with output-block order everywhere: p50 1.2-2.0 ms faster.
 constexpr size_t kPixelsOuterWeightBytes = 256 * 1024;
-// The odd-row tap groups go by row pairs (Winograd F(2, 2) along y) on maps of this side and more: 13-14%
-// faster group passes at 8-64 px, but 37% slower at 4 px, where reading the 1.5x weights is the cost.
-constexpr int64_t kRowPairsMinSize = 8;
+// The tap groups that take the odd taps [w0, w2] along an axis go by pairs of outputs along it (Winograd
+// F(2, 2), the constructor). Row pairs from 8 px: 13-14% faster group passes at 8-64 px, but 37% slower at
+// 4 px, where reading the 1.5x weights is the cost. Column pairs too from 16 px where the groups have 128
+// channels or more: the stage 0.2-0.3 ms faster at the released size; at 64 px and 64 channels they made
+// it 0.2-1.0 ms slower (short sums between 2-4 outputs' loads and stores, three difference maps).
+constexpr int64_t kRowPairsMinSize = 8, kColumnPairsMinSize = 16, kColumnPairsMinChannels = 128;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Coefficients over a 3-tap kernel axis: the even taps [w1], the odd ones [w0] and [w2] alone, and the
+// odd taps' pair products (the stage's constructor) by kind: shared w0 + w2, first -w0, second w2.
+enum PairKind { kShared, kFirst, kSecond };
+constexpr float kEvenTap[3] = {0, 1, 0};
+constexpr float kOddTaps[2][3] = {{1, 0, 0}, {0, 0, 1}};
+constexpr float kPairCoefficients[3][3] = {{1, 0, 1}, {-1, 0, 0}, {0, 0, 1}};
 
 struct Tap {
   int dy, dx;
@@ -83,15 +93,28 @@ struct MapView {
   int64_t pixel, row;
 };
 
+constexpr int kMaxAlso = 3;
+
 // One convolution over an output grid: output (y, x) reads the window whose origin is in(y, x).
 struct ConvJob {
   const PackedConv* conv;
   MapView in, out;
   int64_t height, width;
-  MapView also{nullptr, 0, 0};  // where set, each output is stored here too
-  bool accumulate = false;      // the sums start from the outputs' values, not from the bias
+  MapView also[kMaxAlso] = {};  // where set, each output goes there too
+  bool accumulate = false;      // the sums (without the bias) are added to the outputs' values
   int chained = 0;              // the next `chained` jobs (same grid and output blocks) run item by item with
                                 // this one, in order: their items may read what this one's item wrote
+
+  int outputs() const {
+    int n = 1;
+    while (n <= kMaxAlso && also[n - 1].data) ++n;
+    return n;
+  }
+  // Output (y, x)'s 16 channels of `block` in output k (0: out, k: also[k - 1]).
+  float* output(int k, int64_t y, int64_t x, int64_t block) const {
+    const MapView& m = k ? also[k - 1] : out;
+    return m.data + y * m.row + x * m.pixel + block * kLanes;
+  }
 
   int64_t pixel_blocks() const { return (height * width + kPixels - 1) / kPixels; }
   int64_t items() const { return conv->out_blocks * pixel_blocks(); }
@@ -108,14 +131,10 @@ void step_portable(const ConvJob& job, int64_t block, int64_t first_pixel, int P
   const int64_t ntaps = static_cast<int64_t>(c.taps.size()), cin = c.in_channels;
   float acc[kPixels][kLanes];
   const float* in[kPixels];
-  float* out[kPixels];
-  float* also[kPixels];
   for (int p = 0; p < P; ++p) {
     const int64_t y = (first_pixel + p) / job.width, x = (first_pixel + p) % job.width;
     in[p] = job.in.data + y * job.in.row + x * job.in.pixel;
-    out[p] = job.out.data + y * job.out.row + x * job.out.pixel + block * kLanes;
-    also[p] = job.also.data + y * job.also.row + x * job.also.pixel + block * kLanes;
-    std::memcpy(acc[p], job.accumulate ? out[p] : c.bias.data() + block * kLanes, sizeof(acc[p]));
+    for (int64_t l = 0; l < kLanes; ++l) acc[p][l] = job.accumulate ? 0.f : c.bias[block * kLanes + l];
   }
   const float* w = c.weight.data() + block * ntaps * cin * kLanes;
   for (int64_t t = 0; t < ntaps; ++t) {
@@ -126,33 +145,31 @@ void step_portable(const ConvJob& job, int64_t block, int64_t first_pixel, int P
         for (int64_t l = 0; l < kLanes; ++l) acc[p][l] += v * w[l];
       }
   }
-  for (int p = 0; p < P; ++p)
-    for (int64_t l = 0; l < kLanes; ++l) {
-      out[p][l] = c.lrelu && acc[p][l] < 0.f ? acc[p][l] * kSlope : acc[p][l];
-      if (job.also.data) also[p][l] = out[p][l];
+  const int outputs = job.outputs();
+  for (int p = 0; p < P; ++p) {
+    const int64_t y = (first_pixel + p) / job.width, x = (first_pixel + p) % job.width;
+    for (int k = 0; k < outputs; ++k) {
+      float* out = job.output(k, y, x, block);
+      for (int64_t l = 0; l < kLanes; ++l)
+        out[l] = job.accumulate ? out[l] + acc[p][l] : c.lrelu && acc[p][l] < 0.f ? acc[p][l] * kSlope : acc[p][l];
     }
+  }
 }
 
 #ifdef PYBILAYER_X86_AVX2
-PYBILAYER_AVX2 inline void store_avx2(float* out, float* also, __m256 lo, __m256 hi, bool lrelu) {
+// One pixel's sums into its outputs (job.outputs() of them at `outs`): stored, or added to their values.
+PYBILAYER_AVX2 inline void store_avx2(float* const* outs, int outputs, __m256 lo, __m256 hi, bool lrelu,
+                                      bool accumulate) {
   if (lrelu) {
     const __m256 zero = _mm256_setzero_ps(), slope = _mm256_set1_ps(kSlope);
     lo = _mm256_blendv_ps(lo, _mm256_mul_ps(lo, slope), _mm256_cmp_ps(lo, zero, _CMP_LT_OQ));
     hi = _mm256_blendv_ps(hi, _mm256_mul_ps(hi, slope), _mm256_cmp_ps(hi, zero, _CMP_LT_OQ));
   }
-  _mm256_storeu_ps(out, lo);
-  _mm256_storeu_ps(out + 8, hi);
-  if (also) {
-    _mm256_storeu_ps(also, lo);
-    _mm256_storeu_ps(also + 8, hi);
+  for (int k = 0; k < outputs; ++k) {
+    float* out = outs[k];
+    _mm256_storeu_ps(out, accumulate ? _mm256_add_ps(_mm256_loadu_ps(out), lo) : lo);
+    _mm256_storeu_ps(out + 8, accumulate ? _mm256_add_ps(_mm256_loadu_ps(out + 8), hi) : hi);
   }
-}
-
-// The accumulators' starting values: the bias, or (accumulate) the output's values.
-PYBILAYER_AVX2 inline void start_avx2(const float* out, const float* bias, bool accumulate, __m256& lo, __m256& hi) {
-  const float* from = accumulate ? out : bias;
-  lo = _mm256_loadu_ps(from);
-  hi = _mm256_loadu_ps(from + 8);
 }
 
 // One pixel's input channel times 16 weights, into its two accumulators.
@@ -168,23 +185,19 @@ PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_p
   static_assert(1 <= P && P <= kPixels, "6 pixels at most");
   const PackedConv& c = *job.conv;
   const int64_t ntaps = static_cast<int64_t>(c.taps.size()), cin = c.in_channels;
+  const int outputs = job.outputs();
   const float* in[kPixels];
-  float *out[kPixels], *also[kPixels];
+  float* out[kPixels][kMaxAlso + 1];
   int64_t y = first_pixel / job.width, x = first_pixel % job.width;  // one division per step, not six
   for (int p = 0; p < kPixels; ++p) {
     in[p] = job.in.data + y * job.in.row + x * job.in.pixel;
-    out[p] = job.out.data + y * job.out.row + x * job.out.pixel + block * kLanes;
-    also[p] = job.also.data ? job.also.data + y * job.also.row + x * job.also.pixel + block * kLanes : nullptr;
+    for (int k = 0; k < outputs; ++k) out[p][k] = job.output(k, y, x, block);
     if (p + 1 < P && ++x == job.width) x = 0, ++y;  // the unused ones repeat the last
   }
-  const float* bias = c.bias.data() + block * kLanes;
-  __m256 l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5;
-  start_avx2(out[0], bias, job.accumulate, l0, h0);
-  if constexpr (P > 1) start_avx2(out[1], bias, job.accumulate, l1, h1);
-  if constexpr (P > 2) start_avx2(out[2], bias, job.accumulate, l2, h2);
-  if constexpr (P > 3) start_avx2(out[3], bias, job.accumulate, l3, h3);
-  if constexpr (P > 4) start_avx2(out[4], bias, job.accumulate, l4, h4);
-  if constexpr (P > 5) start_avx2(out[5], bias, job.accumulate, l5, h5);
+  const __m256 bias_lo = job.accumulate ? _mm256_setzero_ps() : _mm256_loadu_ps(c.bias.data() + block * kLanes);
+  const __m256 bias_hi = job.accumulate ? _mm256_setzero_ps() : _mm256_loadu_ps(c.bias.data() + block * kLanes + 8);
+  __m256 l0 = bias_lo, h0 = bias_hi, l1 = bias_lo, h1 = bias_hi, l2 = bias_lo, h2 = bias_hi;
+  __m256 l3 = bias_lo, h3 = bias_hi, l4 = bias_lo, h4 = bias_hi, l5 = bias_lo, h5 = bias_hi;
   const float* w = c.weight.data() + block * ntaps * cin * kLanes;
   for (int64_t t = 0; t < ntaps; ++t) {
     const int64_t offset = c.taps[t].dy * job.in.row + c.taps[t].dx * job.in.pixel;
@@ -200,12 +213,12 @@ PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_p
       if constexpr (P > 5) accumulate_avx2(s5 + i, w_lo, w_hi, l5, h5);
     }
   }
-  store_avx2(out[0], also[0], l0, h0, c.lrelu);
-  if constexpr (P > 1) store_avx2(out[1], also[1], l1, h1, c.lrelu);
-  if constexpr (P > 2) store_avx2(out[2], also[2], l2, h2, c.lrelu);
-  if constexpr (P > 3) store_avx2(out[3], also[3], l3, h3, c.lrelu);
-  if constexpr (P > 4) store_avx2(out[4], also[4], l4, h4, c.lrelu);
-  if constexpr (P > 5) store_avx2(out[5], also[5], l5, h5, c.lrelu);
+  store_avx2(out[0], outputs, l0, h0, c.lrelu, job.accumulate);
+  if constexpr (P > 1) store_avx2(out[1], outputs, l1, h1, c.lrelu, job.accumulate);
+  if constexpr (P > 2) store_avx2(out[2], outputs, l2, h2, c.lrelu, job.accumulate);
+  if constexpr (P > 3) store_avx2(out[3], outputs, l3, h3, c.lrelu, job.accumulate);
+  if constexpr (P > 4) store_avx2(out[4], outputs, l4, h4, c.lrelu, job.accumulate);
+  if constexpr (P > 5) store_avx2(out[5], outputs, l5, h5, c.lrelu, job.accumulate);
 }
 
 PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_pixel, int P) {
@@ -275,6 +288,11 @@ void run_items(const std::vector<ConvJob>& jobs, int64_t begin, int64_t end, boo
 }
 
 // ------------------------------------------------------------------ activation and box sum
+
+// out = b - a, `channels` values.
+void differences(const float* a, const float* b, int64_t channels, float* out) {
+  for (int64_t c = 0; c < channels; ++c) out[c] = b[c] - a[c];
+}
 
 struct Activation {
   std::vector<float> scale, shift, slope;  // padded channels: scale 0, shift 0 (they stay 0)
@@ -562,11 +580,14 @@ struct LowResStage::Impl {
     int64_t real_channels;                // C
     Activation activation;
     PackedConv conv1, groups[4];  // conv1: direct, or (winograd) its bias only
-    // The odd-row groups (oe, oo) on row pairs: kernel rows w0 + w2, -w0 and w2 (see the constructor).
-    bool row_pairs = false;
-    PackedConv pair_shared[2], pair_first[2], pair_second[2];
+    // Groups by pairs of rows (oe, oo) and of columns (eo, oo), the products indexed by kind (PairKind):
+    // oe[row kind], eo[column kind], oo[row kind] (row pairs alone; two column taps) or oo_both[row][column].
+    bool row_pairs = false, column_pairs = false;
+    PackedConv oe_pairs[3], eo_pairs[3], oo_pairs[3], oo_both[3][3];
     std::vector<float> t, hx, v;  // the maps (see the top of this file)
-    std::vector<float> rows_diff;  // D: (s+1) x (s+2) x C', row k = padded row k+1 of h minus row k
+    // Differences of h's padded map P for the pairs: rows (s+1) x (s+2), Dy[k] = P[k+1] - P[k]; columns
+    // (s+2) x (s+1), Dx[.][k] = P[.][k+1] - P[.][k]; both (s+1) x (s+1), Dxy[k][j] = Dy[k][j+1] - Dy[k][j].
+    std::vector<float> rows_diff, columns_diff, both_diff;
     bool winograd = false;
     std::vector<PackedConv> conv1_points;  // Winograd: one 1x1 convolution per point
     // [point][tile][Cin'], [point][tile][C'] of the whole map; empty where each worker goes through its
@@ -745,21 +766,42 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
             zeros, false);
       }
     }
-    // The odd-row groups' rows g, g+1 (g even) with Winograd F(2, 2) along y: with P the padded rows of h
-    // and D[k] = P[k+1] - P[k], V[g] = w0 P[g] + w2 P[g+1] = (w0 + w2) P[g+1] - w0 D[g] and
-    // V[g+1] = w0 P[g+1] + w2 P[g+2] = (w0 + w2) P[g+1] + w2 D[g+1]: 3 products per two rows, not 4.
+    // Pairs (Winograd F(2, 2)): along an axis where a group takes the odd taps [w0, w2], with P the padded
+    // map and D[k] = P[k+1] - P[k], outputs g and g+1 (g even) are
+    //   V[g] = w0 P[g] + w2 P[g+1] = (w0 + w2) P[g+1] - w0 D[g],  V[g+1] = (w0 + w2) P[g+1] + w2 D[g+1]:
+    // 3 products (kinds shared, first, second) per two outputs, not 4; along both axes (oo), 9 per 2 x 2.
     b.row_pairs = s >= kRowPairsMinSize;
-    for (int g = 2; g < 4 && b.row_pairs; ++g) {
-      const int* kx = g % 2 ? odd : even;
-      const int nx = g % 2 ? 2 : 1;
-      std::vector<Tap> taps;
-      for (int k = 0; k < nx; ++k) taps.push_back({0, k});
-      const auto w = [&](int64_t o, int64_t i, int ky, int64_t t) { return in.conv2_weight[(o * c + i) * 9 + ky * 3 + kx[t]]; };
-      b.pair_shared[g - 2] = pack(c, c, taps, [&](int64_t o, int64_t i, int64_t t) { return w(o, i, 0, t) + w(o, i, 2, t); }, zeros, false);
-      b.pair_first[g - 2] = pack(c, c, taps, [&](int64_t o, int64_t i, int64_t t) { return -w(o, i, 0, t); }, zeros, false);
-      b.pair_second[g - 2] = pack(c, c, taps, [&](int64_t o, int64_t i, int64_t t) { return w(o, i, 2, t); }, zeros, false);
+    b.column_pairs = s >= kColumnPairsMinSize && cp >= kColumnPairsMinChannels;
+    // sum over the kernel's taps of row_coefficients[ky] * column_coefficients[kx] * w[o][i][ky][kx]
+    const auto combined = [&](const float* row_coefficients, const float* column_coefficients) {
+      return [&in, c, row_coefficients, column_coefficients](int64_t o, int64_t i, int64_t) {
+        double sum = 0;
+        for (int ky = 0; ky < 3; ++ky)
+          for (int kx = 0; kx < 3; ++kx)
+            sum += double(row_coefficients[ky]) * column_coefficients[kx] * in.conv2_weight[(o * c + i) * 9 + ky * 3 + kx];
+        return static_cast<float>(sum);
+      };
+    };
+    for (int kind = 0; kind < 3; ++kind) {
+      const float* pair = kPairCoefficients[kind];
+      if (b.row_pairs) {
+        b.oe_pairs[kind] = pack(c, c, {{0, 0}}, combined(pair, kEvenTap), zeros, false);
+        if (!b.column_pairs) {
+          const auto two_columns = [&](int64_t o, int64_t i, int64_t t) { return combined(pair, kOddTaps[t])(o, i, 0); };
+          b.oo_pairs[kind] = pack(c, c, {{0, 0}, {0, 1}}, two_columns, zeros, false);
+        }
+      }
+      if (b.column_pairs) {
+        b.eo_pairs[kind] = pack(c, c, {{0, 0}}, combined(kEvenTap, pair), zeros, false);
+        for (int column_kind = 0; column_kind < 3; ++column_kind)
+          b.oo_both[kind][column_kind] = pack(c, c, {{0, 0}}, combined(pair, kPairCoefficients[column_kind]), zeros, false);
+      }
     }
     if (b.row_pairs) b.rows_diff.assign((s + 1) * (s + 2) * cp, 0.f);
+    if (b.column_pairs) {
+      b.columns_diff.assign((s + 2) * (s + 1) * cp, 0.f);
+      b.both_diff.assign((s + 1) * (s + 1) * cp, 0.f);
+    }
     b.v.assign((s + 1) * (s + 1) * 4 * cp, 0.f);
     m.blocks.push_back(std::move(b));
   }
@@ -876,44 +918,92 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
       barrier.wait();
       return;
     }
-    const int64_t diff_row = (s + 2) * cp;
-    if (b.row_pairs) {  // D, for the odd-row groups' row pairs
+    // The pairs' differences of P (Block::rows_diff etc.), by padded row.
+    const MapView rows_diff{b.rows_diff.data(), cp, (s + 2) * cp}, columns_diff{b.columns_diff.data(), cp, (s + 1) * cp};
+    const MapView both_diff{b.both_diff.data(), cp, (s + 1) * cp};
+    if (b.row_pairs) {
       int64_t begin, end;
-      share(s + 1, &begin, &end);
-      for (int64_t k = begin; k < end; ++k)
-        for (int64_t x = 0; x < s + 2; ++x) {
-          const float* upper = hx.data + k * hx.row + x * hx.pixel;
-          float* d = b.rows_diff.data() + k * diff_row + x * cp;
-          for (int64_t c = 0; c < cp; ++c) d[c] = upper[hx.row + c] - upper[c];
-        }
+      share(s + 2, &begin, &end);
+      for (int64_t r = begin; r < end; ++r) {
+        const float* row = hx.data + r * hx.row;
+        for (int64_t x = 0; x <= s && b.column_pairs; ++x)
+          differences(row + x * hx.pixel, row + (x + 1) * hx.pixel, cp, columns_diff.data + r * columns_diff.row + x * cp);
+        if (r > s) continue;
+        float* dy = rows_diff.data + r * rows_diff.row;
+        for (int64_t x = 0; x < s + 2; ++x) differences(row + x * hx.pixel, row + hx.row + x * hx.pixel, cp, dy + x * cp);
+        for (int64_t x = 0; x <= s && b.column_pairs; ++x)
+          differences(dy + x * cp, dy + (x + 1) * cp, cp, both_diff.data + r * both_diff.row + x * cp);
+      }
       barrier.wait();
     }
     // The tap groups: output g reads padded rows/columns g (and g+1). The box reads V[m][n] for m, n in
-    // [1, 2s + 1] only: grid g in [1, s] of the even groups and [0, s] of the odd ones. The odd-row groups
-    // go by row pairs (the constructor) where b.row_pairs, and the rows after the pairs directly.
+    // [1, 2s + 1] only: grid g in [1, s] of the even groups and [0, s] of the odd ones. Where pairs are on,
+    // a group's pairs are a chain of products (the first stores, the others add; ConvJob::chained), and the
+    // rows or columns after the pairs (s even) run directly.
     std::vector<ConvJob> groups;
-    const int64_t pairs = b.row_pairs ? (s + 1) / 2 : 0;
+    // map m from (row, column), every `row_step` rows and `column_step` columns
+    const auto at = [](const MapView& m, int64_t row, int64_t column, int64_t row_step, int64_t column_step) {
+      return MapView{m.data + row * m.row + column * m.pixel, column_step * m.pixel, row_step * m.row};
+    };
+    const auto product = [](const PackedConv& conv, MapView in, const std::vector<MapView>& outputs, int64_t height,
+                            int64_t width) {
+      ConvJob job{&conv, in, outputs[0], height, width};
+      for (size_t k = 1; k < outputs.size(); ++k) job.also[k - 1] = outputs[k];
+      return job;
+    };
+    const auto chain = [&](std::vector<ConvJob> products) {
+      products[0].chained = static_cast<int>(products.size()) - 1;
+      for (size_t k = 1; k < products.size(); ++k) products[k].accumulate = true;
+      groups.insert(groups.end(), products.begin(), products.end());
+    };
+    // Along a paired axis, kind k reads P (shared) or D (first, second) at offset kind_offset[k] of the pair
+    // and writes pair outputs kind_outputs[k].
+    const int64_t kind_offset[3] = {1, 0, 1};
+    const std::vector<int64_t> kind_outputs[3] = {{0, 1}, {0}, {1}};
+    const int64_t row_pairs = b.row_pairs ? (s + 1) / 2 : 0, column_pairs = b.column_pairs ? (s + 1) / 2 : 0;
     for (int g = 0; g < 4; ++g) {
       const bool odd_rows = g / 2, odd_columns = g % 2;
-      const int64_t oy = odd_rows ? 0 : 1, ox = odd_columns ? 0 : 1, width = s + odd_columns;
-      const MapView in{hx.data + oy * hx.row + ox * hx.pixel, hx.pixel, hx.row};
-      const MapView to{v.data + oy * v.row + ox * v.pixel + g * cp, v.pixel, v.row};
-      if (!odd_rows || pairs == 0) {
-        groups.push_back({&b.groups[g], in, to, s + odd_rows, width});
+      const int64_t oy = odd_rows ? 0 : 1, ox = odd_columns ? 0 : 1, height = s + odd_rows, width = s + odd_columns;
+      const MapView P = at(hx, oy, ox, 1, 1), V = at({v.data + g * cp, v.pixel, v.row}, oy, ox, 1, 1);
+      const bool by_rows = odd_rows && row_pairs > 0, by_columns = odd_columns && column_pairs > 0;
+      const int64_t paired_rows = by_rows ? 2 * row_pairs : 0, paired_columns = by_columns ? 2 * column_pairs : 0;
+      std::vector<ConvJob> products;
+      if (by_rows && by_columns) {  // oo
+        for (int ry = 0; ry < 3; ++ry)
+          for (int cx = 0; cx < 3; ++cx) {
+            const MapView& source = ry == kShared ? (cx == kShared ? hx : columns_diff) : (cx == kShared ? rows_diff : both_diff);
+            std::vector<MapView> outputs;
+            for (int64_t r : kind_outputs[ry])
+              for (int64_t c : kind_outputs[cx]) outputs.push_back(at(V, r, c, 2, 2));
+            products.push_back(product(b.oo_both[ry][cx], at(source, oy + kind_offset[ry], ox + kind_offset[cx], 2, 2),
+                                       outputs, row_pairs, column_pairs));
+          }
+      } else if (by_rows) {  // oe, or oo without column pairs
+        for (int ry = 0; ry < 3; ++ry) {
+          std::vector<MapView> outputs;
+          for (int64_t r : kind_outputs[ry]) outputs.push_back(at(V, r, 0, 2, 1));
+          const MapView source = at(ry == kShared ? hx : rows_diff, oy + kind_offset[ry], ox, 2, 1);
+          products.push_back(product(odd_columns ? b.oo_pairs[ry] : b.oe_pairs[ry], source, outputs, row_pairs, width));
+        }
+      } else if (by_columns) {  // eo
+        for (int cx = 0; cx < 3; ++cx) {
+          std::vector<MapView> outputs;
+          for (int64_t c : kind_outputs[cx]) outputs.push_back(at(V, 0, c, 1, 2));
+          const MapView source = at(cx == kShared ? hx : columns_diff, oy, ox + kind_offset[cx], 1, 2);
+          products.push_back(product(b.eo_pairs[cx], source, outputs, height, column_pairs));
+        }
+      }
+      if (products.empty()) {
+        groups.push_back({&b.groups[g], P, V, height, width});
         continue;
       }
-      const MapView even_rows{to.data, to.pixel, 2 * to.row}, odd_rows_of_pairs{to.data + to.row, to.pixel, 2 * to.row};
-      float* diff = b.rows_diff.data() + ox * cp;
-      ConvJob shared{&b.pair_shared[g - 2], {in.data + in.row, in.pixel, 2 * in.row}, even_rows, pairs, width};
-      shared.also = odd_rows_of_pairs;
-      shared.chained = 2;
-      ConvJob first{&b.pair_first[g - 2], {diff, cp, 2 * diff_row}, even_rows, pairs, width};
-      ConvJob second{&b.pair_second[g - 2], {diff + diff_row, cp, 2 * diff_row}, odd_rows_of_pairs, pairs, width};
-      first.accumulate = second.accumulate = true;
-      groups.insert(groups.end(), {shared, first, second});
-      if (2 * pairs <= s)  // the last row where s is even
-        groups.push_back({&b.groups[g], {in.data + 2 * pairs * in.row, in.pixel, in.row},
-                          {to.data + 2 * pairs * to.row, to.pixel, to.row}, s + 1 - 2 * pairs, width});
+      chain(std::move(products));
+      // directly: the rows after the pairs (every column), and the columns after the pairs (the paired rows)
+      if (by_rows && paired_rows < height)
+        groups.push_back({&b.groups[g], at(P, paired_rows, 0, 1, 1), at(V, paired_rows, 0, 1, 1), height - paired_rows, width});
+      if (by_columns && paired_columns < width)
+        groups.push_back({&b.groups[g], at(P, 0, paired_columns, 1, 1), at(V, 0, paired_columns, 1, 1),
+                          by_rows ? paired_rows : height, width - paired_columns});
     }
     convolve(groups);
     // the box sum: the block's output x, 2s x 2s, into the next block's T and HX, or `out` (NCHW)
