@@ -276,8 +276,9 @@ class LowResStage:
     """The per-frame network's keypoint MLP and up-sampling blocks, one avatar folded in, in one native CPU
     call: everything that runs below the frame's resolution (each up-sampling convolution is computed at its
     input's), up to the full-resolution ``heads``. ``csrc/lowres``: direct convolutions on channels-last
-    maps, conv1 as Winograd F(4x4, 3x3) on maps of at least ``winograd_min_size`` px (<= 0: never), a few
-    passes per block.
+    maps, conv1 as Winograd (F(2x2, 3x3) below 16 px, F(4x4, 3x3) from there) on maps of at least
+    ``winograd_min_size`` px (<= 0: never), the up-sampling convolutions' tap groups by pairs of outputs
+    (Winograd F(2, 2)), a few passes per block.
 
     ``mlp``: [(weight (out, in), bias (out,))], LeakyReLU(0.2) between layers; the last layer's outputs are
     the first block's input x, (C0, s0, s0) with s0 = ``input_size``. ``blocks``: per block a dict of

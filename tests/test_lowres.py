@@ -102,15 +102,17 @@ def test_paths_and_thread_counts_agree(winograd_min_size, rng):
     np.testing.assert_allclose(stage(x, num_threads=2, vectorized=False), one, rtol=1e-5, atol=1e-5 * scale)
 
 
-def test_winograd_matches_direct_on_released_widths(rng):
-    """conv1 as Winograd F(4x4, 3x3) against direct, at the widths and sizes it serves (256 -> 128 channels at
-    16-32 px): the transforms add rounding, not error beyond the kernel's tolerance."""
-    mlp, blocks = make_stage(rng, 24, (), (256, 128, 64), 16)
+@pytest.mark.parametrize("input_size, channels", [(8, (256, 256, 128)), (16, (256, 128, 64))])
+def test_winograd_matches_direct_on_released_widths(input_size, channels, rng):
+    """conv1 as Winograd F(2x2, 3x3) (8 px) and F(4x4, 3x3) (16-32 px) against direct, at the widths and sizes
+    they serve, with the tap groups' pairs of rows and columns: the transforms add rounding, not error beyond
+    the kernel's tolerance."""
+    mlp, blocks = make_stage(rng, 24, (), channels, input_size)
     x = rng.standard_normal((1, 24)).astype(np.float32)
-    ref = reference(x, mlp, blocks, 16)
+    ref = reference(x, mlp, blocks, input_size)
     rtol, atol = TOLERANCES["heads_fp32"]
-    for min_size in (0, 16):
-        out = ops.LowResStage(mlp, blocks, 16, winograd_min_size=min_size)(x, num_threads=2)
+    for min_size in (0, input_size):
+        out = ops.LowResStage(mlp, blocks, input_size, winograd_min_size=min_size)(x, num_threads=2)
         np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol * max(1.0, float(np.abs(ref).max())))
 
 

@@ -445,9 +445,12 @@ class BoxRows {
   int64_t item_ = -1, last_ = -1;  // the rows hold R(last_ - 1) and R(last_) of item_
 };
 
+// The heads' Winograd transform along rows.
+using RowWinograd = winograd::F4x3;
+
 // A worker's rows; see the file comment. The activation ring holds the 6 rows that a band of 4 output rows
 // reads (kRingRows).
-constexpr int64_t kRingRows = winograd::kWindow;
+constexpr int64_t kRingRows = RowWinograd::kWindow;
 
 class Rows {
  public:
@@ -531,8 +534,8 @@ void heads_row_portable(const HeadsParams& p, const Rows& rows, int64_t y, int64
 // multiply-adds per channel and 4 rows against 36), and A^T of the 6 products gives the 4 rows. `packed`:
 // the transformed weights as (6 points, C, 3 taps, 6 outputs); `points`: 6 x C rows of the ring's stride.
 PYBILAYER_AVX2 void heads_band_avx2(const HeadsParams& p, const Rows& rows, int64_t y0, int64_t nrows,
-                                    const float* packed, float* points, const OutputRows out[winograd::kTile]) {
-  using winograd::kWindow;
+                                    const float* packed, float* points, const OutputRows out[RowWinograd::kTile]) {
+  constexpr int kWindow = RowWinograd::kWindow;
   const GroupsShape shape = shape_of(p.groups);
   const int64_t C = shape.channels, S = 2 * shape.low_size, vector_end = S - S % kBlock, stride = rows.row_stride();
   for (int64_t c = 0; c < C; ++c) {  // B^T of the 6 rows, columns -1 .. S (the zero padding included)
@@ -541,7 +544,7 @@ PYBILAYER_AVX2 void heads_band_avx2(const HeadsParams& p, const Rows& rows, int6
     for (int64_t x = 0; x < S + 2; x += 8) {
       __m256 d[kWindow], q[kWindow];
       for (int r = 0; r < kWindow; ++r) d[r] = _mm256_loadu_ps(in[r] + x);
-      winograd::input_1d(d, q);
+      RowWinograd::input(d, q);
       for (int i = 0; i < kWindow; ++i) _mm256_storeu_ps(points + (i * C + c) * stride + x, q[i]);
     }
   }
@@ -581,9 +584,9 @@ PYBILAYER_AVX2 void heads_band_avx2(const HeadsParams& p, const Rows& rows, int6
     for (int o = 0; o < kHeadChannels; ++o) {
       const __m256 bias = _mm256_set1_ps(p.bias[o]);
       for (int half = 0; half < kBlock; half += 8) {
-        __m256 m[kWindow], r[winograd::kTile];
+        __m256 m[kWindow], r[RowWinograd::kTile];
         for (int i = 0; i < kWindow; ++i) m[i] = _mm256_load_ps(products[i][o] + half);
-        winograd::output_1d(m, r);
+        RowWinograd::output(m, r);
         for (int64_t k = 0; k < nrows; ++k) {
           const __m256 h = _mm256_add_ps(r[k], bias);
           _mm256_storeu_ps(out[k].row[o] + x + half, o < kTanhChannels ? tanh_avx2(h) : h);
@@ -597,7 +600,7 @@ PYBILAYER_AVX2 void heads_band_avx2(const HeadsParams& p, const Rows& rows, int6
 
 // The transformed weights of heads_band_avx2: point i of kernel column j's 3 taps, as (6, C, 3, 6).
 std::vector<float> pack_heads_weights(const HeadsParams& p, int64_t C) {
-  using winograd::kWindow;
+  constexpr int kWindow = RowWinograd::kWindow;
   std::vector<float> packed(kWindow * C * 3 * kHeadChannels);
   for (int o = 0; o < kHeadChannels; ++o)
     for (int64_t c = 0; c < C; ++c)
@@ -605,7 +608,7 @@ std::vector<float> pack_heads_weights(const HeadsParams& p, int64_t C) {
         const float* w = p.weight + (o * C + c) * 9 + j;
         const double column[3] = {w[0], w[3], w[6]};
         double u[kWindow];
-        winograd::kernel_1d(column, u);
+        RowWinograd::kernel(column, u);
         for (int i = 0; i < kWindow; ++i) packed[((i * C + c) * 3 + j) * kHeadChannels + o] = static_cast<float>(u[i]);
       }
   return packed;
@@ -633,10 +636,10 @@ void block_output_rows(const BlockOutputParams& p, int64_t row_begin, int64_t ro
 // `packed` (heads_band_avx2's weights) or null for the portable path, one row at a time.
 void heads_bands(const HeadsParams& p, int64_t band_begin, int64_t band_end, const float* packed,
                  const float* packed_conv) {
-  constexpr int64_t kTile = winograd::kTile;
+  constexpr int64_t kTile = RowWinograd::kTile;
   const int64_t S = 2 * shape_of(p.groups).low_size, C = shape_of(p.groups).channels, per_item = (S + kTile - 1) / kTile;
   Rows rows(p, packed != nullptr, packed_conv);
-  std::vector<float> points(packed != nullptr ? winograd::kWindow * C * rows.row_stride() : 0, 0.f);
+  std::vector<float> points(packed != nullptr ? RowWinograd::kWindow * C * rows.row_stride() : 0, 0.f);
   int64_t item = -1, next = 0;  // t rows of `item` are filled up to, not including, row `next`
   for (int64_t band = band_begin; band < band_end; ++band) {
     const int64_t b = band / per_item, y0 = band % per_item * kTile, nrows = std::min(kTile, S - y0);
@@ -670,7 +673,7 @@ int64_t group_work_per_row(const TapGroups& groups) {
 
 void heads_cpu(const HeadsParams& p, int num_threads, bool vectorized) {
   const GroupsShape shape = shape_of(p.groups);
-  const int64_t S = 2 * shape.low_size, C = shape.channels, bands = shape.batch * ((S + winograd::kTile - 1) / winograd::kTile);
+  const int64_t S = 2 * shape.low_size, C = shape.channels, bands = shape.batch * ((S + RowWinograd::kTile - 1) / RowWinograd::kTile);
   if (bands == 0 || C == 0) return;
   const bool avx2 = vectorized && has_avx2_fma();
   std::vector<float> packed;
@@ -679,7 +682,7 @@ void heads_cpu(const HeadsParams& p, int num_threads, bool vectorized) {
 #endif
   const std::vector<float> packed_conv = packed_conv_weights(p.groups, avx2);
   // A null `packed` selects the portable path.
-  const int64_t band_work = winograd::kTile * (S + group_work_per_row(p.groups) / (C * 9 * kHeadChannels));  // in pixels of the heads
+  const int64_t band_work = RowWinograd::kTile * (S + group_work_per_row(p.groups) / (C * 9 * kHeadChannels));  // in pixels of the heads
   parallel_rows(bands, worker_count(bands, band_work, kMinPixelsPerThread, num_threads), [&](int64_t begin, int64_t end) {
     heads_bands(p, begin, end, avx2 ? packed.data() : nullptr, packed_conv.data());
   });

@@ -2,8 +2,9 @@
 // size, up to the inputs of the native heads kernel). Graph runtimes run the first, small and wide maps
 // (4-16 px, 256 channels) far below this CPU's multiply-add rate (few pixels to share between threads, a
 // pass over memory per operator); here every convolution runs on channels-last maps, 6 pixels x 16 output
-// channels per step, conv1 as Winograd F(4x4, 3x3) on larger maps, and each block is a few passes (conv1,
-// the up-sampling convolution's tap groups, the box sum with the next activation) between which the
+// channels per step, conv1 as Winograd F(2x2, 3x3) or F(4x4, 3x3) on larger maps, the up-sampling
+// convolution's tap groups by pairs of rows and columns (Winograd F(2, 2)), and each block is a few passes
+// (conv1, the pairs' differences, the tap groups, the box sum with the next activation) between which the
 // workers meet at a barrier.
 //
 // Convention (frame_graph.folded_low_res_stage folds one avatar into these weights, the graphs of
@@ -53,7 +54,8 @@ struct LowResStageParams {
   std::vector<DenseLayer> mlp;
   std::vector<LowResBlock> blocks;
   int64_t input_size = 0;  // s0: the last MLP layer has C0 * s0 * s0 outputs, C0 = blocks[0].in_channels
-  // conv1 runs as Winograd F(4x4, 3x3) on maps whose side is a multiple of 4 and at least this (<= 0: never)
+  // conv1 runs as Winograd on even maps of at least this side (<= 0: never): F(4x4, 3x3) from 16 px where the
+  // side is a multiple of 4, F(2x2, 3x3) below
   int64_t winograd_min_size = 0;
   bool heads_inputs = false;  // the last block stops before its up-sampling convolution (see the top)
 };

@@ -342,17 +342,16 @@ PYBILAYER_AVX2 void box_avx2(const float* const at[4], int64_t channels, float* 
 }
 #endif
 
-// ------------------------------------------------------------------ Winograd F(4x4, 3x3)
+// ------------------------------------------------------------------ Winograd F(4x4, 3x3) and F(2x2, 3x3)
 //
-// conv1 on larger maps: a 3x3 convolution over a 4x4 output tile is 36 products per channel pair (against
-// 144 direct) between transforms of the tile's 6x6 input window and of its 6x6 products (winograd.h along
-// both axes). The products are 36 independent 1x1 convolutions over the tiles, run by the step above. The
-// transforms are written once over a lane type (`Lanes`: one float, or 8 channels in one AVX register), so
-// both paths transform to the same bits.
-
-using winograd::kTile;
-using winograd::kWindow;
-constexpr int kPoints = kWindow * kWindow;
+// conv1 on maps of 8 px and more: a 3x3 convolution over a t x t output tile is w^2 products per channel
+// pair (against 9 t^2 direct) between transforms of the tile's w x w input window and of its products
+// (winograd.h along both axes): F(4x4, 3x3), 36 products per 16 outputs, from kWinograd4MinSize; below,
+// F(2x2, 3x3), 16 per 4, whose points' weights are 2.25x smaller (the 8 px block's products are bound by
+// reading them). The products are w^2 independent 1x1 convolutions over the tiles, run by the step above.
+// The transforms are written once over a lane type (`Lanes`: one float, or 8 channels in one AVX
+// register), so both paths transform to the same bits.
+constexpr int64_t kWinograd4MinSize = 16;
 
 // Where the points' weights are small, each worker transforms, multiplies and transforms back kChunkTiles
 // tiles at a time (no pass over the whole map's points, which outgrow the caches at 64-128 px); elsewhere
@@ -361,8 +360,8 @@ constexpr int kPoints = kWindow * kWindow;
 // minimum 0.6-0.9 ms faster in three runs; at 32 px too, no faster; chunks of 24 tiles, no faster.
 constexpr int64_t kChunkTiles = 2 * kPixels;
 constexpr int64_t kChunkedWeightBytes = 2 * 1024 * 1024;
-bool points_chunked(int64_t in_channels, int64_t channels) {
-  return kPoints * in_channels * channels * int64_t(sizeof(float)) <= kChunkedWeightBytes;
+bool points_chunked(int64_t points, int64_t in_channels, int64_t channels) {
+  return points * in_channels * channels * int64_t(sizeof(float)) <= kChunkedWeightBytes;
 }
 
 // The lanes the transforms work on: one float (Scalar), or 8 consecutive channels (Vector8, a GCC/Clang vector
@@ -396,42 +395,44 @@ struct Lanes<Vector8> {
 };
 #endif
 
-// Lanes of one tile: the 6x6 window at `in` (channels-last) -> point k at out + k * plane.
-template <typename L>
+// Lanes of one tile: the w x w window at `in` (channels-last) -> point k at out + k * plane.
+template <typename F, typename L>
 PYBILAYER_INLINE void winograd_input_tile(const float* in, int64_t pixel, int64_t row, float* out, int64_t plane) {
   using T = typename Lanes<L>::type;
+  constexpr int kWindow = F::kWindow;
   T columns[kWindow][kWindow];  // [i][x]: (B^T d)[i] of window column x
   for (int x = 0; x < kWindow; ++x) {
     T d[kWindow], r[kWindow];
     for (int y = 0; y < kWindow; ++y) Lanes<L>::load(in + y * row + x * pixel, d[y]);
-    winograd::input_1d(d, r);
+    F::input(d, r);
     for (int i = 0; i < kWindow; ++i) columns[i][x] = r[i];
   }
   for (int i = 0; i < kWindow; ++i) {
     T r[kWindow];
-    winograd::input_1d(columns[i], r);
+    F::input(columns[i], r);
     for (int j = 0; j < kWindow; ++j) Lanes<L>::store(out + (i * kWindow + j) * plane, r[j]);
   }
 }
 
-// Lanes of one tile: products (point k at in + k * plane) -> lrelu(A^T M A + bias), the 4x4 outputs at `out`
+// Lanes of one tile: products (point k at in + k * plane) -> lrelu(A^T M A + bias), the t x t outputs at `out`
 // (channels-last).
-template <typename L>
+template <typename F, typename L>
 PYBILAYER_INLINE void winograd_output_tile(const float* in, int64_t plane, const float* bias, float* out, int64_t pixel,
                                            int64_t row) {
   using T = typename Lanes<L>::type;
+  constexpr int kTile = F::kTile, kWindow = F::kWindow;
   T rows[kTile][kWindow];  // [x][i]: (m_i A)[x] of product row i
   for (int i = 0; i < kWindow; ++i) {
     T m[kWindow], r[kTile];
     for (int j = 0; j < kWindow; ++j) Lanes<L>::load(in + (i * kWindow + j) * plane, m[j]);
-    winograd::output_1d(m, r);
+    F::output(m, r);
     for (int x = 0; x < kTile; ++x) rows[x][i] = r[x];
   }
   T b;
   Lanes<L>::load(bias, b);
   for (int x = 0; x < kTile; ++x) {
     T r[kTile];
-    winograd::output_1d(rows[x], r);
+    F::output(rows[x], r);
     for (int y = 0; y < kTile; ++y) Lanes<L>::store_lrelu(out + y * row + x * pixel, r[y] + b);
   }
 }
@@ -439,42 +440,79 @@ PYBILAYER_INLINE void winograd_output_tile(const float* in, int64_t plane, const
 // One of conv1's Winograd passes over tiles [begin, end) of a map of `tiles_per_row`^2 tiles, between the map
 // and a buffer of the points of tiles [first, first + count); `channels` is a multiple of 16.
 struct WinogradInput {
-  MapView in;  // the padded input: tile (ty, tx)'s window starts at (4 ty, 4 tx)
+  int tile;    // 4: F(4x4, 3x3), or 2: F(2x2, 3x3)
+  MapView in;  // the padded input: tile (ty, tx)'s window starts at (t ty, t tx)
   float* out;  // [point][tile - first][channels]
   int64_t tiles_per_row, channels, first, count;
 };
 
 struct WinogradOutput {
+  int tile;
   const float* in;  // [point][tile - first][channels]
   const float* bias;
-  MapView out;  // tile (ty, tx)'s outputs start at (4 ty, 4 tx)
+  MapView out;  // tile (ty, tx)'s outputs start at (t ty, t tx)
   int64_t tiles_per_row, channels, first, count;
 };
 
-template <typename L>
+template <typename F, typename L>
 PYBILAYER_INLINE void winograd_input_tiles(const WinogradInput& p, int64_t begin, int64_t end) {
   const int64_t plane = p.count * p.channels;
   for (int64_t tile = begin; tile < end; ++tile) {
-    const float* in = p.in.data + tile / p.tiles_per_row * kTile * p.in.row + tile % p.tiles_per_row * kTile * p.in.pixel;
+    const float* in = p.in.data + tile / p.tiles_per_row * F::kTile * p.in.row + tile % p.tiles_per_row * F::kTile * p.in.pixel;
     for (int64_t c = 0; c < p.channels; c += Lanes<L>::count)
-      winograd_input_tile<L>(in + c, p.in.pixel, p.in.row, p.out + (tile - p.first) * p.channels + c, plane);
+      winograd_input_tile<F, L>(in + c, p.in.pixel, p.in.row, p.out + (tile - p.first) * p.channels + c, plane);
   }
 }
 
-template <typename L>
+template <typename F, typename L>
 PYBILAYER_INLINE void winograd_output_tiles(const WinogradOutput& p, int64_t begin, int64_t end) {
   const int64_t plane = p.count * p.channels;
   for (int64_t tile = begin; tile < end; ++tile) {
-    float* out = p.out.data + tile / p.tiles_per_row * kTile * p.out.row + tile % p.tiles_per_row * kTile * p.out.pixel;
+    float* out = p.out.data + tile / p.tiles_per_row * F::kTile * p.out.row + tile % p.tiles_per_row * F::kTile * p.out.pixel;
     for (int64_t c = 0; c < p.channels; c += Lanes<L>::count)
-      winograd_output_tile<L>(p.in + (tile - p.first) * p.channels + c, plane, p.bias + c, out + c, p.out.pixel,
-                              p.out.row);
+      winograd_output_tile<F, L>(p.in + (tile - p.first) * p.channels + c, plane, p.bias + c, out + c, p.out.pixel,
+                                 p.out.row);
   }
 }
 
+// U = G g G^T of every channel pair of a 3x3 convolution's weight (C, Cin, 3, 3), in float64: [point][o][i].
+template <typename F>
+std::vector<float> winograd_weights(const float* weight, int64_t c, int64_t cin) {
+  constexpr int kWindow = F::kWindow;
+  std::vector<float> u(kWindow * kWindow * c * cin);
+  for (int64_t o = 0; o < c; ++o)
+    for (int64_t i = 0; i < cin; ++i) {
+      const float* g = weight + (o * cin + i) * 9;
+      double rows[3][kWindow];  // G applied to each kernel column, then (below) to each row of those
+      for (int kx = 0; kx < 3; ++kx) {
+        const double column[3] = {g[kx], g[3 + kx], g[6 + kx]};
+        F::kernel(column, rows[kx]);
+      }
+      for (int k = 0; k < kWindow; ++k) {
+        const double row[3] = {rows[0][k], rows[1][k], rows[2][k]};
+        double r[kWindow];
+        F::kernel(row, r);
+        for (int m = 0; m < kWindow; ++m) u[((k * kWindow + m) * c + o) * cin + i] = static_cast<float>(r[m]);
+      }
+    }
+  return u;
+}
+
+template <typename L>
+PYBILAYER_INLINE void winograd_input_lanes(const WinogradInput& p, int64_t begin, int64_t end) {
+  if (p.tile == winograd::F4x3::kTile) return winograd_input_tiles<winograd::F4x3, L>(p, begin, end);
+  winograd_input_tiles<winograd::F2x3, L>(p, begin, end);
+}
+
+template <typename L>
+PYBILAYER_INLINE void winograd_output_lanes(const WinogradOutput& p, int64_t begin, int64_t end) {
+  if (p.tile == winograd::F4x3::kTile) return winograd_output_tiles<winograd::F4x3, L>(p, begin, end);
+  winograd_output_tiles<winograd::F2x3, L>(p, begin, end);
+}
+
 #ifdef PYBILAYER_X86_AVX2
-PYBILAYER_AVX2 void winograd_input_avx2(const WinogradInput& p, int64_t begin, int64_t end) { winograd_input_tiles<Vector8>(p, begin, end); }
-PYBILAYER_AVX2 void winograd_output_avx2(const WinogradOutput& p, int64_t begin, int64_t end) { winograd_output_tiles<Vector8>(p, begin, end); }
+PYBILAYER_AVX2 void winograd_input_avx2(const WinogradInput& p, int64_t begin, int64_t end) { winograd_input_lanes<Vector8>(p, begin, end); }
+PYBILAYER_AVX2 void winograd_output_avx2(const WinogradOutput& p, int64_t begin, int64_t end) { winograd_output_lanes<Vector8>(p, begin, end); }
 #endif
 
 void winograd_input(const WinogradInput& p, int64_t begin, int64_t end, bool avx2) {
@@ -482,7 +520,7 @@ void winograd_input(const WinogradInput& p, int64_t begin, int64_t end, bool avx
   if (avx2) return winograd_input_avx2(p, begin, end);
 #endif
   (void)avx2;
-  winograd_input_tiles<Scalar>(p, begin, end);
+  winograd_input_lanes<Scalar>(p, begin, end);
 }
 
 void winograd_output(const WinogradOutput& p, int64_t begin, int64_t end, bool avx2) {
@@ -490,7 +528,7 @@ void winograd_output(const WinogradOutput& p, int64_t begin, int64_t end, bool a
   if (avx2) return winograd_output_avx2(p, begin, end);
 #endif
   (void)avx2;
-  winograd_output_tiles<Scalar>(p, begin, end);
+  winograd_output_lanes<Scalar>(p, begin, end);
 }
 
 // ------------------------------------------------------------------ channels-last -> planes
@@ -579,7 +617,7 @@ struct LowResStage::Impl {
     int64_t size, in_channels, channels;  // s, Cin', C' (padded)
     int64_t real_channels;                // C
     Activation activation;
-    PackedConv conv1, groups[4];  // conv1: direct, or (winograd) its bias only
+    PackedConv conv1, groups[4];  // conv1: direct, or (Winograd) its bias only
     // Groups by pairs of rows (oe, oo) and of columns (eo, oo), the products indexed by kind (PairKind):
     // oe[row kind], eo[column kind], oo[row kind] (row pairs alone; two column taps) or oo_both[row][column].
     bool row_pairs = false, column_pairs = false;
@@ -588,8 +626,9 @@ struct LowResStage::Impl {
     // Differences of h's padded map P for the pairs: rows (s+1) x (s+2), Dy[k] = P[k+1] - P[k]; columns
     // (s+2) x (s+1), Dx[.][k] = P[.][k+1] - P[.][k]; both (s+1) x (s+1), Dxy[k][j] = Dy[k][j+1] - Dy[k][j].
     std::vector<float> rows_diff, columns_diff, both_diff;
-    bool winograd = false;
+    int winograd_tile = 0;                 // conv1 as Winograd F(t x t, 3x3), or 0: direct
     std::vector<PackedConv> conv1_points;  // Winograd: one 1x1 convolution per point
+    int64_t points() const { return (winograd_tile + 2) * (winograd_tile + 2); }
     // [point][tile][Cin'], [point][tile][C'] of the whole map; empty where each worker goes through its
     // tiles a chunk at a time (points_chunked), in its own scratch
     std::vector<float> points_in, points_out;
@@ -687,39 +726,24 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
     for (int dy = 0; dy < 3; ++dy)
       for (int dx = 0; dx < 3; ++dx) taps3.push_back({dy, dx});
     const std::vector<float> conv1_bias(in.conv1_bias, in.conv1_bias + c);
-    b.winograd = p.winograd_min_size > 0 && s >= p.winograd_min_size && s % kTile == 0;
-    if (b.winograd) {
+    if (p.winograd_min_size > 0 && s >= p.winograd_min_size)
+      b.winograd_tile = s >= kWinograd4MinSize && s % 4 == 0 ? 4 : s % 2 == 0 ? 2 : 0;
+    if (b.winograd_tile) {
       b.conv1 = pack(c, 0, {}, [](int64_t, int64_t, int64_t) { return 0.f; }, conv1_bias, true);
-      // U = G g G^T per channel pair, in float64, then one packed 1x1 convolution per point.
-      std::vector<float> u(kPoints * c * cin);  // [point][o][i]
-      for (int64_t o = 0; o < c; ++o)
-        for (int64_t i = 0; i < cin; ++i) {
-          const float* g = in.conv1_weight + (o * cin + i) * 9;
-          double rows[3][kWindow];  // G applied to each kernel column... then to each row
-          for (int kx = 0; kx < 3; ++kx) {
-            const double column[3] = {g[kx], g[3 + kx], g[6 + kx]};
-            double r[kWindow];
-            winograd::kernel_1d(column, r);
-            for (int k = 0; k < kWindow; ++k) rows[kx][k] = r[k];
-          }
-          for (int k = 0; k < kWindow; ++k) {
-            const double row[3] = {rows[0][k], rows[1][k], rows[2][k]};
-            double r[kWindow];
-            winograd::kernel_1d(row, r);
-            for (int m = 0; m < kWindow; ++m) u[((k * kWindow + m) * c + o) * cin + i] = static_cast<float>(r[m]);
-          }
-        }
+      const int64_t points = b.points();
+      const std::vector<float> u = b.winograd_tile == 4 ? winograd_weights<winograd::F4x3>(in.conv1_weight, c, cin)
+                                                        : winograd_weights<winograd::F2x3>(in.conv1_weight, c, cin);
       const std::vector<float> zeros(c, 0.f);
-      for (int k = 0; k < kPoints; ++k)
+      for (int64_t k = 0; k < points; ++k)
         b.conv1_points.push_back(pack(
             c, b.in_channels, {{0, 0}},
             [&](int64_t o, int64_t i, int64_t) { return i < cin ? u[(k * c + o) * cin + i] : 0.f; }, zeros, false));
-      const int64_t tiles = (s / kTile) * (s / kTile);
-      if (points_chunked(b.in_channels, cp)) {
-        m.scratch_size = std::max(m.scratch_size, kPoints * kChunkTiles * (b.in_channels + cp));
+      const int64_t tiles = (s / b.winograd_tile) * (s / b.winograd_tile);
+      if (points_chunked(points, b.in_channels, cp)) {
+        m.scratch_size = std::max(m.scratch_size, points * kChunkTiles * (b.in_channels + cp));
       } else {
-        b.points_in.assign(kPoints * tiles * b.in_channels, 0.f);
-        b.points_out.assign(kPoints * tiles * cp, 0.f);
+        b.points_in.assign(points * tiles * b.in_channels, 0.f);
+        b.points_out.assign(points * tiles * cp, 0.f);
       }
     } else {
       b.conv1 = pack(
@@ -864,34 +888,35 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
     // The products of `count` tiles' points: one 1x1 convolution per point, [point][tile][channels] buffers.
     const auto products = [&](float* points_in, float* points_out, int64_t count) {
       std::vector<ConvJob> jobs;
-      for (int k = 0; k < kPoints; ++k)
+      for (int64_t k = 0; k < b.points(); ++k)
         jobs.push_back({&b.conv1_points[k], {points_in + k * count * b.in_channels, b.in_channels, 0},
                         {points_out + k * count * cp, cp, 0}, 1, count});
       return jobs;
     };
-    if (b.winograd) {
-      const int64_t per_row = s / kTile, tiles = per_row * per_row;
+    if (b.winograd_tile) {
+      const int tile = b.winograd_tile;
+      const int64_t per_row = s / tile, tiles = per_row * per_row;
       int64_t begin, end;
       share(tiles, &begin, &end);
       if (b.points_in.empty()) {  // chunks of this worker's tiles, in its scratch
         float* points_in = scratch[worker].data();
-        float* points_out = points_in + kPoints * kChunkTiles * b.in_channels;
+        float* points_out = points_in + b.points() * kChunkTiles * b.in_channels;
         for (int64_t first = begin; first < end; first += kChunkTiles) {
           const int64_t count = std::min(kChunkTiles, end - first);
           const std::vector<ConvJob> jobs = products(points_in, points_out, count);
-          winograd_input({t, points_in, per_row, b.in_channels, first, count}, first, first + count, avx2);
+          winograd_input({tile, t, points_in, per_row, b.in_channels, first, count}, first, first + count, avx2);
           run_items(jobs, 0, static_cast<int64_t>(jobs.size()) * jobs[0].items(), avx2);
-          winograd_output({points_out, b.conv1.bias.data(), h_out, per_row, cp, first, count}, first, first + count,
-                          avx2);
+          winograd_output({tile, points_out, b.conv1.bias.data(), h_out, per_row, cp, first, count}, first,
+                          first + count, avx2);
         }
         convolve(skip_jobs);  // also the pass's barrier when there is no skip
       } else {  // passes over the whole map's points
-        winograd_input({t, b.points_in.data(), per_row, b.in_channels, 0, tiles}, begin, end, avx2);
+        winograd_input({tile, t, b.points_in.data(), per_row, b.in_channels, 0, tiles}, begin, end, avx2);
         barrier.wait();
         std::vector<ConvJob> jobs = products(b.points_in.data(), b.points_out.data(), tiles);
         jobs.insert(jobs.end(), skip_jobs.begin(), skip_jobs.end());
         convolve(jobs);
-        winograd_output({b.points_out.data(), b.conv1.bias.data(), h_out, per_row, cp, 0, tiles}, begin, end, avx2);
+        winograd_output({tile, b.points_out.data(), b.conv1.bias.data(), h_out, per_row, cp, 0, tiles}, begin, end, avx2);
         barrier.wait();
       }
     } else {

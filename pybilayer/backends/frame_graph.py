@@ -576,10 +576,11 @@ def folded_low_res_stage(weights: FrameWeights, flat_params: dict[str, np.ndarra
                          frequencies=weights.frequencies, heads_inputs=num_blocks == n)
 
 
-# The native stage computes conv1 as Winograd F(4x4, 3x3) on maps of at least this size (whose side is a
-# multiple of 4). Released size, 2-core AVX2 machine, in turns: the stage through block 4, 15.8 against
-# 19.7 ms (minimum of 60) from 16 px than with direct convolutions; the whole stage from 8 px against from
-# 16 px, minimum and p50 faster in four runs of five (by 0.4-0.9 ms), 300 calls each (from 32 px: slower, once).
+# The native stage computes conv1 as Winograd on maps of at least this size (F(2x2, 3x3) at 8 px, F(4x4, 3x3)
+# from 16 px: lowres_cpu.cpp). Released size, 2-core AVX2 machine, in turns: the stage through block 4, 15.8
+# against 19.7 ms (minimum of 60) from 16 px than with direct convolutions; the whole stage from 8 px against
+# from 16 px, minimum and p50 faster in four runs of five (by 0.4-0.9 ms), 300 calls each (from 32 px: slower,
+# once); F(2x2, 3x3) rather than F(4x4, 3x3) at 8 px: 0.1-1.0 ms faster in four runs.
 WINOGRAD_MIN_SIZE = 8
 
 
