@@ -7,7 +7,8 @@
 // full-resolution activation that a graph would write out and read back.
 //
 // Tap groups given as an UpsampleConv are computed a row at a time (GroupRows): row g of the groups of
-// one row parity needs input rows g-1 and g only, kept zero-padded per worker. The AVX2 version computes
+// one row parity needs input rows g-1 and g only, kept zero-padded per worker (the AVX2 version computes
+// odd rows by pairs, which read row g+1 too: GroupRows::compute_pair). The AVX2 version computes
 // 2 output channels x 16 pixels per step, pixels along the vector; the odd-column group's two taps,
 // w0 * in[k-1] + w2 * in[k], are accumulated as U[k] = w0 * in[k-1] and T[k] = w2 * in[k-1] and added as
 // U[k] + T[k+1] afterwards, so every accumulator takes one multiply-add per input channel (no chain of
@@ -179,8 +180,9 @@ struct GroupStep {
   int64_t width;
 };
 
-PYBILAYER_AVX2 inline __m256 load_or(const float* p, bool load, __m256 otherwise) {
-  return load ? _mm256_loadu_ps(p) : otherwise;
+// base[offset .. offset + 8), or `otherwise` where there is no base.
+PYBILAYER_AVX2 inline __m256 load_or(const float* base, int64_t offset, __m256 otherwise) {
+  return base ? _mm256_loadu_ps(base + offset) : otherwise;
 }
 
 // Columns [k, k + 8 NV), NV = 1 or 2, of the group rows E, U, T of output channels c0 = 2 * pair and c0 + 1.
@@ -193,16 +195,17 @@ PYBILAYER_AVX2 inline void group_columns_avx2(const GroupTap* taps, int ntaps, c
   static_assert(NV == 1 || NV == 2, "one or two vectors of pixels");
   const __m256 zero = _mm256_setzero_ps();
   const int64_t W = step.width;
-  const float* e_from = step.accumulate ? step.even : step.init;
-  const bool e_load = e_from != nullptr, ut_load = step.accumulate;
-  __m256 e0a = load_or(e_from + k, e_load, zero), e1a = load_or(e_from + W + k, e_load, zero);
-  __m256 u0a = load_or(step.odd + k, ut_load, zero), u1a = load_or(step.odd + W + k, ut_load, zero);
-  __m256 t0a = load_or(step.odd_shift + k, ut_load, zero), t1a = load_or(step.odd_shift + W + k, ut_load, zero);
+  const float* e_start = step.accumulate ? step.even : step.init;  // where each accumulator starts (null: zero)
+  const float* u_start = step.accumulate ? step.odd : nullptr;
+  const float* t_start = step.accumulate ? step.odd_shift : nullptr;
+  __m256 e0a = load_or(e_start, k, zero), e1a = load_or(e_start, W + k, zero);
+  __m256 u0a = load_or(u_start, k, zero), u1a = load_or(u_start, W + k, zero);
+  __m256 t0a = load_or(t_start, k, zero), t1a = load_or(t_start, W + k, zero);
   __m256 e0b = zero, e1b = zero, u0b = zero, u1b = zero, t0b = zero, t1b = zero;
   if (NV == 2) {
-    e0b = load_or(e_from + k + 8, e_load, zero), e1b = load_or(e_from + W + k + 8, e_load, zero);
-    u0b = load_or(step.odd + k + 8, ut_load, zero), u1b = load_or(step.odd + W + k + 8, ut_load, zero);
-    t0b = load_or(step.odd_shift + k + 8, ut_load, zero), t1b = load_or(step.odd_shift + W + k + 8, ut_load, zero);
+    e0b = load_or(e_start, k + 8, zero), e1b = load_or(e_start, W + k + 8, zero);
+    u0b = load_or(u_start, k + 8, zero), u1b = load_or(u_start, W + k + 8, zero);
+    t0b = load_or(t_start, k + 8, zero), t1b = load_or(t_start, W + k + 8, zero);
   }
   for (int t = 0; t < ntaps; ++t) {
     const float* in = taps[t].row + k;
@@ -528,7 +531,7 @@ void heads_row_portable(const HeadsParams& p, const Rows& rows, int64_t y, int64
 }
 
 #ifdef PYBILAYER_X86_AVX2
-// Output rows y0 .. y0 + rows - 1 (rows <= 4) of one item: the 3x3 convolution as Winograd F(4, 3) along y
+// Output rows y0 .. y0 + nrows - 1 (nrows <= 4) of one item: the 3x3 convolution as Winograd F(4, 3) along y
 // (winograd.h). Each channel's activation rows y0 - 1 .. y0 + 4 become 6 row points; point i is convolved
 // along x with its 3 transformed taps (16 pixels x 6 outputs per step, as a direct row would be, but 18
 // multiply-adds per channel and 4 rows against 36), and A^T of the 6 products gives the 4 rows. `packed`:
