@@ -3,7 +3,8 @@
 // Maps are channels-last with every channel count rounded up to 16 (the extra channels hold zeros and
 // zero weights, so no pass needs a tail), and each convolution's input carries a zero border, written
 // once at construction: no pass tests for edges. Per block:
-//   T  (s+2)^2 x Cin'        t = the input activation, the border zero
+//   T  (s+2)^2 x Cin'        t = the input activation, the border zero (where conv1 is direct: Winograd
+//                             computes t from x in its input transform)
 //   HX (s+2)^2 x (C' + Cin')  [h | x]: conv1's output beside the block input, so the up-sampling
 //                             convolution's 1x1 tap group and the skip are one convolution over C' + Cin
 //   V  (s+1)^2 x 4C'         the four tap groups (ee, eo, oe, oo), read by the box sum
@@ -381,11 +382,12 @@ struct Activation {
   std::vector<float> scale, shift, slope;  // padded channels: scale 0, shift 0 (they stay 0)
 };
 
-// x (`channels` values, a multiple of 16) -> t = prelu(x * scale + shift, slope) and a copy of x.
+// x (`channels` values, a multiple of 16) -> t = prelu(x * scale + shift, slope) (where t is given) and a
+// copy of x.
 void activate(const Activation& a, const float* x, int64_t channels, float* t, float* x_copy) {
   for (int64_t c = 0; c < channels; ++c) {
     const float v = x[c] * a.scale[c] + a.shift[c];
-    t[c] = v < 0.f ? v * a.slope[c] : v;
+    if (t) t[c] = v < 0.f ? v * a.slope[c] : v;
     x_copy[c] = x[c];
   }
 }
@@ -411,7 +413,7 @@ PYBILAYER_AVX2 void activate_avx2(const Activation& a, const float* x, int64_t c
     const __m256 v = _mm256_add_ps(_mm256_mul_ps(xv, _mm256_loadu_ps(a.scale.data() + c)),
                                    _mm256_loadu_ps(a.shift.data() + c));  // not fused: as the portable path
     const __m256 negative = _mm256_cmp_ps(v, zero, _CMP_LT_OQ);
-    _mm256_storeu_ps(t + c, _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_loadu_ps(a.slope.data() + c)), negative));
+    if (t) _mm256_storeu_ps(t + c, _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_loadu_ps(a.slope.data() + c)), negative));
     _mm256_storeu_ps(x_copy + c, xv);
   }
 }
@@ -478,15 +480,35 @@ struct Lanes<Vector8> {
 };
 #endif
 
-// Lanes of one tile: the w x w window at `in` (channels-last) -> point k at out + k * plane.
+// A block input's activation where it is computed with conv1's Winograd input transform (instead of a map
+// T written by the pass before): t = prelu(x * scale + shift, slope), rounded as `activate` rounds it, and
+// zero in the map's padding.
+struct InputActivation {
+  const float *scale, *shift, *slope;  // channel 0; the lanes' channels follow
+  int64_t size;                        // the map's side: padded rows and columns 1 .. size are inside
+};
+
+// Lanes of one tile: the w x w window of block inputs x at `in` (channels-last, padded coordinates (y0, x0)),
+// activated -> point k at out + k * plane.
 template <typename F, typename L>
-PYBILAYER_INLINE void winograd_input_tile(const float* in, int64_t pixel, int64_t row, float* out, int64_t plane) {
+PYBILAYER_INLINE void winograd_input_tile(const float* in, int64_t pixel, int64_t row, const InputActivation& a,
+                                          int64_t y0, int64_t x0, float* out, int64_t plane) {
   using T = typename Lanes<L>::type;
   constexpr int kWindow = F::kWindow;
+  T scale, shift, slope;
+  Lanes<L>::load(a.scale, scale), Lanes<L>::load(a.shift, shift), Lanes<L>::load(a.slope, slope);
+  const auto inside = [&](int64_t padded) { return padded >= 1 && padded <= a.size; };
+  const bool interior = inside(y0) && inside(x0) && inside(y0 + kWindow - 1) && inside(x0 + kWindow - 1);
   T columns[kWindow][kWindow];  // [i][x]: (B^T d)[i] of window column x
   for (int x = 0; x < kWindow; ++x) {
     T d[kWindow], r[kWindow];
-    for (int y = 0; y < kWindow; ++y) Lanes<L>::load(in + y * row + x * pixel, d[y]);
+    for (int y = 0; y < kWindow; ++y) {
+      Lanes<L>::load(in + y * row + x * pixel, d[y]);
+      const T v = d[y] * scale + shift;  // not fused (-ffp-contract=off): as `activate`
+      const T negative = v * slope;
+      d[y] = v < 0.f ? negative : v;
+      if (!interior && !(inside(y0 + y) && inside(x0 + x))) d[y] = T{};
+    }
     F::input(d, r);
     for (int i = 0; i < kWindow; ++i) columns[i][x] = r[i];
   }
@@ -524,7 +546,8 @@ PYBILAYER_INLINE void winograd_output_tile(const float* in, int64_t plane, const
 // and a buffer of the points of tiles [first, first + count); `channels` is a multiple of 16.
 struct WinogradInput {
   int tile;    // 4: F(4x4, 3x3), or 2: F(2x2, 3x3)
-  MapView in;  // the padded input: tile (ty, tx)'s window starts at (t ty, t tx)
+  MapView in;  // the padded block inputs x: tile (ty, tx)'s window starts at (t ty, t tx)
+  InputActivation activation;
   float* out;  // [point][tile - first][channels]
   int64_t tiles_per_row, channels, first, count;
 };
@@ -541,9 +564,13 @@ template <typename F, typename L>
 PYBILAYER_INLINE void winograd_input_tiles(const WinogradInput& p, int64_t begin, int64_t end) {
   const int64_t plane = p.count * p.channels;
   for (int64_t tile = begin; tile < end; ++tile) {
-    const float* in = p.in.data + tile / p.tiles_per_row * F::kTile * p.in.row + tile % p.tiles_per_row * F::kTile * p.in.pixel;
-    for (int64_t c = 0; c < p.channels; c += Lanes<L>::count)
-      winograd_input_tile<F, L>(in + c, p.in.pixel, p.in.row, p.out + (tile - p.first) * p.channels + c, plane);
+    const int64_t y0 = tile / p.tiles_per_row * F::kTile, x0 = tile % p.tiles_per_row * F::kTile;
+    const float* in = p.in.data + y0 * p.in.row + x0 * p.in.pixel;
+    for (int64_t c = 0; c < p.channels; c += Lanes<L>::count) {
+      const InputActivation a{p.activation.scale + c, p.activation.shift + c, p.activation.slope + c, p.activation.size};
+      winograd_input_tile<F, L>(in + c, p.in.pixel, p.in.row, a, y0, x0, p.out + (tile - p.first) * p.channels + c,
+                                plane);
+    }
   }
 }
 
@@ -836,7 +863,7 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
           conv1_bias, true);
     }
 
-    b.t.assign((s + 2) * (s + 2) * b.in_channels, 0.f);
+    if (!b.winograd_tile) b.t.assign((s + 2) * (s + 2) * b.in_channels, 0.f);
     b.hx.assign((s + 2) * (s + 2) * (cp + b.in_channels), 0.f);
     if (heads_inputs) {
       b.heads_inputs = true;
@@ -948,15 +975,15 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
     convolve({ConvJob{&mlp[l], in, to, 1, 1}});
     h = mlp_out[l].data();
   }
-  {  // the first block's input x (channels-last, C0' per pixel) -> its T and HX
+  {  // the first block's input x (channels-last, C0' per pixel) -> its HX (and T)
     Block& b = blocks.front();
     MapView t = t_map(b), hx = hx_map(b);
     int64_t begin, end;
     share(b.size * b.size, &begin, &end);
     for (int64_t pix = begin; pix < end; ++pix) {
       const int64_t y = pix / b.size + 1, x = pix % b.size + 1;
-      activation(b.activation, h + pix * b.in_channels, b.in_channels, t.data + y * t.row + x * t.pixel,
-                 hx.data + y * hx.row + x * hx.pixel + b.channels);
+      activation(b.activation, h + pix * b.in_channels, b.in_channels,
+                 b.t.empty() ? nullptr : t.data + y * t.row + x * t.pixel, hx.data + y * hx.row + x * hx.pixel + b.channels);
     }
     barrier.wait();
   }
@@ -981,6 +1008,8 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
     if (b.winograd_tile) {
       const int tile = b.winograd_tile;
       const int64_t per_row = s / tile, tiles = per_row * per_row;
+      const MapView x_in{hx.data + cp, hx.pixel, hx.row};  // t is computed in the input transform
+      const InputActivation act{b.activation.scale.data(), b.activation.shift.data(), b.activation.slope.data(), s};
       int64_t begin, end;
       share(tiles, &begin, &end);
       if (b.points_in.empty()) {  // chunks of this worker's tiles, in its scratch
@@ -989,14 +1018,14 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
         for (int64_t first = begin; first < end; first += kChunkTiles) {
           const int64_t count = std::min(kChunkTiles, end - first);
           const std::vector<ConvJob> jobs = products(points_in, points_out, count);
-          winograd_input({tile, t, points_in, per_row, b.in_channels, first, count}, first, first + count, avx2);
+          winograd_input({tile, x_in, act, points_in, per_row, b.in_channels, first, count}, first, first + count, avx2);
           run_items(jobs, 0, static_cast<int64_t>(jobs.size()) * jobs[0].items(), avx2);
           winograd_output({tile, points_out, b.conv1.bias.data(), h_out, per_row, cp, first, count}, first,
                           first + count, avx2);
         }
         convolve(skip_jobs);  // also the pass's barrier when there is no skip
       } else {  // passes over the whole map's points
-        winograd_input({tile, t, b.points_in.data(), per_row, b.in_channels, 0, tiles}, begin, end, avx2);
+        winograd_input({tile, x_in, act, b.points_in.data(), per_row, b.in_channels, 0, tiles}, begin, end, avx2);
         barrier.wait();
         std::vector<ConvJob> jobs = products(b.points_in.data(), b.points_out.data(), tiles);
         jobs.insert(jobs.end(), skip_jobs.begin(), skip_jobs.end());
@@ -1135,7 +1164,7 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
         if (!last) {
           Block& next = blocks[j + 1];
           MapView nt = t_map(next), nhx = hx_map(next);
-          activation(next.activation, sum, cp, nt.data + (y + 1) * nt.row + (xx + 1) * nt.pixel,
+          activation(next.activation, sum, cp, next.t.empty() ? nullptr : nt.data + (y + 1) * nt.row + (xx + 1) * nt.pixel,
                      nhx.data + (y + 1) * nhx.row + (xx + 1) * nhx.pixel + next.channels);
         }
       }
