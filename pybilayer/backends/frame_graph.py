@@ -39,7 +39,7 @@ Two graphs come from the same weights (`FrameWeights`, read once from a Bilayer)
   the stage stops where the native heads take over and no graph is left. Graph runtimes run the small,
   wide maps of the first blocks far below the CPU's multiply-add rate (in turns, whole frames, the stage
   for the 4-8 px blocks: mnn 22.8 -> 22.3 ms, onnxruntime 34.2 -> 33.2 ms); with conv1 as Winograd and
-  its passes shared by multiply-adds, the stage for every block beat both (``base.use_native_blocks``).
+  its passes shared well between the cores, the stage for every block beat both (``base.use_native_blocks``).
 
 Graph I/O (both, whole): input ``keypoints`` (N, 68, 2) float32 in [-1, 1] crop coordinates; outputs
 ``delta_uv`` (N, 2, S, S), ``lf`` (N, 3, S, S), ``mask_logits`` (N, 1, S, S), float32. Only the batch
