@@ -35,8 +35,6 @@ inline void relax() {
 #endif
 }
 
-class Pool;
-
 struct Worker {
   std::mutex mutex;
   std::condition_variable wake;
@@ -64,6 +62,12 @@ class Pool {
       throw;
     }
     return w;
+  }
+
+  // Back to the idle workers.
+  void release(Worker* w) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    idle_.push_back(w);
   }
 
   static void hand(Worker* w, std::function<void()> task) {
@@ -100,8 +104,7 @@ class Pool {
         w->has_task.store(false, std::memory_order_relaxed);
       }
       task();  // never throws: run_concurrently's tasks catch
-      std::lock_guard<std::mutex> lock(mutex_);
-      idle_.push_back(w);
+      release(w);
     }
   }
 
@@ -124,7 +127,14 @@ void run_concurrently(int requested, const std::function<void(int, int)>& task,
     }
   }
   const int workers = static_cast<int>(helpers.size()) + 1;
-  if (prepare) prepare(workers);
+  if (prepare) {
+    try {
+      prepare(workers);
+    } catch (...) {
+      for (Worker* w : helpers) pool.release(w);
+      throw;
+    }
+  }
   std::vector<std::exception_ptr> errors(workers);
   std::atomic<int> running{workers - 1};
   const auto run = [&](int i) {
