@@ -63,9 +63,11 @@ def model_fingerprint(model) -> str:
     )
 
 
-@dataclass(eq=False)  # identity semantics: avatars are cache keys of per-backend prepared state
+# Identity semantics and frozen: avatars are cache keys of per-backend prepared state, which a changed field
+# would leave stale (``dataclasses.replace`` makes a new avatar instead).
+@dataclass(eq=False, frozen=True)
 class Avatar:
-    """One identity: texture (3, S, S) and inference parameters (batch 1), plus metadata."""
+    """One identity: texture (3, S, S) and inference parameters (batch 1), plus metadata. Immutable."""
 
     texture: "torch.Tensor"  # (3, S, S) float32, CPU
     params: "InferenceParams"  # batch 1, float32, CPU
@@ -82,7 +84,8 @@ class Avatar:
     def flat_params(self) -> dict[str, np.ndarray]:
         """``InferenceParams.flatten()`` as float32 numpy arrays (batch dim 1), cached."""
         if self._flat_params is None:
-            self._flat_params = {k: v.detach().cpu().float().numpy() for k, v in self.params.flatten().items()}
+            flat = {k: v.detach().cpu().float().numpy() for k, v in self.params.flatten().items()}
+            object.__setattr__(self, "_flat_params", flat)  # a cache of the frozen fields
         return self._flat_params
 
     # ------------------------------------------------------------------ files

@@ -16,6 +16,7 @@ it runs in pybilayer.ops on fp32 sampling coordinates.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
         generator = torch.Generator().manual_seed(args.seed)
         noise = torch.rand(1, 3, 16, 16, generator=generator) * 2 - 1
         size = renderer.image_size
-        avatar.texture = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)[0].clamp(-1, 1)
+        texture = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)[0].clamp(-1, 1)
+        avatar = dataclasses.replace(avatar, texture=texture)
     poses = renderer.normalize_landmarks(random_landmarks(args.fp16_check, renderer.image_size, seed=args.seed + 1))
     print(json.dumps(fp16_quality(renderer.model, avatar, poses), indent=2))
     return 0
