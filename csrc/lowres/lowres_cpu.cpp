@@ -524,13 +524,16 @@ PYBILAYER_INLINE void winograd_output_tile(const float* in, int64_t plane, const
 }
 
 // One of conv1's Winograd passes over tiles [begin, end) of a map of `tiles_per_row`^2 tiles, between the map
-// and a buffer of the points of tiles [first, first + count); `channels` is a multiple of 16.
+// and a buffer of the points of tiles from `first` on; `channels` is a multiple of 16. The input points
+// go tile by tile ([tile][point][channels]: each tile's transform writes one contiguous run, not w^2 runs a
+// map apart; the stage 0.3 ms faster at p50 in turns), the products point by point ([point][tile][channels]:
+// tile by tile measured the same).
 struct WinogradInput {
   int tile;    // 4: F(4x4, 3x3), or 2: F(2x2, 3x3)
   MapView in;  // the padded block inputs x: tile (ty, tx)'s window starts at (t ty, t tx)
   InputActivation activation;
-  float* out;  // [point][tile - first][channels]
-  int64_t tiles_per_row, channels, first, count;
+  float* out;  // [tile - first][point][channels]
+  int64_t tiles_per_row, channels, first;
 };
 
 struct WinogradOutput {
@@ -543,14 +546,14 @@ struct WinogradOutput {
 
 template <typename F, typename L>
 PYBILAYER_INLINE void winograd_input_tiles(const WinogradInput& p, int64_t begin, int64_t end) {
-  const int64_t plane = p.count * p.channels;
+  constexpr int64_t kPoints = F::kWindow * F::kWindow;
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t y0 = tile / p.tiles_per_row * F::kTile, x0 = tile % p.tiles_per_row * F::kTile;
     const float* in = p.in.data + y0 * p.in.row + x0 * p.in.pixel;
     for (int64_t c = 0; c < p.channels; c += Lanes<L>::count) {
       const InputActivation a{p.activation.scale + c, p.activation.shift + c, p.activation.slope + c, p.activation.size};
-      winograd_input_tile<F, L>(in + c, p.in.pixel, p.in.row, a, y0, x0, p.out + (tile - p.first) * p.channels + c,
-                                plane);
+      float* points = p.out + (tile - p.first) * kPoints * p.channels + c;
+      winograd_input_tile<F, L>(in + c, p.in.pixel, p.in.row, a, y0, x0, points, p.channels);
     }
   }
 }
@@ -724,7 +727,7 @@ struct LowResStage::Impl {
     int winograd_tile = 0;                 // conv1 as Winograd F(t x t, 3x3), or 0: direct
     std::vector<PackedConv> conv1_points;  // Winograd: one 1x1 convolution per point
     int64_t points() const { return (winograd_tile + 2) * (winograd_tile + 2); }
-    // [point][tile][Cin'], [point][tile][C'] of the whole map; empty where each worker goes through its
+    // [tile][point][Cin'], [point][tile][C'] of the whole map; empty where each worker goes through its
     // tiles a chunk at a time (points_chunked), in its own scratch
     Floats points_in, points_out;
     bool heads_inputs = false;  // the last block with heads_inputs: conv1 and the skip alone, no groups
@@ -983,11 +986,11 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
     std::vector<ConvJob> skip_jobs;  // the heads inputs' skip, run in conv1's pass
     if (b.heads_inputs)
       skip_jobs.push_back({&b.skip, {hx.data + hx.row + hx.pixel + cp, hx.pixel, hx.row}, {b.skip_map.data(), cp, s * cp}, s, s});
-    // The products of `count` tiles' points: one 1x1 convolution per point, [point][tile][channels] buffers.
+    // The products of `count` tiles' points: one 1x1 convolution per point (WinogradInput's layouts).
     const auto products = [&](float* points_in, float* points_out, int64_t count) {
       std::vector<ConvJob> jobs;
       for (int64_t k = 0; k < b.points(); ++k)
-        jobs.push_back({&b.conv1_points[k], {points_in + k * count * b.in_channels, b.in_channels, 0},
+        jobs.push_back({&b.conv1_points[k], {points_in + k * b.in_channels, b.points() * b.in_channels, 0},
                         {points_out + k * count * cp, cp, 0}, 1, count});
       return jobs;
     };
@@ -1004,14 +1007,14 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
         for (int64_t first = begin; first < end; first += kChunkTiles) {
           const int64_t count = std::min(kChunkTiles, end - first);
           const std::vector<ConvJob> jobs = products(points_in, points_out, count);
-          winograd_input({tile, x_in, act, points_in, per_row, b.in_channels, first, count}, first, first + count, avx2);
+          winograd_input({tile, x_in, act, points_in, per_row, b.in_channels, first}, first, first + count, avx2);
           run_items(jobs, 0, static_cast<int64_t>(jobs.size()) * jobs[0].items(), avx2);
           winograd_output({tile, points_out, b.conv1.bias.data(), h_out, per_row, cp, first, count}, first,
                           first + count, avx2);
         }
         convolve(skip_jobs);  // also the pass's barrier when there is no skip
       } else {  // passes over the whole map's points
-        winograd_input({tile, x_in, act, b.points_in.data(), per_row, b.in_channels, 0, tiles}, begin, end, avx2);
+        winograd_input({tile, x_in, act, b.points_in.data(), per_row, b.in_channels, 0}, begin, end, avx2);
         barrier.wait();
         std::vector<ConvJob> jobs = products(b.points_in.data(), b.points_out.data(), tiles);
         jobs.insert(jobs.end(), skip_jobs.begin(), skip_jobs.end());
