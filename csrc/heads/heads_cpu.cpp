@@ -37,6 +37,7 @@ namespace {
 
 constexpr int64_t kMinPixelsPerThread = 8 * 1024;  // ~0.25 ms of work at C = 32, against ~10 us per thread
 constexpr int64_t kBlock = 16;                     // pixels per vector step of the heads
+constexpr int64_t kPointColumns = kBlock + 8;      // row points a step reads: its pixels, +-1, a vector's rounding
 constexpr int kTanhChannels = 5;                   // delta_uv and lf; the mask stays logits
 
 #ifdef PYBILAYER_X86_AVX2
@@ -465,7 +466,6 @@ class Rows {
   // row is channel 0's plus c * channel_stride().
   const float* act(int64_t c, int64_t y) const { return act_.data() + (c * kRingRows + slot(y)) * stride_ + 1; }
   int64_t channel_stride() const { return kRingRows * stride_; }
-  int64_t row_stride() const { return stride_; }  // floats per row: S + 2 and room for a vector step beyond
 
   // Makes t(y) of item b available: from the box rows R(y+1) and R(y+2), zeros outside the frame.
   void fill(int64_t b, int64_t y) {
@@ -495,7 +495,7 @@ class Rows {
   const HeadsParams& p_;
   const bool avx2_;
   BoxRows box_rows_;
-  const int64_t C_, S_, stride_;
+  const int64_t C_, S_, stride_;  // stride_: floats per row, S + 2 and room for a vector read beyond
   std::vector<float> act_;
 };
 
@@ -534,31 +534,33 @@ void heads_row_portable(const HeadsParams& p, const Rows& rows, int64_t y, int64
 // Output rows y0 .. y0 + nrows - 1 (nrows <= 4) of one item: the 3x3 convolution as Winograd F(4, 3) along y
 // (winograd.h). Each channel's activation rows y0 - 1 .. y0 + 4 become 6 row points; point i is convolved
 // along x with its 3 transformed taps (16 pixels x 6 outputs per step, as a direct row would be, but 18
-// multiply-adds per channel and 4 rows against 36), and A^T of the 6 products gives the 4 rows. `packed`:
-// the transformed weights as (6 points, C, 3 taps, 6 outputs); `points`: 6 x C rows of the ring's stride.
+// multiply-adds per channel and 4 rows against 36), and A^T of the 6 products gives the 4 rows. The points
+// are made a block of 16 pixels at a time (columns x - 1 .. x + 16 and a vector's rounding), so that the
+// step reads them from L1 (from a band-wide buffer in L2, the heads took 0.15-0.2 ms longer). `packed`: the
+// transformed weights as (6 points, C, 3 taps, 6 outputs); `points`: 6 x C x kPointColumns floats.
 PYBILAYER_AVX2 void heads_band_avx2(const HeadsParams& p, const Rows& rows, int64_t y0, int64_t nrows,
                                     const float* packed, float* points, const OutputRows out[RowWinograd::kTile]) {
   constexpr int kWindow = RowWinograd::kWindow;
   const GroupsShape shape = shape_of(p.groups);
-  const int64_t C = shape.channels, S = 2 * shape.low_size, vector_end = S - S % kBlock, stride = rows.row_stride();
-  for (int64_t c = 0; c < C; ++c) {  // B^T of the 6 rows, columns -1 .. S (the zero padding included)
-    const float* in[kWindow];
-    for (int r = 0; r < kWindow; ++r) in[r] = rows.act(c, y0 - 1 + r) - 1;
-    for (int64_t x = 0; x < S + 2; x += 8) {
-      __m256 d[kWindow], q[kWindow];
-      for (int r = 0; r < kWindow; ++r) d[r] = _mm256_loadu_ps(in[r] + x);
-      RowWinograd::input(d, q);
-      for (int i = 0; i < kWindow; ++i) _mm256_storeu_ps(points + (i * C + c) * stride + x, q[i]);
-    }
-  }
+  const int64_t C = shape.channels, S = 2 * shape.low_size, vector_end = S - S % kBlock;
   alignas(32) float products[kWindow][kHeadChannels][kBlock];
   for (int64_t x = 0; x < vector_end; x += kBlock) {
+    for (int64_t c = 0; c < C; ++c) {  // B^T of the 6 rows, columns x - 1 .. x + kPointColumns - 2
+      const float* in[kWindow];
+      for (int r = 0; r < kWindow; ++r) in[r] = rows.act(c, y0 - 1 + r) - 1 + x;
+      for (int64_t k = 0; k < kPointColumns; k += 8) {
+        __m256 d[kWindow], q[kWindow];
+        for (int r = 0; r < kWindow; ++r) d[r] = _mm256_loadu_ps(in[r] + k);
+        RowWinograd::input(d, q);
+        for (int i = 0; i < kWindow; ++i) _mm256_storeu_ps(points + (i * C + c) * kPointColumns + k, q[i]);
+      }
+    }
     for (int i = 0; i < kWindow; ++i) {
       __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0;
       __m256 a3 = a0, b3 = a0, a4 = a0, b4 = a0, a5 = a0, b5 = a0;
       const float* w = packed + i * C * 3 * kHeadChannels;
       for (int64_t c = 0; c < C; ++c) {
-        const float* t = points + (i * C + c) * stride + x;
+        const float* t = points + (i * C + c) * kPointColumns;
         // Not unrolled: unrolling let GCC hoist the next taps' loads and spill an accumulator to the stack,
         // which made the direct kernel ~1.4x slower (3.0 against 2.2 ms at 256 px, C = 32, 2 threads).
 #pragma GCC unroll 1
@@ -642,7 +644,7 @@ void heads_bands(const HeadsParams& p, int64_t band_begin, int64_t band_end, con
   constexpr int64_t kTile = RowWinograd::kTile;
   const int64_t S = 2 * shape_of(p.groups).low_size, C = shape_of(p.groups).channels, per_item = (S + kTile - 1) / kTile;
   Rows rows(p, packed != nullptr, packed_conv);
-  std::vector<float> points(packed != nullptr ? RowWinograd::kWindow * C * rows.row_stride() : 0, 0.f);
+  std::vector<float> points(packed != nullptr ? RowWinograd::kWindow * C * kPointColumns : 0, 0.f);
   int64_t item = -1, next = 0;  // t rows of `item` are filled up to, not including, row `next`
   for (int64_t band = band_begin; band < band_end; ++band) {
     const int64_t b = band / per_item, y0 = band % per_item * kTile, nrows = std::min(kTile, S - y0);
