@@ -462,10 +462,8 @@ class Rows {
       : p_(p), avx2_(avx2), box_rows_(p.groups, packed_conv, avx2), C_(shape_of(p.groups).channels),
         S_(2 * shape_of(p.groups).low_size), stride_(S_ + 2 + kBlock), act_(kRingRows * C_ * stride_, 0.f) {}
 
-  // Activation row t(y) of channel c, with t(y)[-1] and t(y)[S] zero; valid after fill(b, y). Channel c's
-  // row is channel 0's plus c * channel_stride().
+  // Activation row t(y) of channel c, with t(y)[-1] and t(y)[S] zero; valid after fill(b, y).
   const float* act(int64_t c, int64_t y) const { return act_.data() + (c * kRingRows + slot(y)) * stride_ + 1; }
-  int64_t channel_stride() const { return kRingRows * stride_; }
 
   // Makes t(y) of item b available: from the box rows R(y+1) and R(y+2), zeros outside the frame.
   void fill(int64_t b, int64_t y) {
