@@ -13,6 +13,7 @@
 #include <condition_variable>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
 #include <system_error>
 #include <vector>
 
@@ -156,6 +157,35 @@ void run_concurrently(int requested, const std::function<void(int, int)>& task,
   }
   for (const std::exception_ptr& error : errors)
     if (error) std::rethrow_exception(error);
+}
+
+namespace {
+constexpr uint64_t pack_range(uint64_t next, uint64_t end) { return next << 32 | end; }
+}  // namespace
+
+StealingRanges::StealingRanges(int64_t n, int workers) : ranges_(new Range[workers]), workers_(workers) {
+  if (n < 0 || n > int64_t(UINT32_MAX)) throw std::invalid_argument("StealingRanges: n out of range");
+  for (int w = 0; w < workers; ++w) ranges_[w].bounds.store(pack_range(n * w / workers, n * (w + 1) / workers));
+}
+
+int64_t StealingRanges::take(int worker) {
+  std::atomic<uint64_t>& own = ranges_[worker].bounds;
+  for (uint64_t b = own.load(std::memory_order_acquire); (b >> 32) < (b & UINT32_MAX);)
+    if (own.compare_exchange_weak(b, b + (uint64_t(1) << 32), std::memory_order_acq_rel)) return int64_t(b >> 32);
+  for (;;) {  // steal from the fullest range, where at least two items are left (one: its worker is on it)
+    int victim = -1;
+    uint64_t seen = 0, most = 1;
+    for (int w = 0; w < workers_; ++w) {
+      const uint64_t b = ranges_[w].bounds.load(std::memory_order_acquire), left = (b & UINT32_MAX) - std::min(b >> 32, b & UINT32_MAX);
+      if (w != worker && left > most) victim = w, seen = b, most = left;
+    }
+    if (victim < 0) return -1;
+    const uint64_t next = seen >> 32, end = seen & UINT32_MAX, split = next + (end - next + 1) / 2;
+    if (!ranges_[victim].bounds.compare_exchange_strong(seen, pack_range(next, split), std::memory_order_acq_rel))
+      continue;  // the victim took an item meanwhile: look again
+    own.store(pack_range(split + 1, end), std::memory_order_release);
+    return int64_t(split);
+  }
 }
 
 }  // namespace pybilayer

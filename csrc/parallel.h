@@ -6,8 +6,10 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <thread>
 
 namespace pybilayer {
@@ -36,6 +38,36 @@ void parallel_rows(int64_t rows, int64_t workers, const Fn& fn) {
   if (rows <= 0) return;
   workers = std::max<int64_t>(1, std::min(workers, rows));
   run_concurrently(static_cast<int>(workers), [&](int i, int n) { fn(rows * i / n, rows * (i + 1) / n); });
+}
+
+// Items [0, n) in one range of consecutive items per worker, taken in order by their worker; a worker done
+// with its own takes the back half of what is left of the fullest other range (work stealing). A worker
+// slowed by anything else on the machine leaves the rest of its share to the others, while every worker
+// still goes through long runs of consecutive items (the heads keep rows from one band to the next).
+class StealingRanges {
+ public:
+  StealingRanges(int64_t n, int workers);
+  // The next item for `worker` (< workers), or -1 once none is left.
+  int64_t take(int worker);
+
+ private:
+  struct alignas(64) Range {
+    std::atomic<uint64_t> bounds{0};  // next << 32 | end: one word, so that taking and stealing race safely
+  };
+  std::unique_ptr<Range[]> ranges_;
+  const int workers_;
+};
+
+// Calls fn(next) on up to `workers` workers (run_concurrently), next() returning the worker's next item of
+// [0, n) from a StealingRanges, or -1 once none is left.
+template <typename Fn>
+void parallel_stealing(int64_t n, int64_t workers, const Fn& fn) {
+  if (n <= 0) return;
+  std::unique_ptr<StealingRanges> ranges;
+  run_concurrently(
+      static_cast<int>(std::max<int64_t>(1, std::min(workers, n))),
+      [&](int i, int) { fn([&ranges, i] { return ranges->take(i); }); },
+      [&](int started) { ranges = std::make_unique<StealingRanges>(n, started); });
 }
 
 }  // namespace pybilayer

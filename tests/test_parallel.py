@@ -69,3 +69,21 @@ def test_a_forked_child_starts_its_own_pool():
     assert child.exitcode == 0
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize("n,workers", [(1, 2), (7, 3), (64, 2), (1000, 4)])
+def test_stealing_ranges_hand_out_every_item_once(n, workers):
+    """The heads' bands (StealingRanges): every item exactly once, whichever worker takes it."""
+    taken = native.load()._stealing_ranges_trace(n, workers)
+    assert sorted(i for items in taken for i in items) == list(range(n))
+
+
+def test_stealing_ranges_move_a_slow_workers_items_to_the_others():
+    """A worker slowed by something else (here: a sleep per item) leaves most of its range to the others,
+    which take it in a few long runs, not item by item."""
+    taken = native.load()._stealing_ranges_trace(400, 2, slow_worker=0, delay_us=2000.0)
+    assert sorted(i for items in taken for i in items) == list(range(400))
+    assert len(taken[0]) < 100  # its own share is 200
+    fast = taken[1]
+    runs = 1 + sum(b != a + 1 for a, b in zip(fast, fast[1:]))
+    assert runs <= 16  # about one per halving of what is left

@@ -1,8 +1,14 @@
 // pybilayer._C: the compositor, the heads, device buffers and streams. Thin: checks and translation only.
 #include <pybind11/pybind11.h>
 #include <pybind11/gil_safe_call_once.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <thread>
+#include <vector>
 
 #include "../dispatch.h"
+#include "../parallel.h"
 #include "register.h"
 
 #ifndef PYBILAYER_CUDA_ARCHITECTURES
@@ -29,6 +35,25 @@ PYBIND11_MODULE(_C, m) {
   pybilayer::bindings::register_device(m);
   pybilayer::bindings::register_heads(m);
   pybilayer::bindings::register_lowres(m);
+
+  m.def("_stealing_ranges_trace", [](int64_t n, int workers, int slow_worker, double delay_us) {
+    // For the tests: the items each worker took, in order, where `slow_worker` sleeps `delay_us` per item.
+    std::vector<std::vector<int64_t>> taken(workers);
+    {
+      py::gil_scoped_release release;
+      pybilayer::StealingRanges ranges(n, workers);
+      std::vector<std::thread> threads;
+      for (int w = 0; w < workers; ++w)
+        threads.emplace_back([&, w] {
+          for (int64_t item; (item = ranges.take(w)) >= 0;) {
+            taken[w].push_back(item);
+            if (w == slow_worker) std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(delay_us));
+          }
+        });
+      for (std::thread& t : threads) t.join();
+    }
+    return taken;
+  }, py::arg("n"), py::arg("workers"), py::arg("slow_worker") = -1, py::arg("delay_us") = 0.0);
 
   m.def("build_info", [] {
     py::dict info;

@@ -42,10 +42,14 @@ constexpr int kPixels = 6;      // pixels per step: 12 accumulators
 constexpr float kSlope = 0.2f;  // LeakyReLU after conv1 and between MLP layers
 // Released size, 2 cores, the whole stage in turns with output-block order everywhere: p50 1.2-2.0 ms faster.
 constexpr size_t kPixelsOuterWeightBytes = 256 * 1024;
-// Items of a pass are taken by the workers a chunk at a time, about this many chunks per worker. Against
-// equal shares of the multiply-adds, the stage in turns (4 runs): p10 0.4-1.4 ms and p50 0.1-0.6 ms
-// faster, the same minimum; 16 chunks per worker measured as 8.
-constexpr int64_t kChunksPerWorker = 8;
+// The items of every pass (pixels, rows, tiles, convolution items) are taken by the workers a chunk at a
+// time, 1 / (kChunkShare * workers) of those left (guided), so a worker slowed by anything else on the
+// machine leaves more of the pass to the other and the last chunks are small; a convolution's chunks have
+// at least 1 / (kMinChunksPerWorker * workers) of its items. Against fixed chunks of 1/8 of a worker's
+// share and equal shares of the other passes (where a worker waited 1.4 ms a call in all at the barriers,
+// at the median; 0.39 ms at the 64 px groups, whose items differ in cost): 0.13 ms, and the stage in turns
+// (4 runs of 400 calls) 0.1-0.7 ms faster at p25, 0.05-0.75 ms at p50, the same minimum.
+constexpr int64_t kChunkShare = 3, kMinChunksPerWorker = 64;
 // The tap groups that take the odd taps [w0, w2] along an axis go by pairs of outputs along it (Winograd
 // F(2, 2), the constructor). Row pairs from 8 px: 13-14% faster group passes at 8-64 px, but 37% slower at
 // 4 px, where reading the 1.5x weights is the cost. Column pairs too from 16 px where the groups have 128
@@ -668,11 +672,25 @@ PYBILAYER_AVX2 void to_planes_avx2(const float* in, int64_t pixel, int64_t pixel
 // ------------------------------------------------------------------ workers
 
 // Workers wait here between passes: spin briefly (passes are tens of microseconds apart), then yield.
+// Between two waits they share the pass's items through `take`.
 class SpinBarrier {
  public:
   explicit SpinBarrier(int count) : count_(count) {}
-  // The first of `chunk` items of this pass not yet taken by a worker (passes are delimited by wait()).
-  int64_t take(int64_t chunk) { return taken_.fetch_add(chunk, std::memory_order_relaxed); }
+  // The next items [begin, *end) of this pass, or `last` (as begin) once every item before `last` is taken:
+  // 1 / divisor of those left, at least `min_chunk`, so the chunks shrink towards the end and the workers
+  // finish together. Passes are delimited by wait(); one pass may go through several ranges in turn, items
+  // [0, n1) then [n1, n2) (once a worker is told that none is left before n1, the next are n1's).
+  int64_t take(int64_t last, int64_t divisor, int64_t min_chunk, int64_t* end) {
+    int64_t begin = taken_.load(std::memory_order_relaxed);
+    while (begin < last) {
+      const int64_t stop = std::min(last, begin + std::max(min_chunk, (last - begin) / divisor));
+      if (taken_.compare_exchange_weak(begin, stop, std::memory_order_relaxed)) {
+        *end = stop;
+        return begin;
+      }
+    }
+    return last;
+  }
   void wait() {
     const int generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == count_ - 1) {
@@ -940,14 +958,22 @@ bool LowResStage::heads_inputs() const { return impl_->heads_inputs; }
 
 void LowResStage::Impl::run_one(const float* features, float* out, float* skip, int worker, int workers,
                                 SpinBarrier& barrier, bool avx2) {
-  const auto share = [&](int64_t n, int64_t* begin, int64_t* end) {
-    *begin = n * worker / workers, *end = n * (worker + 1) / workers;
+  // fn(begin, end) on chunks of this pass's items up to `last` as the workers take them (SpinBarrier::take)
+  const auto share = [&](int64_t last, int64_t min_chunk, const auto& fn) {
+    for (int64_t begin, end; (begin = barrier.take(last, kChunkShare * workers, min_chunk, &end)) < last;) fn(begin, end);
   };
-  const auto convolve = [&](const std::vector<ConvJob>& jobs) {
+  // fn(i) for i in [0, n), shared the same way.
+  const auto each = [&](int64_t n, const auto& fn) {
+    share(n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) fn(i);
+    });
+  };
+  // The jobs' items, numbered from `base` in this pass; then the barrier.
+  const auto convolve = [&](const std::vector<ConvJob>& jobs, int64_t base = 0) {
     int64_t items = 0;
     for_each_job(jobs, [&](const ConvJob*, int, int64_t n) { items += n; });
-    const int64_t chunk = std::max<int64_t>(1, items / (kChunksPerWorker * workers));
-    for (int64_t begin; (begin = barrier.take(chunk)) < items;) run_items(jobs, begin, std::min(items, begin + chunk), avx2);
+    share(base + items, std::max<int64_t>(1, items / (kMinChunksPerWorker * workers)),
+          [&](int64_t begin, int64_t end) { run_items(jobs, begin - base, end - base, avx2); });
     barrier.wait();
   };
   const auto activation = [&](const Activation& a, const float* x, int64_t channels, float* t, float* x_copy) {
@@ -967,13 +993,11 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
   {  // the first block's input x (channels-last, C0' per pixel) -> its HX (and T)
     Block& b = blocks.front();
     MapView t = t_map(b), hx = hx_map(b);
-    int64_t begin, end;
-    share(b.size * b.size, &begin, &end);
-    for (int64_t pix = begin; pix < end; ++pix) {
+    each(b.size * b.size, [&](int64_t pix) {
       const int64_t y = pix / b.size + 1, x = pix % b.size + 1;
       activation(b.activation, h + pix * b.in_channels, b.in_channels,
                  b.t.empty() ? nullptr : t.data + y * t.row + x * t.pixel, hx.data + y * hx.row + x * hx.pixel + b.channels);
-    }
+    });
     barrier.wait();
   }
 
@@ -999,27 +1023,32 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
       const int64_t per_row = s / tile, tiles = per_row * per_row;
       const MapView x_in{hx.data + cp, hx.pixel, hx.row};  // t is computed in the input transform
       const InputActivation act{b.activation.scale.data(), b.activation.shift.data(), b.activation.slope.data(), s};
-      int64_t begin, end;
-      share(tiles, &begin, &end);
-      if (b.points_in.empty()) {  // chunks of this worker's tiles, in its scratch
+      if (b.points_in.empty()) {  // chunks of kChunkTiles tiles, each in its worker's scratch
         float* points_in = scratch[worker].data();
         float* points_out = points_in + b.points() * kChunkTiles * b.in_channels;
-        for (int64_t first = begin; first < end; first += kChunkTiles) {
-          const int64_t count = std::min(kChunkTiles, end - first);
-          const std::vector<ConvJob> jobs = products(points_in, points_out, count);
-          winograd_input({tile, x_in, act, points_in, per_row, b.in_channels, first}, first, first + count, avx2);
-          run_items(jobs, 0, static_cast<int64_t>(jobs.size()) * jobs[0].items(), avx2);
-          winograd_output({tile, points_out, b.conv1.bias.data(), h_out, per_row, cp, first, count}, first,
-                          first + count, avx2);
-        }
-        convolve(skip_jobs);  // also the pass's barrier when there is no skip
+        const int64_t chunks = (tiles + kChunkTiles - 1) / kChunkTiles;
+        share(chunks, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t first = begin * kChunkTiles; first < std::min(tiles, end * kChunkTiles); first += kChunkTiles) {
+            const int64_t count = std::min(kChunkTiles, tiles - first);
+            const std::vector<ConvJob> jobs = products(points_in, points_out, count);
+            winograd_input({tile, x_in, act, points_in, per_row, b.in_channels, first}, first, first + count, avx2);
+            run_items(jobs, 0, static_cast<int64_t>(jobs.size()) * jobs[0].items(), avx2);
+            winograd_output({tile, points_out, b.conv1.bias.data(), h_out, per_row, cp, first, count}, first,
+                            first + count, avx2);
+          }
+        });
+        convolve(skip_jobs, chunks);  // the skip's items follow the chunks'; also the pass's barrier
       } else {  // passes over the whole map's points
-        winograd_input({tile, x_in, act, b.points_in.data(), per_row, b.in_channels, 0}, begin, end, avx2);
+        share(tiles, 1, [&](int64_t begin, int64_t end) {
+          winograd_input({tile, x_in, act, b.points_in.data(), per_row, b.in_channels, 0}, begin, end, avx2);
+        });
         barrier.wait();
         std::vector<ConvJob> jobs = products(b.points_in.data(), b.points_out.data(), tiles);
         jobs.insert(jobs.end(), skip_jobs.begin(), skip_jobs.end());
         convolve(jobs);
-        winograd_output({tile, b.points_out.data(), b.conv1.bias.data(), h_out, per_row, cp, 0, tiles}, begin, end, avx2);
+        share(tiles, 1, [&](int64_t begin, int64_t end) {
+          winograd_output({tile, b.points_out.data(), b.conv1.bias.data(), h_out, per_row, cp, 0, tiles}, begin, end, avx2);
+        });
         barrier.wait();
       }
     } else {
@@ -1028,21 +1057,19 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
       convolve(jobs);
     }
     if (b.heads_inputs) {  // h and the skip, channels-last -> NCHW
-      int64_t begin, end;
-      share(s, &begin, &end);
-      for (int64_t y = begin; y < end; ++y) {
+      each(s, [&](int64_t y) {
         const float* h_row = hx.data + (y + 1) * hx.row + hx.pixel;
         const float* skip_row = b.skip_map.data() + y * s * cp;
 #ifdef PYBILAYER_X86_AVX2
         if (avx2) {
           to_planes_avx2(h_row, hx.pixel, s, b.real_channels, out + y * s, s * s);
           to_planes_avx2(skip_row, cp, s, b.real_channels, skip + y * s, s * s);
-          continue;
+          return;
         }
 #endif
         to_planes(h_row, hx.pixel, s, b.real_channels, out + y * s, s * s);
         to_planes(skip_row, cp, s, b.real_channels, skip + y * s, s * s);
-      }
+      });
       barrier.wait();
       return;
     }
@@ -1050,18 +1077,16 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
     const MapView rows_diff{b.rows_diff.data(), cp, (s + 2) * cp}, columns_diff{b.columns_diff.data(), cp, (s + 1) * cp};
     const MapView both_diff{b.both_diff.data(), cp, (s + 1) * cp};
     if (b.row_pairs) {
-      int64_t begin, end;
-      share(s + 2, &begin, &end);
-      for (int64_t r = begin; r < end; ++r) {
+      each(s + 2, [&](int64_t r) {
         const float* row = hx.data + r * hx.row;
         for (int64_t x = 0; x <= s && b.column_pairs; ++x)
           differences(row + x * hx.pixel, row + (x + 1) * hx.pixel, cp, columns_diff.data + r * columns_diff.row + x * cp);
-        if (r > s) continue;
+        if (r > s) return;
         float* dy = rows_diff.data + r * rows_diff.row;
         for (int64_t x = 0; x < s + 2; ++x) differences(row + x * hx.pixel, row + hx.row + x * hx.pixel, cp, dy + x * cp);
         for (int64_t x = 0; x <= s && b.column_pairs; ++x)
           differences(dy + x * cp, dy + (x + 1) * cp, cp, both_diff.data + r * both_diff.row + x * cp);
-      }
+      });
       barrier.wait();
     }
     // The tap groups: output g reads padded rows/columns g (and g+1). The box reads V[m][n] for m, n in
@@ -1135,11 +1160,9 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
     }
     convolve(groups);
     // the box sum: the block's output x, 2s x 2s, into the next block's T and HX, or `out` (NCHW)
-    int64_t begin, end;
-    share(2 * s, &begin, &end);
     const bool last = j + 1 == blocks.size();
     std::vector<float> sums(last ? 2 * s * cp : cp);  // the last block's whole row, for the NCHW output
-    for (int64_t y = begin; y < end; ++y) {
+    each(2 * s, [&](int64_t y) {
       for (int64_t xx = 0; xx < 2 * s; ++xx) {
         float* sum = last ? sums.data() + xx * cp : sums.data();
         const float* at[4];
@@ -1162,7 +1185,7 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
         for (int64_t c = 0; c < b.real_channels; ++c)
           for (int64_t xx = 0; xx < size; ++xx) out[(c * size + y) * size + xx] = sums[xx * cp + c];
       }
-    }
+    });
     barrier.wait();
   }
 }
