@@ -62,7 +62,7 @@ def kernel_rows(channels: int, low_size: int, threads: list[int], min_time_s: fl
         (rng.standard_normal((6, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32),
         rng.standard_normal(6).astype(np.float32),
     )
-    tensors = [ops.UpsampleConv(*map(torch.from_numpy, conv))] + [torch.from_numpy(a) for a in inputs[1:]]
+    tensors = [conv.arrays(torch.from_numpy)] + [torch.from_numpy(a) for a in inputs[1:]]
     rows, torch_threads = [], torch.get_num_threads()
     try:
         for n in threads:
@@ -94,7 +94,7 @@ def stage_rows(model: Bilayer, threads: list[int], min_time_s: float) -> list[di
                [{k: as_tensor(v) for k, v in b.items()} for b in low_res.blocks], low_res.input_size,
                low_res.heads_inputs)
     rows, torch_threads = [], torch.get_num_threads()
-    size = stage.output_shape[1]
+    size, _, channels = stage.output_shape  # every block: the heads' inputs, channels-last
     try:
         for n in threads:
             torch.set_num_threads(n)
@@ -102,7 +102,7 @@ def stage_rows(model: Bilayer, threads: list[int], min_time_s: float) -> list[di
             with torch.no_grad():
                 reference = measure(lambda: ops.low_res_stage_reference(*tensors), min_time_s=min_time_s)
             rows.append(dict(kind="kernel", kernel=f"stage: MLP + {blocks} blocks", size=f"{size}x{size}",
-                             channels=stage.output_shape[0], threads=n, native_ms=kernel.median_s * 1e3,
+                             channels=channels, threads=n, native_ms=kernel.median_s * 1e3,
                              reference_ms=reference.median_s * 1e3, speedup=reference.median_s / kernel.median_s))
     finally:
         torch.set_num_threads(torch_threads)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -163,12 +163,26 @@ class UpsampleConv(NamedTuple):
     """A nearest 2x up-sampling + 3x3 convolution (padding 1) plus an up-sampled skip, given by its input:
     ``conv3x3(up2(input), weight) + bias + up2(skip)``. The native kernels compute it at the low
     resolution as four tap groups (9 multiply-adds per low-resolution pixel and channel pair, against 36),
-    a row at a time, so the groups never reach memory."""
+    a row at a time, so the groups never reach memory. ``channels_last``: input (B, s, s, Cin) and skip
+    (B, s, s, C), as ``LowResStage`` writes them (the same results)."""
 
     input: np.ndarray  # (B, Cin, s, s)
     weight: np.ndarray  # (C, Cin, 3, 3)
     bias: np.ndarray  # (C,)
     skip: np.ndarray | None = None  # (B, C, s, s)
+    channels_last: bool = False
+
+    def arrays(self, convert: Callable[[Any], Any]) -> "UpsampleConv":
+        """The same with ``convert`` applied to each array."""
+        return self._replace(input=convert(self.input), weight=convert(self.weight), bias=convert(self.bias),
+                             skip=None if self.skip is None else convert(self.skip))
+
+    def channels_first(self) -> "UpsampleConv":
+        """The same in (B, C, s, s) layout (torch tensors)."""
+        if not self.channels_last:
+            return self
+        return UpsampleConv(self.input.permute(0, 3, 1, 2), self.weight, self.bias,
+                            None if self.skip is None else self.skip.permute(0, 3, 1, 2))
 
 
 def heads(
@@ -205,7 +219,7 @@ def heads(
     outputs = tuple(np.empty((batch, c, size, size), np.float32) for c in (2, 3, 1))
     options = _cpu_kernel_options(num_threads, vectorized)
     if isinstance(groups, UpsampleConv):
-        native.load().upsample_conv_heads(*groups, *params, *outputs, **options)
+        native.load().upsample_conv_heads(*groups[:4], *params, *outputs, channels_last=groups.channels_last, **options)
     else:
         native.load().heads(groups, *params, *outputs, **options)
     return outputs
@@ -216,7 +230,10 @@ def heads_reference(groups: torch.Tensor | UpsampleConv, scale: torch.Tensor, sh
                     bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``heads`` in plain PyTorch, in the inputs' dtype: the block output (``upsample_conv_reference`` or
     ``depth_to_space_box_reference``), activation, one 3x3 convolution, tanh."""
-    x = upsample_conv_reference(*groups) if isinstance(groups, UpsampleConv) else depth_to_space_box_reference(groups)
+    if isinstance(groups, UpsampleConv):
+        x = upsample_conv_reference(*groups.channels_first()[:4])
+    else:
+        x = depth_to_space_box_reference(groups)
     x = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
     t = torch.where(x < 0, x * slope.view(1, -1, 1, 1), x)
     h = F.conv2d(t, weight, bias, padding=1)
@@ -233,10 +250,10 @@ def upsample_conv(input: np.ndarray, weight: np.ndarray, bias: np.ndarray, skip:
     caps = native.capabilities()
     if not caps.native:
         _warn_fallback(caps.native_reason)
-        return upsample_conv_reference(*_as_torch_groups(groups)).numpy()
+        return upsample_conv_reference(*_as_torch_groups(groups)[:4]).numpy()
     batch, size = _output_batch_size(groups)
     out = np.empty((batch, groups.weight.shape[0], size, size), np.float32)
-    native.load().upsample_conv(*groups, out, **_cpu_kernel_options(num_threads, vectorized))
+    native.load().upsample_conv(*groups[:4], out, **_cpu_kernel_options(num_threads, vectorized))
     return out
 
 
@@ -306,13 +323,15 @@ class LowResStage:
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
-        """(C, S, S) of one item's output (of each, with ``heads_inputs``)."""
-        return self._stage.out_channels, self._stage.out_size, self._stage.out_size
+        """(C, S, S) of one item's output; with ``heads_inputs`` (S, S, C) of each, channels-last."""
+        c, size = self._stage.out_channels, self._stage.out_size
+        return (size, size, c) if self._stage.heads_inputs else (c, size, size)
 
     def __call__(self, features: np.ndarray, *, num_threads: int | None = None,
                  vectorized: bool = True) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """features (B, F) float32 (the MLP's input) -> a new (B, C, S, S) float32 array, the last block's output;
-        with ``heads_inputs`` two, its ``h`` and skip. ``num_threads``: None uses every core.
+        with ``heads_inputs`` two (B, S, S, C), its ``h`` and skip channels-last (``UpsampleConv``'s
+        ``channels_last``). ``num_threads``: None uses every core.
         ``vectorized=False`` forces the kernel's portable path."""
         features = np.ascontiguousarray(features, dtype=np.float32)
         if features.ndim != 2:
@@ -377,12 +396,13 @@ def _as_array(a: Any) -> Any:
 
 def _groups_arrays(groups: Any) -> np.ndarray | UpsampleConv:
     """What the native kernels read as C-contiguous float32 arrays: a (B, 4C, s+1, s+1) ``phases`` array, or
-    an ``UpsampleConv`` whose input is (B, Cin, s, s) (the native layer checks the rest of the shapes)."""
+    an ``UpsampleConv`` whose input is 4-D (the native layer checks the rest of the shapes)."""
     if isinstance(groups, UpsampleConv):
         as_floats = functools.partial(np.ascontiguousarray, dtype=np.float32)
-        converted = UpsampleConv(*(None if a is None else as_floats(a) for a in groups))
+        converted = groups.arrays(as_floats)
         if converted.input.ndim != 4:
-            raise ValueError(f"input: expected (B, Cin, s, s), got shape {converted.input.shape}")
+            layout = "(B, s, s, Cin)" if groups.channels_last else "(B, Cin, s, s)"
+            raise ValueError(f"input: expected {layout}, got shape {converted.input.shape}")
         return converted
     phases = np.ascontiguousarray(groups, dtype=np.float32)
     if phases.ndim != 4:
@@ -404,7 +424,7 @@ def _output_batch_size(groups: np.ndarray | UpsampleConv) -> tuple[int, int]:
 
 def _as_torch_groups(groups: np.ndarray | UpsampleConv) -> torch.Tensor | UpsampleConv:
     if isinstance(groups, UpsampleConv):
-        return UpsampleConv(*(None if a is None else torch.from_numpy(a) for a in groups))
+        return groups.arrays(torch.from_numpy)
     return torch.from_numpy(groups)
 
 

@@ -253,7 +253,7 @@ def test_native_stage_then_graphs_match_reference(which, per_block, every_block,
     else:
         upsample_input, skip = create_session(frame.graphs[-1], threads=1).run([UPSAMPLE_INPUT, SKIP_OUTPUT],
                                                                               {STAGE_INPUT: x})
-    out = frame.heads.finish(upsample_input, skip, num_threads=2)
+    out = frame.heads.finish(upsample_input, skip, num_threads=2, channels_last=every_block)
     ref = _reference(model, keypoints, params.repeat_frames(3))
     _, atol = TOLERANCES["onnx_fp32"]
     assert max(_max_abs(out, ref)) <= atol, _max_abs(out, ref)

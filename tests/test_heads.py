@@ -207,13 +207,13 @@ def make_conv(batch: int, in_channels: int, channels: int, low_size: int, rng: n
 
 
 def conv_reference(conv: ops.UpsampleConv) -> np.ndarray:
-    return ops.upsample_conv_reference(*(None if a is None else torch.from_numpy(a).double() for a in conv)).numpy()
+    return ops.upsample_conv_reference(*conv.arrays(lambda a: torch.from_numpy(a).double())[:4]).numpy()
 
 
 def run_conv_poisoned(conv: ops.UpsampleConv, **kwargs) -> np.ndarray:
     batch, size = conv.input.shape[0], 2 * conv.input.shape[2]
     out = np.full((batch, conv.weight.shape[0], size, size), np.nan, np.float32)
-    native.load().upsample_conv(*conv, out, **kwargs)
+    native.load().upsample_conv(*conv[:4], out, **kwargs)
     return out
 
 
@@ -230,7 +230,8 @@ def test_upsample_conv_matches_reference(batch, in_channels, channels, low_size,
         np.testing.assert_allclose(run_conv_poisoned(conv, num_threads=threads, vectorized=vectorized), ref,
                                    rtol=rtol, atol=atol)
     assert np.abs(ref).max() > 0.5
-    np.testing.assert_allclose(ops.upsample_conv(*conv, num_threads=2, vectorized=vectorized), ref, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(ops.upsample_conv(*conv[:4], num_threads=2, vectorized=vectorized), ref, rtol=rtol,
+                               atol=atol)
 
 
 @pytest.mark.parametrize("vectorized", [True, False])
@@ -238,7 +239,7 @@ def test_upsample_conv_matches_reference(batch, in_channels, channels, low_size,
 def test_heads_from_upsample_conv_match_reference(batch, in_channels, channels, low_size, vectorized, rng):
     conv = make_conv(batch, in_channels, channels, low_size, rng)
     params = make_inputs(batch, channels, low_size, rng)[1:]
-    ref = ops.heads_reference(ops.UpsampleConv(*(None if a is None else torch.from_numpy(a).double() for a in conv)),
+    ref = ops.heads_reference(conv.arrays(lambda a: torch.from_numpy(a).double()),
                               *(torch.from_numpy(a).double() for a in params))
     rtol, atol = heads_tolerance(vectorized)
     for threads in (1, 3):
@@ -250,6 +251,33 @@ def test_heads_from_upsample_conv_match_reference(batch, in_channels, channels, 
     rtol, atol = heads_tolerance(True)
     for o, p in zip(ops.heads(conv, *params, num_threads=2), ops.heads(phases, *params, num_threads=2)):
         np.testing.assert_allclose(o, p, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("batch, in_channels, channels, low_size, with_skip",
+                         [(1, 32, 32, 40, True), (2, 3, 5, 9, True), (1, 8, 3, 17, False), (1, 2, 3, 1, True)])
+def test_heads_from_channels_last_inputs_are_the_same(batch, in_channels, channels, low_size, with_skip,
+                                                      vectorized, rng):
+    """The native stage's layout (UpsampleConv.channels_last): the same bits as from (B, C, s, s) arrays, and
+    the reference takes it too."""
+    conv = make_conv(batch, in_channels, channels, low_size, rng, with_skip)
+    last = conv._replace(input=np.ascontiguousarray(conv.input.transpose(0, 2, 3, 1)), channels_last=True,
+                         skip=None if conv.skip is None else np.ascontiguousarray(conv.skip.transpose(0, 2, 3, 1)))
+    params = make_inputs(batch, channels, low_size, rng)[1:]
+    for threads in (1, 3):
+        for a, b in zip(ops.heads(last, *params, num_threads=threads, vectorized=vectorized),
+                        ops.heads(conv, *params, num_threads=threads, vectorized=vectorized)):
+            assert np.isfinite(b).all() and np.abs(b).max() > 0.1
+            np.testing.assert_array_equal(a, b)
+    as64 = lambda a: torch.from_numpy(a).double()  # noqa: E731
+    for a, b in zip(ops.heads_reference(last.arrays(as64), *map(as64, params)),
+                    ops.heads_reference(conv.arrays(as64), *map(as64, params))):
+        torch.testing.assert_close(a, b)  # float64: other convolution paths for other strides
+    with pytest.raises(ValueError, match=r"input: expected \(B, s, s, Cin\)"):
+        ops.heads(last._replace(input=conv.input[:, :, :, :-1].copy()), *params)
+    if with_skip and channels != low_size:  # a (B, C, s, s) skip
+        with pytest.raises(ValueError, match="skip"):
+            ops.heads(last._replace(skip=conv.skip), *params)
 
 
 def _phases_of(conv: ops.UpsampleConv) -> np.ndarray:
@@ -287,8 +315,8 @@ def test_upsample_conv_names_bad_arguments(rng):
     }
     for argument, (wrong, match) in bad.items():
         with pytest.raises(ValueError, match=match):
-            native.load().upsample_conv(*conv._replace(**{argument: np.ascontiguousarray(wrong)}), out)
+            native.load().upsample_conv(*conv._replace(**{argument: np.ascontiguousarray(wrong)})[:4], out)
     with pytest.raises(ValueError, match="out: expected shape \\(1, 3, 12, 12\\)"):
-        native.load().upsample_conv(*conv, np.zeros((1, 3, 12, 11), np.float32))
+        native.load().upsample_conv(*conv[:4], np.zeros((1, 3, 12, 11), np.float32))
     with pytest.raises(ValueError, match="input: expected \\(B, Cin, s, s\\)"):
         ops.upsample_conv(conv.input[0], conv.weight, conv.bias)

@@ -118,12 +118,15 @@ def test_winograd_matches_direct_on_released_widths(input_size, channels, rng):
 
 @pytest.mark.parametrize("vectorized", [True, False])
 @pytest.mark.parametrize("winograd_min_size", [0, 4])
-def test_heads_inputs_match_reference(winograd_min_size, vectorized, rng):
-    """heads_inputs: the last block stops after conv1 and its skip (no conv2 given): h and skip, NCHW."""
-    mlp, blocks = make_stage(rng, 12, (20,), (16, 24, 9), 4)
+@pytest.mark.parametrize("channels", [9, 16])
+def test_heads_inputs_match_reference(channels, winograd_min_size, vectorized, rng):
+    """heads_inputs: the last block stops after conv1 and its skip (no conv2 given): h and skip, channels-last
+    (9 channels: the stage's 16 less its padding; 16: written straight to the outputs, as at the released
+    size)."""
+    mlp, blocks = make_stage(rng, 12, (20,), (16, 24, channels), 4)
     del blocks[-1]["conv2_weight"], blocks[-1]["conv2_bias"]
     stage = ops.LowResStage(mlp, blocks, 4, winograd_min_size=winograd_min_size, heads_inputs=True)
-    assert stage.output_shape == (9, 8, 8)
+    assert stage.output_shape == (8, 8, channels)
     x = rng.standard_normal((2, 12)).astype(np.float32)
     as64 = lambda a: torch.from_numpy(a).double()  # noqa: E731
     want = ops.low_res_stage_reference(as64(x), [(as64(w), as64(b)) for w, b in mlp],
@@ -132,10 +135,10 @@ def test_heads_inputs_match_reference(winograd_min_size, vectorized, rng):
     for threads in (1, 2):
         got = stage(x, num_threads=threads, vectorized=vectorized)
         for a, b in zip(got, want):
-            b = b.numpy()
-            assert a.shape == b.shape == (2, 9, 8, 8) and np.abs(b).max() > 0.1
+            b = b.permute(0, 2, 3, 1).numpy()
+            assert a.shape == b.shape == (2, 8, 8, channels) and np.abs(b).max() > 0.1
             np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * max(1.0, float(np.abs(b).max())))
-    out = np.zeros((2, 9, 8, 8), np.float32)
+    out = np.zeros((2, 8, 8, channels), np.float32)
     with pytest.raises(ValueError, match="this stage \\(heads_inputs\\) writes a skip array"):
         stage._stage.run(x, out)
     with pytest.raises(ValueError, match=r"blocks\[1\].conv2_weight: missing"):  # needed without heads_inputs

@@ -27,20 +27,25 @@ Phases read_phases(py::handle phases) {
 }
 
 // The up-sampling convolution's input (B, Cin, s, s), weight (C, Cin, 3, 3), bias (C,) and skip (B, C, s, s)
-// or None, checked.
-UpsampleConv read_upsample_conv(py::handle input, py::handle weight, py::handle bias, py::handle skip) {
+// or None, checked; with channels_last input (B, s, s, Cin) and skip (B, s, s, C).
+UpsampleConv read_upsample_conv(py::handle input, py::handle weight, py::handle bias, py::handle skip,
+                                bool channels_last) {
   const ArrayView in = view_array(input, "input"), w = view_array(weight, "conv_weight");
-  if (in.shape.size() != 4 || in.shape[1] < 1 || in.shape[2] < 1 || in.shape[3] != in.shape[2])
-    throw std::invalid_argument("input: expected (B, Cin, s, s) with Cin >= 1 and s >= 1, got " + in.shape_string());
+  const int64_t channel_axis = channels_last ? 3 : 1, other_side_axis = channels_last ? 1 : 3;  // the sides: 2 and this
+  if (in.shape.size() != 4 || in.shape[channel_axis] < 1 || in.shape[2] < 1 || in.shape[other_side_axis] != in.shape[2])
+    throw std::invalid_argument(std::string("input: expected ") + (channels_last ? "(B, s, s, Cin)" : "(B, Cin, s, s)") +
+                                " with Cin >= 1 and s >= 1, got " + in.shape_string());
   if (w.shape.size() != 4 || w.shape[0] < 1)
     throw std::invalid_argument("conv_weight: expected (C, Cin, 3, 3) with C >= 1, got " + w.shape_string());
   UpsampleConv conv;
-  conv.batch = in.shape[0], conv.in_channels = in.shape[1], conv.channels = w.shape[0], conv.low_size = in.shape[2];
+  conv.batch = in.shape[0], conv.in_channels = in.shape[channel_axis], conv.channels = w.shape[0];
+  conv.low_size = in.shape[2], conv.channels_last = channels_last;
   const int64_t B = conv.batch, C = conv.channels, s = conv.low_size;
   conv.input = host_floats(in, in.shape);
   conv.weight = host_floats(w, {C, conv.in_channels, 3, 3});
   conv.bias = host_floats(view_array(bias, "conv_bias"), {C});
-  if (!skip.is_none()) conv.skip = host_floats(view_array(skip, "skip"), {B, C, s, s});
+  if (!skip.is_none())
+    conv.skip = host_floats(view_array(skip, "skip"), channels_last ? std::vector<int64_t>{B, s, s, C} : std::vector<int64_t>{B, C, s, s});
   return conv;
 }
 
@@ -72,10 +77,10 @@ void heads(py::handle phases, py::handle scale, py::handle shift, py::handle slo
 
 void upsample_conv_heads(py::handle input, py::handle conv_weight, py::handle conv_bias, py::handle skip,
                          py::handle scale, py::handle shift, py::handle slope, py::handle weight, py::handle bias,
-                         py::handle delta_uv, py::handle lf, py::handle mask_logits, int num_threads,
-                         bool vectorized) {
+                         py::handle delta_uv, py::handle lf, py::handle mask_logits, bool channels_last,
+                         int num_threads, bool vectorized) {
   HeadsParams p;
-  const UpsampleConv conv = read_upsample_conv(input, conv_weight, conv_bias, skip);
+  const UpsampleConv conv = read_upsample_conv(input, conv_weight, conv_bias, skip, channels_last);
   p.groups = conv;
   run_heads(p, conv.batch, conv.channels, 2 * conv.low_size, scale, shift, slope, weight, bias, delta_uv, lf,
             mask_logits, num_threads, vectorized);
@@ -97,8 +102,8 @@ void depth_to_space_box(py::handle phases, py::handle out, int num_threads, bool
 }
 
 void upsample_conv(py::handle input, py::handle conv_weight, py::handle conv_bias, py::handle skip, py::handle out,
-                   int num_threads, bool vectorized) {
-  const UpsampleConv conv = read_upsample_conv(input, conv_weight, conv_bias, skip);
+                   bool channels_last, int num_threads, bool vectorized) {
+  const UpsampleConv conv = read_upsample_conv(input, conv_weight, conv_bias, skip, channels_last);
   block_output(conv, conv.batch, conv.channels, 2 * conv.low_size, out, num_threads, vectorized);
 }
 
@@ -117,12 +122,13 @@ Host float32 C-contiguous arrays, read and written without a copy. ``num_threads
 )pbdoc");
   m.def("upsample_conv_heads", &upsample_conv_heads, py::arg("input"), py::arg("conv_weight"), py::arg("conv_bias"),
         py::arg("skip"), py::arg("scale"), py::arg("shift"), py::arg("slope"), py::arg("weight"), py::arg("bias"),
-        py::arg("delta_uv"), py::arg("lf"), py::arg("mask_logits"), py::kw_only(), py::arg("num_threads") = 0,
-        py::arg("vectorized") = true,
+        py::arg("delta_uv"), py::arg("lf"), py::arg("mask_logits"), py::kw_only(), py::arg("channels_last") = false,
+        py::arg("num_threads") = 0, py::arg("vectorized") = true,
         R"pbdoc(
 ``heads`` with the tap groups computed from the last up-sampling convolution's input (B, Cin, s, s),
 ``conv_weight`` (C, Cin, 3, 3), ``conv_bias`` (C,) and ``skip`` (B, C, s, s) or None (see
-pybilayer.ops.heads). Same array rules as ``heads``.
+pybilayer.ops.heads); with ``channels_last`` input (B, s, s, Cin) and skip (B, s, s, C). Same array rules
+as ``heads``.
 )pbdoc");
   m.def("depth_to_space_box", &depth_to_space_box, py::arg("phases"), py::arg("out"), py::kw_only(),
         py::arg("num_threads") = 0, py::arg("vectorized") = true,
@@ -131,11 +137,13 @@ The depth-to-space and 2x2 box sum that finish an up-sampling convolution comput
 written into ``out`` (B, C, 2s, 2s) (see pybilayer.ops.depth_to_space_box). Same array rules as ``heads``.
 )pbdoc");
   m.def("upsample_conv", &upsample_conv, py::arg("input"), py::arg("conv_weight"), py::arg("conv_bias"),
-        py::arg("skip"), py::arg("out"), py::kw_only(), py::arg("num_threads") = 0, py::arg("vectorized") = true,
+        py::arg("skip"), py::arg("out"), py::kw_only(), py::arg("channels_last") = false, py::arg("num_threads") = 0,
+        py::arg("vectorized") = true,
         R"pbdoc(
 conv3x3(up2(input), conv_weight, padding 1) + conv_bias + up2(skip) for nearest 2x up-sampling, written
 into ``out`` (B, C, 2s, 2s), computed at the low resolution as four tap groups (see
-pybilayer.ops.upsample_conv). Same array rules as ``heads``; ``skip`` may be None.
+pybilayer.ops.upsample_conv). Same array rules and ``channels_last`` as ``upsample_conv_heads``; ``skip``
+may be None.
 )pbdoc");
 }
 

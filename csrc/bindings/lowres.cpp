@@ -78,11 +78,13 @@ void run_stage(LowResStage& stage, py::handle features, py::handle out, py::hand
                                 f.shape_string());
   const int64_t B = f.shape[0], S = stage.out_size();
   const float* in = host_floats(f, {B, stage.in_features()});
-  float* o = writable_floats(view_array(out, "out"), {B, stage.out_channels(), S, S});
+  const int64_t C = stage.out_channels();
+  const std::vector<int64_t> shape = stage.heads_inputs() ? std::vector<int64_t>{B, S, S, C} : std::vector<int64_t>{B, C, S, S};
+  float* o = writable_floats(view_array(out, "out"), shape);
   if (stage.heads_inputs() == skip.is_none())
     throw std::invalid_argument(stage.heads_inputs() ? "skip: this stage (heads_inputs) writes a skip array"
                                                      : "skip: only a heads_inputs stage writes one");
-  float* k = skip.is_none() ? nullptr : writable_floats(view_array(skip, "skip"), {B, stage.out_channels(), S, S});
+  float* k = skip.is_none() ? nullptr : writable_floats(view_array(skip, "skip"), shape);
   py::gil_scoped_release release;
   stage.run(in, B, o, k, num_threads, vectorized);
 }
@@ -107,7 +109,8 @@ Winograd F(4x4, 3x3) on maps of at least ``winograd_min_size`` px (a multiple of
       .def("run", &run_stage, py::arg("features"), py::arg("out"), py::arg("skip") = py::none(), py::kw_only(),
            py::arg("num_threads") = 0, py::arg("vectorized") = true, R"pbdoc(
 features (B, in_features) -> ``out`` (B, out_channels, out_size, out_size), written in full (with
-``heads_inputs``: the last block's h, and its skip into ``skip``, of the same shape). Calls on one stage are
+``heads_inputs``: the last block's h, and its skip into ``skip``, (B, out_size, out_size, out_channels)
+channels-last each). Calls on one stage are
 serialised. ``num_threads``: 0 uses every core; ``vectorized=False`` forces the portable path.
 )pbdoc");
 }

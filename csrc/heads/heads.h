@@ -39,10 +39,11 @@ struct Phases {
 // per low-resolution pixel, input channel and output channel, against 36 for the up-sampled convolution).
 struct UpsampleConv {
   int64_t batch = 0, in_channels = 0, channels = 0, low_size = 0;  // B, Cin, C, s
-  const float* input = nullptr;   // (B, Cin, s, s)
+  const float* input = nullptr;   // (B, Cin, s, s), or with channels_last (B, s, s, Cin)
   const float* weight = nullptr;  // (C, Cin, 3, 3)
   const float* bias = nullptr;    // (C,)
-  const float* skip = nullptr;    // (B, C, s, s), or null for none
+  const float* skip = nullptr;    // (B, C, s, s), or with channels_last (B, s, s, C); or null for none
+  bool channels_last = false;     // the layout the native stage (lowres.h) writes: the same results
 };
 
 using TapGroups = std::variant<Phases, UpsampleConv>;

@@ -116,6 +116,45 @@ PYBILAYER_AVX2 void activate_avx2(const float* r0, const float* r1, float scale,
 }
 #endif
 
+// Channels-last inputs (UpsampleConv::channels_last) -> the rows the group kernels read.
+// `pixels` pixels of `channels` values each (pixel stride `pixel`) -> channel c at planes + c * plane.
+void to_planes(const float* in, int64_t pixel, int64_t pixels, int64_t channels, float* planes, int64_t plane) {
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t x = 0; x < pixels; ++x) planes[c * plane + x] = in[x * pixel + c];
+}
+
+#ifdef PYBILAYER_X86_AVX2
+// The same, 8 pixels x 8 channels at a time through registers (the strided scalar reads cost ~4x more).
+PYBILAYER_AVX2 void to_planes_avx2(const float* in, int64_t pixel, int64_t pixels, int64_t channels, float* planes,
+                                   int64_t plane) {
+  int64_t c = 0;
+  for (; c + 8 <= channels; c += 8) {
+    int64_t x = 0;
+    for (; x + 8 <= pixels; x += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + (x + i) * pixel + c);  // pixel x+i's channels
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      const __m256 columns[8] = {  // channel c+j's 8 pixels
+          _mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+          _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+          _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+          _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(planes + (c + j) * plane + x, columns[j]);
+    }
+    for (; x < pixels; ++x)
+      for (int j = 0; j < 8; ++j) planes[(c + j) * plane + x] = in[x * pixel + c + j];
+  }
+  to_planes(in + c, pixel, pixels, channels - c, planes + c * plane, plane);
+}
+#endif
+
 struct GroupsShape {
   int64_t batch, channels, low_size;
 };
@@ -239,8 +278,8 @@ PYBILAYER_AVX2 inline void group_columns_avx2(const GroupTap* taps, int ntaps, c
 // A worker's rows of the four tap groups: views into `phases`, or computed from an UpsampleConv.
 class GroupRows {
  public:
-  GroupRows(const TapGroups& groups, const float* packed)
-      : groups_(groups), packed_(packed), shape_(shape_of(groups)), P_(shape_.low_size + 1) {
+  GroupRows(const TapGroups& groups, const float* packed, bool avx2)
+      : groups_(groups), packed_(packed), avx2_(avx2), shape_(shape_of(groups)), P_(shape_.low_size + 1) {
     if (const UpsampleConv* conv = std::get_if<UpsampleConv>(&groups_)) {
       conv_ = conv;
       const int64_t padded_channels = 2 * ((conv->channels + 1) / 2);
@@ -257,14 +296,14 @@ class GroupRows {
 
   // Row g of the even- and odd-column groups of row parity `parity` for item b, channel 0; channel c's rows
   // at + c * stride(). Rows computed for an UpsampleConv stay valid until the next call.
-  std::pair<const float*, const float*> get(int64_t b, int64_t parity, int64_t g, bool avx2) {
+  std::pair<const float*, const float*> get(int64_t b, int64_t parity, int64_t g) {
     if (conv_ == nullptr) {
       const Phases& p = std::get<Phases>(groups_);
       const int64_t plane = P_ * P_, group = shape_.channels * plane;
       const float* base = p.data + (b * 4 + parity * 2) * group + g * P_;
       return {base, base + group};
     }
-    const GroupRowSet& rows = compute(b, parity, g, avx2);
+    const GroupRowSet& rows = compute(b, parity, g);
     return {rows.even.data(), rows.odd.data()};
   }
   int64_t stride() const { return conv_ == nullptr ? P_ * P_ : width_; }
@@ -278,20 +317,32 @@ class GroupRows {
     if (r < 0 || r >= s) return nullptr;
     float* row = input_.data() + (r % kInputSlots) * cin * width_;
     if (loaded_[r % kInputSlots] != b * s + r) {
-      const float* src = conv_->input + (b * cin * s + r) * s;
-      for (int64_t ci = 0; ci < cin; ++ci) std::memcpy(row + ci * width_ + 1, src + ci * s * s, sizeof(float) * s);
+      if (conv_->channels_last) {
+        planes(conv_->input + (b * s + r) * s * cin, cin, s, cin, row + 1, width_);
+      } else {
+        const float* src = conv_->input + (b * cin * s + r) * s;
+        for (int64_t ci = 0; ci < cin; ++ci) std::memcpy(row + ci * width_ + 1, src + ci * s * s, sizeof(float) * s);
+      }
       loaded_[r % kInputSlots] = b * s + r;
     }
     return row;
   }
 
-  const GroupRowSet& compute(int64_t b, int64_t parity, int64_t g, bool avx2) {
+  // to_planes, vectorized where allowed.
+  void planes(const float* in, int64_t pixel, int64_t pixels, int64_t channels, float* out, int64_t plane) const {
+#ifdef PYBILAYER_X86_AVX2
+    if (avx2_) return to_planes_avx2(in, pixel, pixels, channels, out, plane);
+#endif
+    to_planes(in, pixel, pixels, channels, out, plane);
+  }
+
+  const GroupRowSet& compute(int64_t b, int64_t parity, int64_t g) {
     const UpsampleConv& conv = *conv_;
     const int64_t C = conv.channels, s = shape_.low_size;
     if (parity == 1 && paired_item_ == b && paired_row_ == g) return rows_[1];
 #ifdef PYBILAYER_X86_AVX2
-    if (avx2 && parity == 1 && g % 2 == 0 && g < s) return compute_pair(b, g);
-    if (avx2 && parity == 1 && g % 2 == 1) {  // a worker's first row: as the pair computes it, for the same bits
+    if (avx2_ && parity == 1 && g % 2 == 0 && g < s) return compute_pair(b, g);
+    if (avx2_ && parity == 1 && g % 2 == 1) {  // a worker's first row: as the pair computes it, for the same bits
       compute_pair(b, g - 1);
       return rows_[1];
     }
@@ -308,15 +359,19 @@ class GroupRows {
     // The even-parity, even-column group (ee) starts from the bias and the skip (row g-1, column k-1).
     const bool with_init = parity == 0;
     const bool has_skip = conv.skip != nullptr && g >= 1;
-    if (with_init)
+    if (with_init) {
+      if (has_skip && conv.channels_last) planes(conv.skip + (b * s + g - 1) * s * C, C, s, C, init_.data() + 1, width_);
       for (int64_t c = 0; c < C; ++c) {
         float* init = init_.data() + c * width_;
         init[0] = conv.bias[c];
-        for (int64_t x = 0; x < s; ++x)
-          init[x + 1] = conv.bias[c] + (has_skip ? conv.skip[((b * C + c) * s + g - 1) * s + x] : 0.f);
+        for (int64_t x = 0; x < s; ++x) {
+          const float skip = !has_skip ? 0.f : conv.channels_last ? init[x + 1] : conv.skip[((b * C + c) * s + g - 1) * s + x];
+          init[x + 1] = conv.bias[c] + skip;
+        }
       }
+    }
 #ifdef PYBILAYER_X86_AVX2
-    if (avx2) {
+    if (avx2_) {
       compute_avx2(taps, ntaps, {with_init ? init_.data() : nullptr, false}, nullptr);
       return finish_odd(rows_[0]);
     }
@@ -407,6 +462,7 @@ class GroupRows {
 
   const TapGroups& groups_;
   const float* packed_;
+  const bool avx2_;
   const GroupsShape shape_;
   const int64_t P_;
   const UpsampleConv* conv_ = nullptr;
@@ -422,13 +478,13 @@ class GroupRows {
 class BoxRows {
  public:
   BoxRows(const TapGroups& groups, const float* packed_conv, bool avx2)
-      : groups_(groups, packed_conv), avx2_(avx2), C_(shape_of(groups).channels), s_(shape_of(groups).low_size),
+      : groups_(groups, packed_conv, avx2), avx2_(avx2), C_(shape_of(groups).channels), s_(shape_of(groups).low_size),
         box_(2 * C_ * 2 * s_) {}
 
   // Makes R(y+1) and R(y+2) of item b available: only R(y+2) is new when row y-1 of b came last.
   void advance(int64_t b, int64_t y) {
     for (int64_t m = (b == item_ && last_ == y + 1) ? y + 2 : y + 1; m <= y + 2; ++m) {
-      const auto [even, odd] = groups_.get(b, m % 2, m / 2, avx2_);
+      const auto [even, odd] = groups_.get(b, m % 2, m / 2);
       const int64_t stride = groups_.stride();
       for (int64_t c = 0; c < C_; ++c) {
         float* out = box_.data() + (c * 2 + m % 2) * 2 * s_;

@@ -19,7 +19,8 @@
 //           with up2 the nearest 2x up-sampling; y is the next block's x.
 //   The stage's output is the last block's y, (B, C, S, S) NCHW; or, with heads_inputs, the last block stops
 //   before its up-sampling convolution and the outputs are its h and skip conv1x1(x, skip_weight) + skip_bias,
-//   (B, C, s, s) each: the inputs of the native heads kernel (heads.h, UpsampleConv), which finishes it.
+//   (B, s, s, C) channels-last each: the inputs of the native heads kernel (heads.h, UpsampleConv with
+//   channels_last), which finishes it.
 // The up-sampling convolution is computed at the low resolution as four tap groups and a 2x2 box sum
 // (frame_graph.upsample_conv_taps); the skip joins the 1x1 group as extra input channels.
 // float32 throughout; every array C-contiguous. No torch types here: the bindings translate arrays.
@@ -73,9 +74,9 @@ class LowResStage {
   int64_t out_channels() const;
   int64_t out_size() const;
   bool heads_inputs() const;
-  // features (B, in_features) -> out (B, out_channels, out_size, out_size), and with heads_inputs the skip
-  // (same shape; null otherwise). num_threads <= 0: every core. vectorized=false forces the portable code
-  // path (AVX2+FMA is used where the CPU has it).
+  // features (B, in_features) -> out (B, out_channels, out_size, out_size); with heads_inputs h and the skip,
+  // (B, out_size, out_size, out_channels) each (skip null otherwise). num_threads <= 0: every core.
+  // vectorized=false forces the portable code path (AVX2+FMA is used where the CPU has it).
   void run(const float* features, int64_t batch, float* out, float* skip, int num_threads, bool vectorized);
 
  private:

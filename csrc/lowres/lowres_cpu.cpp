@@ -8,7 +8,8 @@
 //   HX (s+2)^2 x (C' + Cin')  [h | x]: conv1's output beside the block input, so the up-sampling
 //                             convolution's 1x1 tap group and the skip are one convolution over C' + Cin
 //   V  (s+1)^2 x 4C'         the four tap groups (ee, eo, oe, oo), read by the box sum
-// (with heads_inputs the last block has no V: its skip goes to a map of its own, and both leave as NCHW).
+// (with heads_inputs the last block has no V: its h and skip go straight to the outputs, channels-last, where
+// C' = C, as at the released size; else to HX and a map of their own, then without the extra channels).
 // A convolution is packed as [output block of 16][tap][input channel][16] and run as independent items
 // (output block x 6 consecutive pixels) in an order where a worker keeps one output block's weights in L2
 // across its pixels (or, where they all fit, a pixel block's inputs in L1 across the output blocks); the
@@ -629,46 +630,6 @@ void winograd_output(const WinogradOutput& p, int64_t begin, int64_t end, bool a
   winograd_output_lanes<Scalar>(p, begin, end);
 }
 
-// ------------------------------------------------------------------ channels-last -> planes
-
-// `pixels` pixels of `channels` values each (pixel stride `pixel`) -> channel c at planes + c * plane.
-void to_planes(const float* in, int64_t pixel, int64_t pixels, int64_t channels, float* planes, int64_t plane) {
-  for (int64_t c = 0; c < channels; ++c)
-    for (int64_t x = 0; x < pixels; ++x) planes[c * plane + x] = in[x * pixel + c];
-}
-
-#ifdef PYBILAYER_X86_AVX2
-// The same, 8 pixels x 8 channels at a time through registers (the strided scalar reads cost ~4x more).
-PYBILAYER_AVX2 void to_planes_avx2(const float* in, int64_t pixel, int64_t pixels, int64_t channels, float* planes,
-                                   int64_t plane) {
-  int64_t c = 0;
-  for (; c + 8 <= channels; c += 8) {
-    int64_t x = 0;
-    for (; x + 8 <= pixels; x += 8) {
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + (x + i) * pixel + c);  // pixel x+i's channels
-      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-      const __m256 columns[8] = {  // channel c+j's 8 pixels
-          _mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
-          _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
-          _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
-          _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(planes + (c + j) * plane + x, columns[j]);
-    }
-    for (; x < pixels; ++x)
-      for (int j = 0; j < 8; ++j) planes[(c + j) * plane + x] = in[x * pixel + c + j];
-  }
-  to_planes(in + c, pixel, pixels, channels - c, planes + c * plane, plane);
-}
-#endif
-
 // ------------------------------------------------------------------ workers
 
 // Workers wait here between passes: spin briefly (passes are tens of microseconds apart), then yield.
@@ -750,7 +711,7 @@ struct LowResStage::Impl {
     Floats points_in, points_out;
     bool heads_inputs = false;  // the last block with heads_inputs: conv1 and the skip alone, no groups
     PackedConv skip;
-    Floats skip_map;  // s^2 x C'
+    Floats skip_map;  // s^2 x C', where C' != C
   };
 
   Arena arena;  // first: destroyed after every buffer in it
@@ -877,7 +838,7 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
           c, b.in_channels, {{0, 0}},
           [&](int64_t o, int64_t i, int64_t) { return i < cin ? in.skip_weight[o * cin + i] : 0.f; },
           std::vector<float>(in.skip_bias, in.skip_bias + c), false);
-      b.skip_map.assign(s * s * cp, 0.f);
+      if (c != cp) b.skip_map.assign(s * s * cp, 0.f);
       m.blocks.push_back(std::move(b));
       continue;
     }
@@ -1005,11 +966,14 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
     Block& b = blocks[j];
     const int64_t s = b.size, cp = b.channels;
     MapView t = t_map(b), hx = hx_map(b), v = v_map(b);
-    // conv1 into HX's first C' channels, at (y+1, x+1); with heads_inputs the skip beside it (it reads x)
-    const MapView h_out{hx.data + hx.row + hx.pixel, hx.pixel, hx.row};
+    // conv1 into HX's first C' channels, at (y+1, x+1); with heads_inputs the skip beside it (it reads x),
+    // both straight into the outputs where they have C' channels
+    const bool to_outputs = b.heads_inputs && b.real_channels == cp;
+    const MapView h_out = to_outputs ? MapView{out, cp, s * cp} : MapView{hx.data + hx.row + hx.pixel, hx.pixel, hx.row};
     std::vector<ConvJob> skip_jobs;  // the heads inputs' skip, run in conv1's pass
     if (b.heads_inputs)
-      skip_jobs.push_back({&b.skip, {hx.data + hx.row + hx.pixel + cp, hx.pixel, hx.row}, {b.skip_map.data(), cp, s * cp}, s, s});
+      skip_jobs.push_back({&b.skip, {hx.data + hx.row + hx.pixel + cp, hx.pixel, hx.row},
+                           {to_outputs ? skip : b.skip_map.data(), cp, s * cp}, s, s});
     // The products of `count` tiles' points: one 1x1 convolution per point (WinogradInput's layouts).
     const auto products = [&](float* points_in, float* points_out, int64_t count) {
       std::vector<ConvJob> jobs;
@@ -1056,21 +1020,16 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
       jobs.push_back({&b.conv1, t, h_out, s, s});
       convolve(jobs);
     }
-    if (b.heads_inputs) {  // h and the skip, channels-last -> NCHW
-      each(s, [&](int64_t y) {
-        const float* h_row = hx.data + (y + 1) * hx.row + hx.pixel;
-        const float* skip_row = b.skip_map.data() + y * s * cp;
-#ifdef PYBILAYER_X86_AVX2
-        if (avx2) {
-          to_planes_avx2(h_row, hx.pixel, s, b.real_channels, out + y * s, s * s);
-          to_planes_avx2(skip_row, cp, s, b.real_channels, skip + y * s, s * s);
-          return;
-        }
-#endif
-        to_planes(h_row, hx.pixel, s, b.real_channels, out + y * s, s * s);
-        to_planes(skip_row, cp, s, b.real_channels, skip + y * s, s * s);
-      });
-      barrier.wait();
+    if (b.heads_inputs) {  // h and the skip, less the padding channels
+      if (!to_outputs) {
+        const int64_t C = b.real_channels;
+        each(s * s, [&](int64_t pixel) {
+          const float* h_at = hx.data + (pixel / s + 1) * hx.row + (pixel % s + 1) * hx.pixel;
+          std::copy(h_at, h_at + C, out + pixel * C);
+          std::copy(b.skip_map.data() + pixel * cp, b.skip_map.data() + pixel * cp + C, skip + pixel * C);
+        });
+        barrier.wait();
+      }
       return;
     }
     // The pairs' differences of P (Block::rows_diff etc.), by padded row.

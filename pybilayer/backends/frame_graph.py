@@ -465,12 +465,13 @@ class HeadsWeights:
     weight: np.ndarray  # (6, C, 3, 3) float32, the final norm's gain folded in
     bias: np.ndarray  # (6,) float32
 
-    def finish(self, upsample_input: np.ndarray, skip: np.ndarray,
-               num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(delta_uv, lf, mask_logits) from the folded graph's ``upsample_input`` and ``skip`` outputs."""
+    def finish(self, upsample_input: np.ndarray, skip: np.ndarray, num_threads: int | None = None,
+               channels_last: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(delta_uv, lf, mask_logits) from the folded graph's ``upsample_input`` and ``skip`` outputs, or with
+        ``channels_last`` from the native stage's (``KeypointStage``)."""
         from .. import ops
 
-        groups = ops.UpsampleConv(upsample_input, self.conv_weight, self.conv_bias, skip)
+        groups = ops.UpsampleConv(upsample_input, self.conv_weight, self.conv_bias, skip, channels_last)
         return ops.heads(groups, self.scale, self.shift, self.slope, self.weight, self.bias, num_threads=num_threads)
 
 
@@ -532,7 +533,7 @@ class LowResWeights:
 class KeypointStage(NamedTuple):
     """One avatar's native stage called on keypoints (N, 68, 2): the keypoint MLP's input features
     (``mlp_features``), then the native kernel; returns the first graph's ``STAGE_INPUT``, or with
-    ``heads_inputs`` the heads' ``upsample_input`` and ``skip``."""
+    ``heads_inputs`` the heads' ``upsample_input`` and ``skip``, channels-last (``HeadsWeights.finish``)."""
 
     kernel: object  # ops.LowResStage
     frequencies: np.ndarray | None

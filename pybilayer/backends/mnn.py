@@ -255,7 +255,8 @@ class MnnBackend(FrameBackend):
     def _forward(self, low_res, module, heads, keypoints: np.ndarray) -> list[np.ndarray]:
         """One frame's outputs: the graph's, or finished by the native heads kernel from the graph's."""
         if module is None:  # the native stage ran every block
-            return list(heads.finish(*low_res(keypoints, num_threads=self.num_threads), self.num_threads))
+            return list(heads.finish(*low_res(keypoints, num_threads=self.num_threads), self.num_threads,
+                                     channels_last=True))
         x = self._graph_input(low_res, keypoints)
         if heads is None:
             return run_module(module, [x])

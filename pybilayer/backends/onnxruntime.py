@@ -142,7 +142,8 @@ class OnnxRuntimeBackend(FrameBackend):
                 if heads is None:
                     results.append(FrameOutputs(*sessions[0].run(OUTPUT_NAMES, {KEYPOINTS_INPUT: keypoints})))
                     continue
-                if not sessions:  # the native stage ran every block
+                channels_last = not sessions  # the native stage ran every block
+                if channels_last:
                     upsample_input, skip = low_res(keypoints, num_threads=self.threads)
                 else:
                     if low_res is None:
@@ -153,7 +154,7 @@ class OnnxRuntimeBackend(FrameBackend):
                         (phases,) = session.run([PHASES_OUTPUT], feed)
                         feed = {STAGE_INPUT: ops.depth_to_space_box(phases, num_threads=self.threads)}
                     upsample_input, skip = sessions[-1].run([UPSAMPLE_INPUT, SKIP_OUTPUT], feed)
-                results.append(FrameOutputs(*heads.finish(upsample_input, skip, self.threads)))
+                results.append(FrameOutputs(*heads.finish(upsample_input, skip, self.threads, channels_last)))
             return results
         sizes = [len(kp) for _, kp in groups]
         feeds = {KEYPOINTS_INPUT: np.concatenate([kp for _, kp in groups])}
