@@ -160,7 +160,10 @@ void run_concurrently(int requested, const std::function<void(int, int)>& task,
 }
 
 namespace {
+// A StealingRanges range as one word: its next item (high half) and its end (low half); next <= end.
 constexpr uint64_t pack_range(uint64_t next, uint64_t end) { return next << 32 | end; }
+constexpr uint64_t next_of(uint64_t range) { return range >> 32; }
+constexpr uint64_t end_of(uint64_t range) { return range & UINT32_MAX; }
 }  // namespace
 
 StealingRanges::StealingRanges(int64_t n, int workers) : ranges_(new Range[workers]), workers_(workers) {
@@ -170,17 +173,18 @@ StealingRanges::StealingRanges(int64_t n, int workers) : ranges_(new Range[worke
 
 int64_t StealingRanges::take(int worker) {
   std::atomic<uint64_t>& own = ranges_[worker].bounds;
-  for (uint64_t b = own.load(std::memory_order_acquire); (b >> 32) < (b & UINT32_MAX);)
-    if (own.compare_exchange_weak(b, b + (uint64_t(1) << 32), std::memory_order_acq_rel)) return int64_t(b >> 32);
+  for (uint64_t range = own.load(std::memory_order_acquire); next_of(range) < end_of(range);)
+    if (own.compare_exchange_weak(range, pack_range(next_of(range) + 1, end_of(range)), std::memory_order_acq_rel))
+      return int64_t(next_of(range));
   for (;;) {  // steal from the fullest range, where at least two items are left (one: its worker is on it)
     int victim = -1;
     uint64_t seen = 0, most = 1;
     for (int w = 0; w < workers_; ++w) {
-      const uint64_t b = ranges_[w].bounds.load(std::memory_order_acquire), left = (b & UINT32_MAX) - std::min(b >> 32, b & UINT32_MAX);
-      if (w != worker && left > most) victim = w, seen = b, most = left;
+      const uint64_t range = ranges_[w].bounds.load(std::memory_order_acquire), left = end_of(range) - next_of(range);
+      if (w != worker && left > most) victim = w, seen = range, most = left;
     }
     if (victim < 0) return -1;
-    const uint64_t next = seen >> 32, end = seen & UINT32_MAX, split = next + (end - next + 1) / 2;
+    const uint64_t next = next_of(seen), end = end_of(seen), split = next + (end - next + 1) / 2;
     if (!ranges_[victim].bounds.compare_exchange_strong(seen, pack_range(next, split), std::memory_order_acq_rel))
       continue;  // the victim took an item meanwhile: look again
     own.store(pack_range(split + 1, end), std::memory_order_release);

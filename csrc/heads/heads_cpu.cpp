@@ -3,10 +3,10 @@
 // Work is split into bands of 4 output rows, which the workers take from StealingRanges (parallel.h): against
 // fixed halves, the heads alone in turns 0.07-0.34 ms faster at p10 and 0.1-0.4 ms at p50 (3 runs, a busy
 // host), where one worker used to wait for the other 0.27 ms a call at the median. A worker keeps, per
-// channel, the box-filtered rows of V it needs (R(m)[x] = V[m][x+1] + V[m][x+2], so x = R(y+1) + R(y+2)
-// and each row of the tap groups is used once) and, for the heads, a ring of the six activation rows t(y0-1) .. t(y0+4) that band y0 reads, with
-// a zero column on each side. The heads read only that ring (C = 32, S = 256: 210 KiB), instead of the
-// full-resolution activation that a graph would write out and read back.
+// channel, the box-filtered rows of V it needs (R(m)[x] = V[m][x+1] + V[m][x+2], so x = R(y+1) + R(y+2) and
+// each row of the tap groups is used once) and, for the heads, a ring of the six activation rows t(y0-1) ..
+// t(y0+4) that band y0 reads, with a zero column on each side. The heads read only that ring (C = 32, S =
+// 256: 210 KiB), instead of the full-resolution activation that a graph would write out and read back.
 //
 // Tap groups given as an UpsampleConv are computed a row at a time (GroupRows): row g of the groups of
 // one row parity needs input rows g-1 and g only, kept zero-padded per worker (the AVX2 version computes
