@@ -110,8 +110,8 @@ Winograd F(4x4, 3x3) on maps of at least ``winograd_min_size`` px (a multiple of
            py::arg("num_threads") = 0, py::arg("vectorized") = true, R"pbdoc(
 features (B, in_features) -> ``out`` (B, out_channels, out_size, out_size), written in full (with
 ``heads_inputs``: the last block's h, and its skip into ``skip``, (B, out_size, out_size, out_channels)
-channels-last each). Calls on one stage are
-serialised. ``num_threads``: 0 uses every core; ``vectorized=False`` forces the portable path.
+channels-last each). Calls on one stage are serialised. ``num_threads``: 0 uses every core;
+``vectorized=False`` forces the portable path.
 )pbdoc");
 }
 
