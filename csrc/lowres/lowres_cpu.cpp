@@ -295,6 +295,9 @@ PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_p
     const int64_t offset = c.taps[t].dy * job.in.row + c.taps[t].dx * job.in.pixel;
     const float *s0 = in[0] + offset, *s1 = in[1] + offset, *s2 = in[2] + offset;
     const float *s3 = in[3] + offset, *s4 = in[4] + offset, *s5 = in[5] + offset;
+    // Unrolled: the stage in turns 0.4-1.0 ms faster at p50 (2 threads, released size, 4 runs). The loop's own
+    // instructions cost most where the sums are short (64 input channels, at 64-128 px).
+#pragma GCC unroll 4
     for (int64_t i = 0; i < cin; ++i, w += kLanes) {
       const __m256 w_lo = _mm256_loadu_ps(w), w_hi = _mm256_loadu_ps(w + 8);
       accumulate_avx2(s0 + i, w_lo, w_hi, l0, h0);
