@@ -363,7 +363,9 @@ PYBILAYER_AVX2 __attribute__((noinline)) void step_avx2(const ConvJob& job, int6
     store(std::false_type{});
 }
 
-PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t y, int64_t x, int P) {
+// P pixels from `first_pixel` on.
+PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_pixel, int P) {
+  const int64_t y = first_pixel / job.width, x = first_pixel % job.width;
   switch (P) {
     case 6: return step_avx2<6>(job, block, y, x);
     case 5: return step_avx2<5>(job, block, y, x);
@@ -372,11 +374,6 @@ PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t y, int6
     case 2: return step_avx2<2>(job, block, y, x);
     default: return step_avx2<1>(job, block, y, x);
   }
-}
-
-// P pixels from `first_pixel` on; in rows narrower than P (the 4 px maps), a step per row.
-PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_pixel, int P) {
-  step_avx2(job, block, first_pixel / job.width, first_pixel % job.width, P);
 }
 #endif
 
