@@ -444,6 +444,12 @@ void box(const float* const at[4], int64_t channels, float* out) {
 }
 
 #ifdef PYBILAYER_X86_AVX2
+// The copy of x goes around the caches (streaming stores; x_copy is 32-byte aligned: every map's pixels and
+// channel groups are multiples of 16 floats from a 64-byte boundary). The block reads it twice, a pass or
+// more later (conv1's input transform, then the 1x1 group with the skip), and an ordinary store would first
+// read each line it fills. The stage alone in turns (2 threads, 300 calls each, 8 runs): p50 0.12-0.41 ms
+// faster, 0.23 on average (the box passes 0.05-0.1 ms each); in frames (block medians, 5 runs) +0.12 to
+// -0.40 ms, -0.11 on average. The barrier orders these stores before the next pass (SpinBarrier::wait).
 PYBILAYER_AVX2 void activate_avx2(const Activation& a, const float* x, int64_t channels, float* t, float* x_copy) {
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t c = 0; c < channels; c += 8) {
@@ -452,7 +458,7 @@ PYBILAYER_AVX2 void activate_avx2(const Activation& a, const float* x, int64_t c
                                    _mm256_loadu_ps(a.shift.data() + c));  // not fused: as the portable path
     const __m256 negative = _mm256_cmp_ps(v, zero, _CMP_LT_OQ);
     if (t) _mm256_storeu_ps(t + c, _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_loadu_ps(a.slope.data() + c)), negative));
-    _mm256_storeu_ps(x_copy + c, xv);
+    _mm256_stream_ps(x_copy + c, xv);
   }
 }
 
@@ -705,6 +711,9 @@ class SpinBarrier {
     return last;
   }
   void wait() {
+#ifdef PYBILAYER_X86_AVX2
+    _mm_sfence();  // streaming stores (activate_avx2) are not ordered by the release below
+#endif
     const int generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == count_ - 1) {
       arrived_.store(0, std::memory_order_relaxed);
