@@ -448,7 +448,7 @@ void box(const float* const at[4], int64_t channels, float* out) {
 // channel groups are multiples of 16 floats from a 64-byte boundary). The block reads it twice, a pass or
 // more later (conv1's input transform, then the 1x1 group with the skip), and an ordinary store would first
 // read each line it fills. The stage alone in turns (2 threads, 300 calls each, 8 runs): p50 0.12-0.41 ms
-// faster, 0.22 on average (the box passes 0.04-0.14 ms each at their minimum); in frames (block medians, 8
+// faster, 0.22 on average (the box passes 0.04-0.13 ms each at their minimum); in frames (block medians, 8
 // runs) +0.12 to -0.40 ms, -0.13 on average. The barrier orders these stores before the next pass
 // (SpinBarrier::wait).
 PYBILAYER_AVX2 void activate_avx2(const Activation& a, const float* x, int64_t channels, float* t, float* x_copy) {
