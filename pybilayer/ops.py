@@ -295,7 +295,8 @@ class LowResStage:
     input's), up to the full-resolution ``heads``. ``csrc/lowres``: direct convolutions on channels-last
     maps, conv1 as Winograd (F(2x2, 3x3) below 16 px, F(4x4, 3x3) from there) on maps of at least
     ``winograd_min_size`` px (<= 0: never), the up-sampling convolutions' tap groups by pairs of outputs
-    (Winograd F(2, 2)), a few passes per block.
+    (Winograd F(2, 2)), a few passes per block: over whole maps, or, for the blocks on maps of at least
+    ``sweep_min_size`` px (<= 0: none), depth first over bands of rows that stay in cache.
 
     ``mlp``: [(weight (out, in), bias (out,))], LeakyReLU(0.2) between layers; the last layer's outputs are
     the first block's input x, (C0, s0, s0) with s0 = ``input_size``. ``blocks``: per block a dict of
@@ -309,7 +310,7 @@ class LowResStage:
     callers use the graph instead)."""
 
     def __init__(self, mlp: Sequence[tuple[np.ndarray, np.ndarray]], blocks: Sequence[dict[str, np.ndarray]],
-                 input_size: int, winograd_min_size: int = 0, heads_inputs: bool = False):
+                 input_size: int, winograd_min_size: int = 0, heads_inputs: bool = False, sweep_min_size: int = 0):
         caps = native.capabilities()
         if not caps.native:
             from .errors import BackendUnavailableError
@@ -319,7 +320,7 @@ class LowResStage:
         self._stage = native.load().LowResStage(
             [(as_floats(w), as_floats(b)) for w, b in mlp],
             [{k: as_floats(v) for k, v in block.items()} for block in blocks], int(input_size), int(winograd_min_size),
-            bool(heads_inputs))
+            bool(heads_inputs), int(sweep_min_size))
 
     @property
     def output_shape(self) -> tuple[int, int, int]:

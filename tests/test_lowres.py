@@ -59,6 +59,7 @@ def rng():
     return np.random.default_rng(int(torch.randint(1 << 30, ()).item()))
 
 
+@pytest.mark.parametrize("sweep_min_size", [0, 1])  # whole-map passes; every block depth first (run_sweep)
 @pytest.mark.parametrize("winograd_min_size", [0, 4])  # conv1 direct everywhere; Winograd on maps of 4k px
 @pytest.mark.parametrize("vectorized", [True, False])
 @pytest.mark.parametrize("features, hidden, channels, input_size, batch", [
@@ -73,9 +74,10 @@ def rng():
     (4, (), (20, 128), 17, 1),  # an odd map with pairs of rows and columns (128 channels and more)
     (4, (), (9, 130), 18, 1),  # the same on an even map (the last row and column directly)
 ])
-def test_matches_reference(features, hidden, channels, input_size, batch, vectorized, winograd_min_size, rng):
+def test_matches_reference(features, hidden, channels, input_size, batch, vectorized, winograd_min_size,
+                           sweep_min_size, rng):
     mlp, blocks = make_stage(rng, features, hidden, channels, input_size)
-    stage = ops.LowResStage(mlp, blocks, input_size, winograd_min_size=winograd_min_size)
+    stage = ops.LowResStage(mlp, blocks, input_size, winograd_min_size=winograd_min_size, sweep_min_size=sweep_min_size)
     size = input_size * 2 ** len(blocks)
     assert stage.output_shape == (channels[-1], size, size)
     x = rng.standard_normal((batch, features)).astype(np.float32)
@@ -88,12 +90,13 @@ def test_matches_reference(features, hidden, channels, input_size, batch, vector
     np.testing.assert_allclose(stage(x[:1]), ref[:1], rtol=rtol, atol=atol * max(1.0, float(np.abs(ref).max())))
 
 
+@pytest.mark.parametrize("sweep_min_size", [0, 8])
 @pytest.mark.parametrize("winograd_min_size", [0, 4])
-def test_paths_and_thread_counts_agree(winograd_min_size, rng):
+def test_paths_and_thread_counts_agree(winograd_min_size, sweep_min_size, rng):
     """The vector path fuses multiply-adds, the portable one does not: they agree to rounding; one path gives
     the same bits on any thread count (each output is summed by one worker, in one order)."""
     mlp, blocks = make_stage(rng, 40, (48,), (32, 32, 16), 4)
-    stage = ops.LowResStage(mlp, blocks, 4, winograd_min_size=winograd_min_size)
+    stage = ops.LowResStage(mlp, blocks, 4, winograd_min_size=winograd_min_size, sweep_min_size=sweep_min_size)
     x = rng.standard_normal((2, 40)).astype(np.float32)
     one = stage(x, num_threads=1)
     np.testing.assert_array_equal(stage(x, num_threads=2), one)
@@ -116,16 +119,18 @@ def test_winograd_matches_direct_on_released_widths(input_size, channels, rng):
         np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol * max(1.0, float(np.abs(ref).max())))
 
 
+@pytest.mark.parametrize("sweep_min_size", [0, 4])
 @pytest.mark.parametrize("vectorized", [True, False])
 @pytest.mark.parametrize("winograd_min_size", [0, 4])
 @pytest.mark.parametrize("channels", [9, 16])
-def test_heads_inputs_match_reference(channels, winograd_min_size, vectorized, rng):
+def test_heads_inputs_match_reference(channels, winograd_min_size, vectorized, sweep_min_size, rng):
     """heads_inputs: the last block stops after conv1 and its skip (no conv2 given): h and skip, channels-last
     (9 channels: the stage's 16 less its padding; 16: written straight to the outputs, as at the released
     size)."""
     mlp, blocks = make_stage(rng, 12, (20,), (16, 24, channels), 4)
     del blocks[-1]["conv2_weight"], blocks[-1]["conv2_bias"]
-    stage = ops.LowResStage(mlp, blocks, 4, winograd_min_size=winograd_min_size, heads_inputs=True)
+    stage = ops.LowResStage(mlp, blocks, 4, winograd_min_size=winograd_min_size, heads_inputs=True,
+                            sweep_min_size=sweep_min_size)
     assert stage.output_shape == (8, 8, channels)
     x = rng.standard_normal((2, 12)).astype(np.float32)
     as64 = lambda a: torch.from_numpy(a).double()  # noqa: E731
@@ -143,6 +148,35 @@ def test_heads_inputs_match_reference(channels, winograd_min_size, vectorized, r
         stage._stage.run(x, out)
     with pytest.raises(ValueError, match=r"blocks\[1\].conv2_weight: missing"):  # needed without heads_inputs
         ops.LowResStage(mlp, blocks, 4)
+
+
+@pytest.mark.parametrize("heads_inputs", [False, True])
+@pytest.mark.parametrize("features, channels, input_size, winograd_min_size, sweep_min_size", [
+    (12, (16, 24, 16, 8), 4, 4, 8),  # from the second block, Winograd F(2x2) then F(4x4), pairs of rows
+    (6, (9, 130, 12), 9, 4, 9),  # odd maps, pairs of rows and columns, conv1 direct then F(2x2)
+    (8, (128, 128, 16), 16, 16, 16),  # the first swept conv1 too heavy to re-read: over the whole map first
+    (8, (256, 256, 8), 2, 0, 2),  # the same where it is direct
+    (5, (7, 5, 6, 3), 3, 0, 6),  # direct everywhere, odd sides
+])
+def test_sweep_gives_the_same_bits_as_whole_map_passes(features, channels, input_size, winograd_min_size,
+                                                       sweep_min_size, heads_inputs, rng):
+    """The depth-first sweep (run_sweep) sums every output as the whole-map passes do: the same bits, on any
+    number of workers (pairs taking strips from both ends, an odd one alone, meeting points and their seams
+    anywhere)."""
+    mlp, blocks = make_stage(rng, features, (), channels, input_size)
+    if heads_inputs:
+        del blocks[-1]["conv2_weight"], blocks[-1]["conv2_bias"]
+    whole = ops.LowResStage(mlp, blocks, input_size, winograd_min_size=winograd_min_size, heads_inputs=heads_inputs)
+    swept = ops.LowResStage(mlp, blocks, input_size, winograd_min_size=winograd_min_size, heads_inputs=heads_inputs,
+                            sweep_min_size=sweep_min_size)
+    x = rng.standard_normal((2, features)).astype(np.float32)
+    for vectorized in (True, False):
+        want = whole(x, num_threads=2, vectorized=vectorized)
+        for threads in (1, 2, 3, 4, 5):
+            got = swept(x, num_threads=threads, vectorized=vectorized)
+            for a, b in (zip(got, want) if heads_inputs else [(got, want)]):
+                assert np.abs(b).max() > 0.1
+                np.testing.assert_array_equal(a, b)
 
 
 def test_batch_items_are_independent(rng):

@@ -24,10 +24,11 @@ const float* floats(py::handle obj, const std::string& name, const std::vector<i
 // mlp: [(weight (out, in), bias (out,)), ...]; blocks: [dict of the LowResBlock fields as arrays, ...].
 // The stage copies the weights, so the arrays need to live only for this call.
 std::unique_ptr<LowResStage> make_stage(const py::list& mlp, const py::list& blocks, int64_t input_size,
-                                        int64_t winograd_min_size, bool heads_inputs) {
+                                        int64_t winograd_min_size, bool heads_inputs, int64_t sweep_min_size) {
   LowResStageParams p;
   p.input_size = input_size;
   p.winograd_min_size = winograd_min_size;
+  p.sweep_min_size = sweep_min_size;
   p.heads_inputs = heads_inputs;
   for (size_t l = 0; l < mlp.size(); ++l) {
     const py::tuple layer = mlp[l].cast<py::tuple>();
@@ -98,10 +99,11 @@ pybilayer.ops.LowResStage for the convention). Built from ``mlp`` [(weight (out,
 ``blocks`` [dict(scale, shift, slope, conv1_weight, conv1_bias, conv2_weight, conv2_bias, skip_weight,
 skip_bias), ...] and the first block's ``input_size``; host float32 C-contiguous arrays, copied. conv1 runs as
 Winograd F(4x4, 3x3) on maps of at least ``winograd_min_size`` px (a multiple of 4; <= 0: never). With
-``heads_inputs`` the last block stops before its up-sampling convolution (it needs no conv2 weights).
+``heads_inputs`` the last block stops before its up-sampling convolution (it needs no conv2 weights). The
+blocks on maps of at least ``sweep_min_size`` px (<= 0: none) run depth first over bands of rows.
 )pbdoc")
       .def(py::init(&make_stage), py::arg("mlp"), py::arg("blocks"), py::arg("input_size"),
-           py::arg("winograd_min_size") = 0, py::arg("heads_inputs") = false)
+           py::arg("winograd_min_size") = 0, py::arg("heads_inputs") = false, py::arg("sweep_min_size") = 0)
       .def_property_readonly("in_features", &LowResStage::in_features)
       .def_property_readonly("out_channels", &LowResStage::out_channels)
       .def_property_readonly("out_size", &LowResStage::out_size)

@@ -5,7 +5,8 @@
 // channels per step, conv1 as Winograd F(2x2, 3x3) or F(4x4, 3x3) on larger maps, the up-sampling
 // convolution's tap groups by pairs of rows and columns (Winograd F(2, 2)), and each block is a few passes
 // (conv1, the pairs' differences, the tap groups, the box sum with the next activation) between which the
-// workers meet at a barrier.
+// workers meet at a barrier; the blocks on the largest maps run those passes depth first instead, each
+// worker on bands of rows that stay in its cache (sweep_min_size).
 //
 // Convention (frame_graph.folded_low_res_stage folds one avatar into these weights, the graphs of
 // frame_graph.build_folded_frame(native_blocks=k) continue from the output, and
@@ -58,6 +59,9 @@ struct LowResStageParams {
   // conv1 runs as Winograd on even maps of at least this side (<= 0: never): F(4x4, 3x3) from 16 px where the
   // side is a multiple of 4, F(2x2, 3x3) below
   int64_t winograd_min_size = 0;
+  // the blocks on maps of at least this side (<= 0: none) run as one depth-first sweep over bands of rows, not
+  // pass by pass over whole maps (lowres_cpu.cpp, run_sweep)
+  int64_t sweep_min_size = 0;
   bool heads_inputs = false;  // the last block stops before its up-sampling convolution (see the top)
 };
 

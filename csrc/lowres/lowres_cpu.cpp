@@ -15,7 +15,9 @@
 // across its pixels (or, where they all fit, a pixel block's inputs in L1 across the output blocks); the
 // workers take them a chunk of consecutive items at a time, so a worker slowed by anything else on the
 // machine leaves more of the pass to the other. The workers run every pass of the stage and meet at a
-// barrier between passes (starting threads per pass would cost ~10 us each, against 20-500 us passes).
+// barrier between passes (starting threads per pass would cost ~10 us each, against 20-500 us passes),
+// except in the blocks on the largest maps, which they run depth first, each on bands of rows of its own
+// (run_sweep).
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -409,6 +411,12 @@ void run_items(const std::vector<ConvJob>& jobs, int64_t begin, int64_t end, boo
   (void)avx2;
 }
 
+int64_t count_items(const std::vector<ConvJob>& jobs) {
+  int64_t items = 0;
+  for_each_job(jobs, [&](const ConvJob*, int, int64_t n) { items += n; });
+  return items;
+}
+
 // ------------------------------------------------------------------ activation and box sum
 
 // out = b - a, `channels` values.
@@ -444,13 +452,15 @@ void box(const float* const at[4], int64_t channels, float* out) {
 }
 
 #ifdef PYBILAYER_X86_AVX2
-// The copy of x goes around the caches (streaming stores; x_copy is 32-byte aligned: every map's pixels and
-// channel groups are multiples of 16 floats from a 64-byte boundary). The block reads it twice, a pass or
-// more later (conv1's input transform, then the 1x1 group with the skip), and an ordinary store would first
-// read each line it fills. The stage alone in turns (2 threads, 300 calls each, 8 runs): p50 0.12-0.41 ms
-// faster, 0.22 on average (the box passes 0.04-0.13 ms each at their minimum); in frames (block medians, 8
-// runs) +0.12 to -0.40 ms, -0.13 on average. The barrier orders these stores before the next pass
-// (SpinBarrier::wait).
+// Between whole-map passes the copy of x goes around the caches (Stream: streaming stores; x_copy is 32-byte
+// aligned: every map's pixels and channel groups are multiples of 16 floats from a 64-byte boundary). The
+// block reads it twice, a pass or more later (conv1's input transform, then the 1x1 group with the skip), and
+// an ordinary store would first read each line it fills. The stage alone in turns (2 threads, 300 calls
+// each, 8 runs): p50 0.12-0.41 ms faster, 0.22 on average (the box passes 0.04-0.13 ms each at their
+// minimum); in frames (block medians, 8 runs) +0.12 to -0.40 ms, -0.13 on average. The barrier orders these
+// stores before the next pass (SpinBarrier::wait). In the sweep the next rows read them at once: ordinary
+// stores.
+template <bool Stream>
 PYBILAYER_AVX2 void activate_avx2(const Activation& a, const float* x, int64_t channels, float* t, float* x_copy) {
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t c = 0; c < channels; c += 8) {
@@ -459,7 +469,10 @@ PYBILAYER_AVX2 void activate_avx2(const Activation& a, const float* x, int64_t c
                                    _mm256_loadu_ps(a.shift.data() + c));  // not fused: as the portable path
     const __m256 negative = _mm256_cmp_ps(v, zero, _CMP_LT_OQ);
     if (t) _mm256_storeu_ps(t + c, _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_loadu_ps(a.slope.data() + c)), negative));
-    _mm256_stream_ps(x_copy + c, xv);
+    if (Stream)
+      _mm256_stream_ps(x_copy + c, xv);
+    else
+      _mm256_storeu_ps(x_copy + c, xv);
   }
 }
 
@@ -471,6 +484,23 @@ PYBILAYER_AVX2 void box_avx2(const float* const at[4], int64_t channels, float* 
   }
 }
 #endif
+
+// `activate` on the code path chosen; Stream: the copy of x around the caches (activate_avx2).
+void activate_any(const Activation& a, const float* x, int64_t channels, float* t, float* x_copy, bool avx2, bool stream) {
+#ifdef PYBILAYER_X86_AVX2
+  if (avx2) return stream ? activate_avx2<true>(a, x, channels, t, x_copy) : activate_avx2<false>(a, x, channels, t, x_copy);
+#endif
+  (void)avx2, (void)stream;
+  activate(a, x, channels, t, x_copy);
+}
+
+void box_any(const float* const at[4], int64_t channels, float* out, bool avx2) {
+#ifdef PYBILAYER_X86_AVX2
+  if (avx2) return box_avx2(at, channels, out);
+#endif
+  (void)avx2;
+  box(at, channels, out);
+}
 
 // ------------------------------------------------------------------ Winograd F(4x4, 3x3) and F(2x2, 3x3)
 //
@@ -691,7 +721,18 @@ void winograd_output(const WinogradOutput& p, int64_t begin, int64_t end, bool a
 
 // ------------------------------------------------------------------ workers
 
-// Workers wait here between passes: spin briefly (passes are tens of microseconds apart), then yield.
+// Waits for ready(): spins briefly (what it waits for is microseconds away), then yields.
+template <typename Ready>
+void spin_until(const Ready& ready) {
+  for (int spins = 0; !ready(); ++spins) {
+    if (spins > 4096) std::this_thread::yield();
+#ifdef PYBILAYER_X86_AVX2
+    else _mm_pause();
+#endif
+  }
+}
+
+// Workers wait here between passes (spin_until).
 // Between two waits they share the pass's items through `take`.
 class SpinBarrier {
  public:
@@ -722,12 +763,7 @@ class SpinBarrier {
       generation_.fetch_add(1, std::memory_order_release);
       return;
     }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
-      if (spins > 4096) std::this_thread::yield();
-#ifdef PYBILAYER_X86_AVX2
-      else _mm_pause();
-#endif
-    }
+    spin_until([&] { return generation_.load(std::memory_order_acquire) != generation; });
   }
 
  private:
@@ -746,6 +782,61 @@ void run_team(int requested, const Fn& fn) {
       requested, [&](int worker, int workers) { fn(worker, workers, *barrier); },
       [&](int workers) { barrier = std::make_unique<SpinBarrier>(workers); });
 }
+
+// One worker's part in a call: its index, the team's barrier, the code path, and the ways to share a pass.
+struct Team {
+  int worker, workers;
+  SpinBarrier& barrier;
+  bool avx2;
+
+  // fn(begin, end) on chunks of this pass's items up to `last` as the workers take them (SpinBarrier::take)
+  template <typename Fn>
+  void share(int64_t last, int64_t min_chunk, const Fn& fn) const {
+    for (int64_t begin, end; (begin = barrier.take(last, kChunkShare * workers, min_chunk, &end)) < last;) fn(begin, end);
+  }
+  // fn(i) for i in [0, n), shared the same way.
+  template <typename Fn>
+  void each(int64_t n, const Fn& fn) const {
+    share(n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) fn(i);
+    });
+  }
+  // The jobs' items, numbered from `base` in this pass; then the barrier.
+  void convolve(const std::vector<ConvJob>& jobs, int64_t base = 0) const {
+    const int64_t items = count_items(jobs);
+    share(base + items, std::max<int64_t>(1, items / (kMinChunksPerWorker * workers)),
+          [&](int64_t begin, int64_t end) { run_items(jobs, begin - base, end - base, avx2); });
+    barrier.wait();
+  }
+};
+
+// Units [front, back) that two workers take from either end, one at a time: one word, so both ends race
+// safely. Each worker's units stay consecutive (the sweep below builds on that).
+class TwoEndedRange {
+ public:
+  void reset(int64_t begin, int64_t end) { bounds_.store(pack(begin, end), std::memory_order_relaxed); }
+  // Whether every unit is taken; then front() is where the two ends met.
+  bool spent() const {
+    const uint64_t bounds = bounds_.load(std::memory_order_relaxed);
+    return (bounds >> 32) >= (bounds & 0xffffffffu);
+  }
+  int64_t front() const { return static_cast<int64_t>(bounds_.load(std::memory_order_relaxed) >> 32); }
+  // The next unit from the front (or the back), or -1 once none is left.
+  int64_t take(bool from_back) {
+    uint64_t bounds = bounds_.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t front = static_cast<int64_t>(bounds >> 32), back = static_cast<int64_t>(bounds & 0xffffffffu);
+      if (front >= back) return -1;
+      if (bounds_.compare_exchange_weak(bounds, from_back ? pack(front, back - 1) : pack(front + 1, back),
+                                        std::memory_order_relaxed))
+        return from_back ? back - 1 : front;
+    }
+  }
+
+ private:
+  static uint64_t pack(int64_t front, int64_t back) { return uint64_t(front) << 32 | uint64_t(back); }
+  alignas(64) std::atomic<uint64_t> bounds_{0};
+};
 
 }  // namespace
 
@@ -766,6 +857,7 @@ struct LowResStage::Impl {
     // (s+2) x (s+1), Dx[.][k] = P[.][k+1] - P[.][k]; both (s+1) x (s+1), Dxy[k][j] = Dy[k][j+1] - Dy[k][j].
     Floats rows_diff, columns_diff, both_diff;
     int winograd_tile = 0;                 // conv1 as Winograd F(t x t, 3x3), or 0: direct
+    bool conv1_in_sweep = false;           // run_sweep's first pass (else conv1 runs over the whole map)
     std::vector<PackedConv> conv1_points;  // Winograd: one 1x1 convolution per point
     int64_t points() const { return (winograd_tile + 2) * (winograd_tile + 2); }
     // [tile][point][Cin'], [point][tile][C'] of the whole map; empty where each worker goes through its
@@ -776,6 +868,34 @@ struct LowResStage::Impl {
     Floats skip_map;  // s^2 x C', where C' != C
   };
 
+  // A pass of the sweep (the top of `run_sweep`): rows [0, rows) of its output in units of `unit` rows (the
+  // last may be shorter), unit k reading rows [needs(k)] of the pass before's output.
+  struct RowPass {
+    enum Kind { kConv1, kCopyOut, kDifferences, kGroups, kBox } kind;
+    size_t block;
+    int64_t rows, unit;
+    int64_t input_rows;              // the pass before's rows
+    bool after_differences = false;  // kGroups: the pass before is kDifferences (else kConv1)
+    int64_t units() const { return (rows + unit - 1) / unit; }
+    int64_t begin(int64_t k) const { return k * unit; }
+    int64_t end(int64_t k) const { return std::min(rows, (k + 1) * unit); }
+    // [first, last] row of the pass before's output that unit k reads (rows outside the map are its zero border)
+    std::pair<int64_t, int64_t> needs(int64_t k) const {
+      const int64_t r0 = begin(k), r1 = end(k);
+      int64_t first = r0, last = r1 - 1;  // kCopyOut, and kGroups after the differences: the same rows
+      if (kind == kConv1) first = r0 - 1, last = r1;                  // a 3x3 window: x rows r-1 .. r+1
+      if (kind == kDifferences || (kind == kGroups && !after_differences)) first = r0 - 1;  // padded h rows r, r+1
+      if (kind == kBox) first = (r0 + 1) / 2, last = (r1 + 1) / 2;    // box_sources
+      return {std::max<int64_t>(first, 0), std::min(last, input_rows - 1)};
+    }
+  };
+
+  // Part `part` of `parts` of a unit of the sweep that no worker's own rows cover (run_sweep's seam).
+  struct SeamPiece {
+    int64_t unit;
+    int part, parts;
+  };
+
   Arena arena;  // first: destroyed after every buffer in it
   int64_t in_features = 0, input_size = 0;
   bool heads_inputs = false;
@@ -784,6 +904,18 @@ struct LowResStage::Impl {
   std::vector<PackedConv> mlp;
   std::vector<Floats> mlp_out;  // each layer's output, padded to 16
   std::vector<Block> blocks;
+  size_t first_swept = 0;        // blocks [first_swept, end) run as one sweep (LowResStageParams::sweep_min_size)
+  std::vector<RowPass> sweep;    // their passes in order; the first takes its input whole
+  // The sweep's shared state, reset by worker 0 before the MLP's barriers: the first pass's units, one range
+  // per pair of workers; [worker][pass] the units its sweep has run; [pass] the seam's pieces taken and done.
+  std::unique_ptr<TwoEndedRange[]> sweep_ranges;
+  std::unique_ptr<std::atomic<int64_t>[]> sweep_progress, seam_taken, seam_finished;
+  int workers_prepared = 0;  // workers they are sized for
+  // The first pass's units [begin, end) of a pair of workers out of `workers`: a share for each worker.
+  std::pair<int64_t, int64_t> sweep_range(int64_t pair, int64_t workers) const {
+    const int64_t units = sweep.front().units();
+    return {units * std::min(2 * pair, workers) / workers, units * std::min(2 * pair + 2, workers) / workers};
+  }
   std::mutex mutex;
 
   MapView t_map(Block& b) { return {b.t.data(), b.in_channels, (b.size + 2) * b.in_channels}; }
@@ -792,9 +924,38 @@ struct LowResStage::Impl {
     return {b.hx.data(), pixel, (b.size + 2) * pixel};
   }
   MapView v_map(Block& b) { return {b.v.data(), 4 * b.channels, (b.size + 1) * 4 * b.channels}; }
+  // conv1 writes h into HX's first C' channels at (y+1, x+1), or, with heads_inputs where C' = C, into `out`
+  bool h_to_outputs(const Block& b) const { return b.heads_inputs && b.real_channels == b.channels; }
+  MapView h_map(Block& b, float* out) {
+    const MapView hx = hx_map(b);
+    return h_to_outputs(b) ? MapView{out, b.channels, b.size * b.channels}
+                           : MapView{hx.data + hx.row + hx.pixel, hx.pixel, hx.row};
+  }
+  // The heads inputs' skip (it reads x) for rows [r0, r1), into `skip` beside h, or its own map.
+  ConvJob skip_job(Block& b, float* skip, int64_t r0, int64_t r1) {
+    const MapView hx = hx_map(b);
+    const int64_t s = b.size, cp = b.channels;
+    float* to = h_to_outputs(b) ? skip : b.skip_map.data();
+    return {&b.skip, {hx.data + (r0 + 1) * hx.row + hx.pixel + cp, hx.pixel, hx.row}, {to + r0 * s * cp, cp, s * cp}, r1 - r0, s};
+  }
 
-  void run_one(const float* features, float* out, float* skip, int worker, int workers, SpinBarrier& barrier,
-               bool avx2);
+  std::vector<ConvJob> point_products(Block& b, float* points_in, float* points_out, int64_t count);
+  void winograd_chunk(Block& b, int64_t first, int64_t count, const MapView& h_out, float* scratch, bool avx2);
+  std::vector<ConvJob> conv1_jobs(Block& b, int64_t r0, int64_t r1, float* out, float* skip);
+  void conv1_rows(Block& b, int64_t r0, int64_t r1, float* out, float* skip, float* scratch, bool avx2);
+  void copy_out_rows(Block& b, int64_t r0, int64_t r1, float* out, float* skip);
+  void difference_row(Block& b, int64_t r);
+  std::vector<ConvJob> group_jobs(Block& b, int64_t m0, int64_t m1);
+  void box_row(size_t j, int64_t y, float* out, float* sums, bool avx2, bool stream);
+  void run_unit(const RowPass& pass, int64_t k, float* out, float* skip, float* scratch, float* sums, bool avx2);
+
+  void conv1_pass(Block& b, float* out, float* skip, const Team& team);
+  void run_one(const float* features, float* out, float* skip, const Team& team);
+  std::vector<std::pair<int64_t, int64_t>> swept_units(std::pair<int64_t, int64_t> first) const;
+  void run_sweep(float* out, float* skip, const Team& team);
+  int seam_parts(const RowPass& pass, int workers) const;
+  void run_piece(const RowPass& pass, const SeamPiece& piece, float* out, float* skip, float* scratch, float* sums,
+                 bool avx2);
 };
 
 namespace {
@@ -846,6 +1007,8 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
     const LowResBlock& in = p.blocks[j];
     const std::string name = "block " + std::to_string(j);
     const bool heads_inputs = p.heads_inputs && j + 1 == p.blocks.size();
+    const bool swept = p.sweep_min_size > 0 && s >= p.sweep_min_size;
+    if (!swept) m.first_swept = j + 1;
     check(in.in_channels >= 1 && in.channels >= 1, name + " has no channels");
     check(in.scale && in.shift && in.slope && in.conv1_weight && in.conv1_bias && in.skip_weight && in.skip_bias &&
               (heads_inputs || (in.conv2_weight && in.conv2_bias)), name + " misses a weight");
@@ -880,7 +1043,10 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
             c, b.in_channels, {{0, 0}},
             [&](int64_t o, int64_t i, int64_t) { return i < cin ? u[(k * c + o) * cin + i] : 0.f; }, zeros, false));
       const int64_t tiles = (s / b.winograd_tile) * (s / b.winograd_tile);
-      if (points_chunked(points, b.in_channels, cp)) {
+      // The sweep re-reads conv1's weights for every strip: only where they are small (the Winograd points'
+      // chunks' test), or past its first block; else conv1 is a pass over the whole map before the sweep.
+      b.conv1_in_sweep = swept && (m.first_swept < j || points_chunked(points, b.in_channels, cp));
+      if (b.conv1_in_sweep || points_chunked(points, b.in_channels, cp)) {  // chunks of a strip's tiles
         m.scratch_size = std::max(m.scratch_size, points * kChunkTiles * (b.in_channels + cp));
       } else {
         b.points_in.assign(points * tiles * b.in_channels, 0.f);
@@ -890,6 +1056,7 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
       b.conv1 = pack(
           c, cin, taps3, [&](int64_t o, int64_t i, int64_t t) { return in.conv1_weight[(o * cin + i) * 9 + t]; },
           conv1_bias, true);
+      b.conv1_in_sweep = swept && (m.first_swept < j || b.conv1.weight.size() * sizeof(float) <= kChunkedWeightBytes);
     }
 
     if (!b.winograd_tile) b.t.assign((s + 2) * (s + 2) * b.in_channels, 0.f);
@@ -970,6 +1137,24 @@ LowResStage::LowResStage(const LowResStageParams& p) : impl_(std::make_unique<Im
     b.v.assign((s + 1) * (s + 1) * 4 * cp, 0.f);
     m.blocks.push_back(std::move(b));
   }
+
+  // The sweep's passes: per block conv1 (by strips of Winograd tiles, or of kDirectRows), then the heads
+  // inputs' copy without the padding channels, or the differences (where the groups go by pairs of rows),
+  // the groups (by pairs of rows) and the box sum into the next block's input.
+  constexpr int64_t kDirectRows = 4;
+  for (size_t j = m.first_swept; j < m.blocks.size(); ++j) {
+    const Impl::Block& b = m.blocks[j];
+    const int64_t s = b.size;
+    using Pass = Impl::RowPass;
+    if (b.conv1_in_sweep) m.sweep.push_back({Pass::kConv1, j, s, b.winograd_tile ? b.winograd_tile : kDirectRows, s});
+    if (b.heads_inputs) {
+      if (!m.h_to_outputs(b)) m.sweep.push_back({Pass::kCopyOut, j, s, kDirectRows, s});
+      continue;
+    }
+    if (b.row_pairs) m.sweep.push_back({Pass::kDifferences, j, s + 2, 2, s});
+    m.sweep.push_back({Pass::kGroups, j, s + 1, 2, b.row_pairs ? s + 2 : s, b.row_pairs});
+    m.sweep.push_back({Pass::kBox, j, 2 * s, 1, s + 1});
+  }
 }
 
 LowResStage::~LowResStage() = default;
@@ -979,236 +1164,452 @@ int64_t LowResStage::out_channels() const { return impl_->blocks.back().real_cha
 int64_t LowResStage::out_size() const { return impl_->blocks.back().size * (impl_->heads_inputs ? 1 : 2); }
 bool LowResStage::heads_inputs() const { return impl_->heads_inputs; }
 
-void LowResStage::Impl::run_one(const float* features, float* out, float* skip, int worker, int workers,
-                                SpinBarrier& barrier, bool avx2) {
-  // fn(begin, end) on chunks of this pass's items up to `last` as the workers take them (SpinBarrier::take)
-  const auto share = [&](int64_t last, int64_t min_chunk, const auto& fn) {
-    for (int64_t begin, end; (begin = barrier.take(last, kChunkShare * workers, min_chunk, &end)) < last;) fn(begin, end);
-  };
-  // fn(i) for i in [0, n), shared the same way.
-  const auto each = [&](int64_t n, const auto& fn) {
-    share(n, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) fn(i);
-    });
-  };
-  // The jobs' items, numbered from `base` in this pass; then the barrier.
-  const auto convolve = [&](const std::vector<ConvJob>& jobs, int64_t base = 0) {
-    int64_t items = 0;
-    for_each_job(jobs, [&](const ConvJob*, int, int64_t n) { items += n; });
-    share(base + items, std::max<int64_t>(1, items / (kMinChunksPerWorker * workers)),
-          [&](int64_t begin, int64_t end) { run_items(jobs, begin - base, end - base, avx2); });
-    barrier.wait();
-  };
-  const auto activation = [&](const Activation& a, const float* x, int64_t channels, float* t, float* x_copy) {
-#ifdef PYBILAYER_X86_AVX2
-    if (avx2) return activate_avx2(a, x, channels, t, x_copy);
-#endif
-    activate(a, x, channels, t, x_copy);
-  };
+std::vector<ConvJob> LowResStage::Impl::point_products(Block& b, float* points_in, float* points_out, int64_t count) {
+  // The products of `count` tiles' points: one 1x1 convolution per point (WinogradInput's layouts).
+  std::vector<ConvJob> jobs;
+  for (int64_t k = 0; k < b.points(); ++k)
+    jobs.push_back({&b.conv1_points[k], {points_in + k * b.in_channels, b.points() * b.in_channels, 0},
+                    {points_out + k * count * b.channels, b.channels, 0}, 1, count});
+  return jobs;
+}
 
+// conv1 on tiles [first, first + count), count <= kChunkTiles, their points in the worker's scratch.
+void LowResStage::Impl::winograd_chunk(Block& b, int64_t first, int64_t count, const MapView& h_out, float* scratch,
+                                       bool avx2) {
+  const MapView hx = hx_map(b);
+  const MapView x_in{hx.data + b.channels, hx.pixel, hx.row};  // t is computed in the input transform
+  const InputActivation act{b.activation.scale.data(), b.activation.shift.data(), b.activation.slope.data(), b.size};
+  const int64_t per_row = b.size / b.winograd_tile;
+  float* points_out = scratch + b.points() * kChunkTiles * b.in_channels;
+  const std::vector<ConvJob> jobs = point_products(b, scratch, points_out, count);
+  winograd_input({b.winograd_tile, x_in, act, scratch, per_row, b.in_channels, first}, first, first + count, avx2);
+  run_items(jobs, 0, count_items(jobs), avx2);
+  winograd_output({b.winograd_tile, points_out, b.conv1.bias.data(), h_out, per_row, b.channels, first, count}, first,
+                  first + count, avx2);
+}
+
+// The products of conv1's rows [r0, r1) where it is direct, and with heads_inputs the skip's.
+std::vector<ConvJob> LowResStage::Impl::conv1_jobs(Block& b, int64_t r0, int64_t r1, float* out, float* skip) {
+  std::vector<ConvJob> jobs;
+  if (b.heads_inputs) jobs.push_back(skip_job(b, skip, r0, r1));
+  if (!b.winograd_tile) {
+    const MapView t = t_map(b), h_out = h_map(b, out);
+    jobs.push_back({&b.conv1, {t.data + r0 * t.row, t.pixel, t.row}, {h_out.data + r0 * h_out.row, h_out.pixel, h_out.row},
+                    r1 - r0, b.size});
+  }
+  return jobs;
+}
+
+// conv1's rows [r0, r1) (whole Winograd tiles), and with heads_inputs the skip's.
+void LowResStage::Impl::conv1_rows(Block& b, int64_t r0, int64_t r1, float* out, float* skip, float* scratch, bool avx2) {
+  if (b.winograd_tile) {
+    const MapView h_out = h_map(b, out);
+    const int64_t per_row = b.size / b.winograd_tile, end = r1 / b.winograd_tile * per_row;
+    for (int64_t first = r0 / b.winograd_tile * per_row; first < end; first += kChunkTiles)
+      winograd_chunk(b, first, std::min(kChunkTiles, end - first), h_out, scratch, avx2);
+  }
+  const std::vector<ConvJob> jobs = conv1_jobs(b, r0, r1, out, skip);
+  run_items(jobs, 0, count_items(jobs), avx2);
+}
+
+// The heads inputs' rows [r0, r1) without the padding channels: h from HX, the skip from its map.
+void LowResStage::Impl::copy_out_rows(Block& b, int64_t r0, int64_t r1, float* out, float* skip) {
+  const MapView hx = hx_map(b);
+  const int64_t s = b.size, cp = b.channels, C = b.real_channels;
+  for (int64_t pixel = r0 * s; pixel < r1 * s; ++pixel) {
+    const float* h_at = hx.data + (pixel / s + 1) * hx.row + (pixel % s + 1) * hx.pixel;
+    std::copy(h_at, h_at + C, out + pixel * C);
+    std::copy(b.skip_map.data() + pixel * cp, b.skip_map.data() + pixel * cp + C, skip + pixel * C);
+  }
+}
+
+// The pairs' differences of P (Block::rows_diff etc.) at padded row r.
+void LowResStage::Impl::difference_row(Block& b, int64_t r) {
+  const MapView hx = hx_map(b);
+  const int64_t s = b.size, cp = b.channels;
+  const float* row = hx.data + r * hx.row;
+  for (int64_t x = 0; x <= s && b.column_pairs; ++x)
+    differences(row + x * hx.pixel, row + (x + 1) * hx.pixel, cp, b.columns_diff.data() + (r * (s + 1) + x) * cp);
+  if (r > s) return;
+  float* dy = b.rows_diff.data() + r * (s + 2) * cp;
+  for (int64_t x = 0; x < s + 2; ++x) differences(row + x * hx.pixel, row + hx.row + x * hx.pixel, cp, dy + x * cp);
+  for (int64_t x = 0; x <= s && b.column_pairs; ++x)
+    differences(dy + x * cp, dy + (x + 1) * cp, cp, b.both_diff.data() + (r * (s + 1) + x) * cp);
+}
+
+// The tap groups' products for V's grid rows [m0, m1) (m0 even where the odd rows go by pairs). Output g reads
+// padded rows/columns g (and g+1). The box reads V[m][n] for m, n in [1, 2s + 1] only: grid g in [1, s] of
+// the even groups and [0, s] of the odd ones. Where pairs are on, a group's pairs are a chain of products (the
+// first stores, the others add; ConvJob::chained), and the rows or columns after the pairs (s even) run directly.
+std::vector<ConvJob> LowResStage::Impl::group_jobs(Block& b, int64_t m0, int64_t m1) {
+  const int64_t s = b.size, cp = b.channels;
+  const MapView hx = hx_map(b), v = v_map(b);
+  const MapView rows_diff{b.rows_diff.data(), cp, (s + 2) * cp}, columns_diff{b.columns_diff.data(), cp, (s + 1) * cp};
+  const MapView both_diff{b.both_diff.data(), cp, (s + 1) * cp};
+  std::vector<ConvJob> groups;
+  // map m from (row, column), every `row_step` rows and `column_step` columns
+  const auto at = [](const MapView& m, int64_t row, int64_t column, int64_t row_step, int64_t column_step) {
+    return MapView{m.data + row * m.row + column * m.pixel, column_step * m.pixel, row_step * m.row};
+  };
+  const auto product = [](const PackedConv& conv, MapView in, const std::vector<MapView>& outputs, int64_t height,
+                          int64_t width) {
+    ConvJob job{&conv, in, outputs[0], height, width};
+    for (size_t k = 1; k < outputs.size(); ++k) job.also[k - 1] = outputs[k];
+    return job;
+  };
+  // Along a paired axis, kind k reads P (shared) or D (first, second) at offset kind_offset[k] of the pair
+  // and writes pair outputs kind_outputs[k].
+  const int64_t kind_offset[3] = {1, 0, 1};
+  const std::vector<int64_t> kind_outputs[3] = {{0, 1}, {0}, {1}};
+  const int64_t row_pairs = b.row_pairs ? (s + 1) / 2 : 0, column_pairs = b.column_pairs ? (s + 1) / 2 : 0;
+  for (int g = 0; g < 4; ++g) {
+    const bool odd_rows = g / 2, odd_columns = g % 2;
+    const int64_t oy = odd_rows ? 0 : 1, ox = odd_columns ? 0 : 1, width = s + odd_columns;
+    // the group's grid rows [first, last): V's rows from oy
+    const int64_t first = std::max(m0, oy) - oy, last = std::min(m1, s + 1) - oy;
+    if (first >= last) continue;
+    const int64_t height = last - first, y0 = oy + first;
+    const MapView P = at(hx, y0, ox, 1, 1), V = at({v.data + g * cp, v.pixel, v.row}, y0, ox, 1, 1);
+    const bool by_rows = odd_rows && row_pairs > 0, by_columns = odd_columns && column_pairs > 0;
+    const int64_t pairs = by_rows ? std::max<int64_t>(0, std::min(last, 2 * row_pairs) - first) / 2 : 0;
+    const int64_t paired_rows = 2 * pairs, paired_columns = by_columns ? 2 * column_pairs : 0;
+    std::vector<ConvJob> products;
+    if (by_rows && by_columns && pairs > 0) {  // oo
+      for (int ry = 0; ry < 3; ++ry)
+        for (int cx = 0; cx < 3; ++cx) {
+          const MapView& source = ry == kShared ? (cx == kShared ? hx : columns_diff) : (cx == kShared ? rows_diff : both_diff);
+          std::vector<MapView> outputs;
+          for (int64_t r : kind_outputs[ry])
+            for (int64_t c : kind_outputs[cx]) outputs.push_back(at(V, r, c, 2, 2));
+          products.push_back(product(b.oo_both[ry][cx], at(source, y0 + kind_offset[ry], ox + kind_offset[cx], 2, 2),
+                                     outputs, pairs, column_pairs));
+        }
+    } else if (by_rows && !by_columns && pairs > 0) {  // oe, or oo without column pairs
+      for (int ry = 0; ry < 3; ++ry) {
+        std::vector<MapView> outputs;
+        for (int64_t r : kind_outputs[ry]) outputs.push_back(at(V, r, 0, 2, 1));
+        const MapView source = at(ry == kShared ? hx : rows_diff, y0 + kind_offset[ry], ox, 2, 1);
+        products.push_back(product(odd_columns ? b.oo_pairs[ry] : b.oe_pairs[ry], source, outputs, pairs, width));
+      }
+    } else if (by_columns && !by_rows) {  // eo
+      for (int cx = 0; cx < 3; ++cx) {
+        std::vector<MapView> outputs;
+        for (int64_t c : kind_outputs[cx]) outputs.push_back(at(V, 0, c, 1, 2));
+        const MapView source = at(cx == kShared ? hx : columns_diff, y0, ox + kind_offset[cx], 1, 2);
+        products.push_back(product(b.eo_pairs[cx], source, outputs, height, column_pairs));
+      }
+    }
+    if (products.empty()) {
+      groups.push_back({&b.groups[g], P, V, height, width});
+      continue;
+    }
+    products[0].chained = static_cast<int>(products.size()) - 1;
+    for (size_t k = 1; k < products.size(); ++k) products[k].accumulate = true;
+    groups.insert(groups.end(), products.begin(), products.end());
+    // directly: the rows after the pairs (every column), and the columns after the pairs (the paired rows)
+    if (by_rows && paired_rows < height)
+      groups.push_back({&b.groups[g], at(P, paired_rows, 0, 1, 1), at(V, paired_rows, 0, 1, 1), height - paired_rows, width});
+    if (by_columns && paired_columns < width)
+      groups.push_back({&b.groups[g], at(P, 0, paired_columns, 1, 1), at(V, 0, paired_columns, 1, 1),
+                        by_rows ? paired_rows : height, width - paired_columns});
+  }
+  return groups;
+}
+
+// Row y of block j's output, the box sum of its tap groups: activated into the next block's T and HX, or
+// row y of `out` (NCHW, the last block; `sums` holds 2s x C' floats, else C').
+void LowResStage::Impl::box_row(size_t j, int64_t y, float* out, float* sums, bool avx2, bool stream) {
+  Block& b = blocks[j];
+  const int64_t s = b.size, cp = b.channels;
+  const bool last = j + 1 == blocks.size();
+  for (int64_t xx = 0; xx < 2 * s; ++xx) {
+    float* sum = last ? sums + xx * cp : sums;
+    const float* at[4];
+    box_sources(b.v.data(), s + 1, cp, y, xx, at);
+    box_any(at, cp, sum, avx2);
+    if (!last) {
+      Block& next = blocks[j + 1];
+      MapView nt = t_map(next), nhx = hx_map(next);
+      activate_any(next.activation, sum, cp, next.t.empty() ? nullptr : nt.data + (y + 1) * nt.row + (xx + 1) * nt.pixel,
+                   nhx.data + (y + 1) * nhx.row + (xx + 1) * nhx.pixel + next.channels, avx2, stream);
+    }
+  }
+  if (last) {
+    const int64_t size = 2 * s;
+    for (int64_t c = 0; c < b.real_channels; ++c)
+      for (int64_t xx = 0; xx < size; ++xx) out[(c * size + y) * size + xx] = sums[xx * cp + c];
+  }
+}
+
+void LowResStage::Impl::run_unit(const RowPass& pass, int64_t k, float* out, float* skip, float* scratch, float* sums,
+                                 bool avx2) {
+  Block& b = blocks[pass.block];
+  const int64_t r0 = pass.begin(k), r1 = pass.end(k);
+  switch (pass.kind) {
+    case RowPass::kConv1: return conv1_rows(b, r0, r1, out, skip, scratch, avx2);
+    case RowPass::kCopyOut: return copy_out_rows(b, r0, r1, out, skip);
+    case RowPass::kDifferences:
+      for (int64_t r = r0; r < r1; ++r) difference_row(b, r);
+      return;
+    case RowPass::kGroups: {
+      const std::vector<ConvJob> jobs = group_jobs(b, r0, r1);
+      return run_items(jobs, 0, count_items(jobs), avx2);
+    }
+    case RowPass::kBox:
+      for (int64_t y = r0; y < r1; ++y) box_row(pass.block, y, out, sums, avx2, false);
+      return;
+  }
+}
+
+// Units [begin, end) of each pass that a worker's sweep runs, given its units of the first pass: unit k of
+// pass p is the worker's where every row it reads is (the set is consecutive: a unit's rows grow with k).
+std::vector<std::pair<int64_t, int64_t>> LowResStage::Impl::swept_units(std::pair<int64_t, int64_t> first) const {
+  std::vector<std::pair<int64_t, int64_t>> units{first};
+  for (size_t p = 1; p < sweep.size(); ++p) {
+    const std::pair<int64_t, int64_t> in = units.back();
+    const RowPass& pass = sweep[p];
+    if (in.first >= in.second) {
+      units.push_back({0, 0});
+      continue;
+    }
+    const int64_t rows_begin = sweep[p - 1].begin(in.first), rows_end = sweep[p - 1].end(in.second - 1);
+    int64_t begin = 0, end;
+    while (begin < pass.units() && pass.needs(begin).first < rows_begin) ++begin;
+    for (end = begin; end < pass.units() && pass.needs(end).second < rows_end;) ++end;
+    units.push_back({begin, end});
+  }
+  return units;
+}
+
+// The sweep: the blocks from first_swept on, depth first. Their maps (2-7 MB each at 64-128 px) outgrow the
+// L2 caches (512 KB a core here), so passes over whole maps send every map through memory: written by one
+// pass, read back by the next. Here each worker takes strips of the first pass's rows, a unit at a time, and
+// after each runs every later pass as far as the rows it computed itself allow, so what one pass writes the
+// next reads while it is still in the worker's cache. The workers of a pair take the first pass's units
+// from either end of their range (TwoEndedRange), so each one's rows stay consecutive and the two meet where
+// their speeds put them. Where they meet, a few units of each later pass read rows of both (the seam); once
+// every range is spent, each worker knows every worker's share (swept_units) and so the seam, and takes its
+// pieces as soon as their rows are done, while the other may still be finishing its own.
+void LowResStage::Impl::run_sweep(float* out, float* skip, const Team& team) {
+  const int passes = static_cast<int>(sweep.size()), pairs = (team.workers + 1) / 2;
+  int64_t sums_size = 0;  // box_row's
+  for (size_t j = first_swept; j < blocks.size(); ++j)
+    sums_size = std::max(sums_size, (j + 1 == blocks.size() ? 2 * blocks[j].size : 1) * blocks[j].channels);
+  std::vector<float> sums(sums_size);
+  float* const own_scratch = scratch[team.worker].data();
+  const auto progress = [&](int worker, int p) -> std::atomic<int64_t>& { return sweep_progress[worker * passes + p]; };
+  // Each pass's units [begin, end) run so far (-1: none yet); published as a count once each unit is done.
+  std::vector<std::pair<int64_t, int64_t>> done(passes, {-1, -1});
+  const auto run = [&](int p, int64_t k) {
+    run_unit(sweep[p], k, out, skip, own_scratch, sums.data(), team.avx2);
+    progress(team.worker, p).fetch_add(1, std::memory_order_release);
+  };
+  const bool from_back = team.worker % 2 == 1;
+  // Every unit of pass p whose rows this worker has computed of pass p - 1 (the units keep consecutive).
+  const auto advance = [&](int p) {
+    const RowPass& pass = sweep[p];
+    const RowPass& before = sweep[p - 1];
+    const std::pair<int64_t, int64_t> in = done[p - 1];
+    if (in.first < 0 || in.first == in.second) return;
+    const int64_t in_begin = before.begin(in.first), in_end = before.end(in.second - 1);
+    const auto ready = [&](int64_t k) {
+      const std::pair<int64_t, int64_t> rows = pass.needs(k);
+      return rows.first >= in_begin && rows.second < in_end;
+    };
+    std::pair<int64_t, int64_t>& d = done[p];
+    const int64_t units = pass.units();
+    if (d.first < 0) {  // the first unit reading only this worker's rows, on its side
+      int64_t k = from_back ? units - 1 : 0;
+      if (from_back)
+        while (k >= 0 && pass.needs(k).second >= in_end) --k;
+      else
+        while (k < units && pass.needs(k).first < in_begin) ++k;
+      if (k < 0 || k >= units || !ready(k)) return;
+      d = from_back ? std::make_pair(k + 1, k + 1) : std::make_pair(k, k);
+    }
+    if (from_back)
+      while (d.first > 0 && ready(d.first - 1)) run(p, --d.first);
+    else
+      while (d.second < units && ready(d.second)) run(p, d.second++);
+  };
+  for (int64_t k; (k = sweep_ranges[team.worker / 2].take(from_back)) >= 0;) {
+    run(0, k);
+    std::pair<int64_t, int64_t>& d = done[0];
+    d = d.first < 0 ? std::make_pair(k, k + 1) : from_back ? std::make_pair(k, d.second) : std::make_pair(d.first, k + 1);
+    for (int p = 1; p < passes; ++p) advance(p);
+  }
+
+  // Every worker's share of every pass, once every range is spent (their meeting points are then fixed).
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> shares;
+  for (int pair = 0; pair < pairs; ++pair) {
+    spin_until([&] { return sweep_ranges[pair].spent(); });
+    const std::pair<int64_t, int64_t> range = sweep_range(pair, team.workers);
+    const int64_t meeting = sweep_ranges[pair].front();
+    shares.push_back(swept_units({range.first, meeting}));
+    if (2 * pair + 1 < team.workers) shares.push_back(swept_units({meeting, range.second}));
+  }
+  // Whether units [first, last] of pass p are done: each worker's part of them (counted from its side), and
+  // the seam's where they reach it.
+  std::vector<std::vector<int64_t>> seam(passes);  // [pass] units no worker's sweep runs
+  std::vector<std::vector<SeamPiece>> pieces(passes);
+  const auto units_done = [&](int p, int64_t first, int64_t last) {
+    for (int w = 0; w < team.workers; ++w) {
+      const std::pair<int64_t, int64_t> share = shares[w][p];
+      const int64_t begin = std::max(first, share.first), end = std::min(last + 1, share.second);
+      if (begin >= end) continue;
+      const int64_t needed = w % 2 == 1 ? share.second - begin : end - share.first;
+      if (progress(w, p).load(std::memory_order_acquire) < needed) return false;
+    }
+    for (int64_t k : seam[p])
+      if (first <= k && k <= last)
+        return seam_finished[p].load(std::memory_order_acquire) == static_cast<int64_t>(pieces[p].size());
+    return true;
+  };
+  for (int p = 1; p < passes; ++p) {
+    const RowPass& pass = sweep[p];
+    for (int64_t k = 0; k < pass.units(); ++k) {
+      bool covered = false;
+      for (int w = 0; w < team.workers && !covered; ++w) covered = shares[w][p].first <= k && k < shares[w][p].second;
+      if (covered) continue;
+      seam[p].push_back(k);
+      const int parts = seam_parts(pass, team.workers);
+      for (int part = 0; part < parts; ++part) pieces[p].push_back({k, part, parts});
+    }
+    for (int64_t i; (i = seam_taken[p].fetch_add(1, std::memory_order_relaxed)) < static_cast<int64_t>(pieces[p].size());) {
+      const SeamPiece piece = pieces[p][i];
+      const std::pair<int64_t, int64_t> rows = pass.needs(piece.unit);
+      const RowPass& before = sweep[p - 1];
+      spin_until([&] { return units_done(p - 1, rows.first / before.unit, rows.second / before.unit); });
+      run_piece(pass, piece, out, skip, own_scratch, sums.data(), team.avx2);
+      seam_finished[p].fetch_add(1, std::memory_order_release);
+    }
+  }
+  team.barrier.wait();
+}
+
+// A seam unit in parts the workers can share: conv1's Winograd chunks (and the skip), or a convolution's
+// items, whose units take up to ~0.1 ms; one part elsewhere.
+int LowResStage::Impl::seam_parts(const RowPass& pass, int workers) const {
+  const Block& b = blocks[pass.block];
+  if (pass.kind == RowPass::kConv1 && b.winograd_tile) {
+    const int64_t tiles = pass.unit / b.winograd_tile * (b.size / b.winograd_tile);
+    return static_cast<int>((tiles + kChunkTiles - 1) / kChunkTiles) + (b.heads_inputs ? 1 : 0);
+  }
+  return pass.kind == RowPass::kConv1 || pass.kind == RowPass::kGroups ? 2 * workers : 1;
+}
+
+void LowResStage::Impl::run_piece(const RowPass& pass, const SeamPiece& piece, float* out, float* skip, float* scratch,
+                                  float* sums, bool avx2) {
+  Block& b = blocks[pass.block];
+  const int64_t r0 = pass.begin(piece.unit), r1 = pass.end(piece.unit);
+  if (pass.kind == RowPass::kConv1 && b.winograd_tile) {
+    const int64_t per_row = b.size / b.winograd_tile, first = r0 / b.winograd_tile * per_row + piece.part * kChunkTiles;
+    const int64_t end = r1 / b.winograd_tile * per_row;
+    if (first < end) return winograd_chunk(b, first, std::min(kChunkTiles, end - first), h_map(b, out), scratch, avx2);
+    const std::vector<ConvJob> jobs{skip_job(b, skip, r0, r1)};  // the last part
+    return run_items(jobs, 0, count_items(jobs), avx2);
+  }
+  if (pass.kind == RowPass::kConv1 || pass.kind == RowPass::kGroups) {
+    const std::vector<ConvJob> jobs = pass.kind == RowPass::kGroups ? group_jobs(b, r0, r1) : conv1_jobs(b, r0, r1, out, skip);
+    const int64_t items = count_items(jobs);
+    return run_items(jobs, items * piece.part / piece.parts, items * (piece.part + 1) / piece.parts, avx2);
+  }
+  run_unit(pass, piece.unit, out, skip, scratch, sums, avx2);
+}
+
+// conv1 (and with heads_inputs the skip) as passes over the whole map, the workers sharing each.
+void LowResStage::Impl::conv1_pass(Block& b, float* out, float* skip, const Team& team) {
+  const int64_t s = b.size;
+  const MapView h_out = h_map(b, out);
+  std::vector<ConvJob> skip_jobs;  // the heads inputs' skip, run in conv1's pass
+  if (b.heads_inputs) skip_jobs.push_back(skip_job(b, skip, 0, s));
+  if (b.winograd_tile) {
+    const int tile = b.winograd_tile;
+    const int64_t per_row = s / tile, tiles = per_row * per_row;
+    if (b.points_in.empty()) {  // chunks of kChunkTiles tiles, each in its worker's scratch
+      const int64_t chunks = (tiles + kChunkTiles - 1) / kChunkTiles;
+      team.share(chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t first = begin * kChunkTiles; first < std::min(tiles, end * kChunkTiles); first += kChunkTiles)
+          winograd_chunk(b, first, std::min(kChunkTiles, tiles - first), h_out, scratch[team.worker].data(), team.avx2);
+      });
+      team.convolve(skip_jobs, chunks);  // the skip's items follow the chunks'; also the pass's barrier
+    } else {  // passes over the whole map's points
+      const MapView hx = hx_map(b);
+      const MapView x_in{hx.data + b.channels, hx.pixel, hx.row};  // t is computed in the input transform
+      const InputActivation act{b.activation.scale.data(), b.activation.shift.data(), b.activation.slope.data(), s};
+      team.share(tiles, 1, [&](int64_t begin, int64_t end) {
+        winograd_input({tile, x_in, act, b.points_in.data(), per_row, b.in_channels, 0}, begin, end, team.avx2);
+      });
+      team.barrier.wait();
+      std::vector<ConvJob> jobs = point_products(b, b.points_in.data(), b.points_out.data(), tiles);
+      jobs.insert(jobs.end(), skip_jobs.begin(), skip_jobs.end());
+      team.convolve(jobs);
+      team.share(tiles, 1, [&](int64_t begin, int64_t end) {
+        winograd_output({tile, b.points_out.data(), b.conv1.bias.data(), h_out, per_row, b.channels, 0, tiles}, begin, end,
+                        team.avx2);
+      });
+      team.barrier.wait();
+    }
+  } else {
+    std::vector<ConvJob> jobs = skip_jobs;
+    jobs.push_back({&b.conv1, t_map(b), h_out, s, s});
+    team.convolve(jobs);
+  }
+}
+
+void LowResStage::Impl::run_one(const float* features, float* out, float* skip, const Team& team) {
+  if (team.worker == 0 && !sweep.empty()) {  // the sweep's state, before the MLP's barriers
+    for (int pair = 0; pair < (team.workers + 1) / 2; ++pair) {
+      const std::pair<int64_t, int64_t> range = sweep_range(pair, team.workers);
+      sweep_ranges[pair].reset(range.first, range.second);
+    }
+    for (size_t i = 0; i < team.workers * sweep.size(); ++i) sweep_progress[i].store(0, std::memory_order_relaxed);
+    for (size_t p = 0; p < sweep.size(); ++p)
+      seam_taken[p].store(0, std::memory_order_relaxed), seam_finished[p].store(0, std::memory_order_relaxed);
+  }
   // The MLP: each layer a 1x1 convolution over one pixel.
   const float* h = features;
   for (size_t l = 0; l < mlp.size(); ++l) {
     const MapView in{const_cast<float*>(h), 0, 0}, to{mlp_out[l].data(), 0, 0};
-    convolve({ConvJob{&mlp[l], in, to, 1, 1}});
+    team.convolve({ConvJob{&mlp[l], in, to, 1, 1}});
     h = mlp_out[l].data();
   }
   {  // the first block's input x (channels-last, C0' per pixel) -> its HX (and T)
     Block& b = blocks.front();
     MapView t = t_map(b), hx = hx_map(b);
-    each(b.size * b.size, [&](int64_t pix) {
+    team.each(b.size * b.size, [&](int64_t pix) {
       const int64_t y = pix / b.size + 1, x = pix % b.size + 1;
-      activation(b.activation, h + pix * b.in_channels, b.in_channels,
-                 b.t.empty() ? nullptr : t.data + y * t.row + x * t.pixel, hx.data + y * hx.row + x * hx.pixel + b.channels);
+      activate_any(b.activation, h + pix * b.in_channels, b.in_channels,
+                   b.t.empty() ? nullptr : t.data + y * t.row + x * t.pixel, hx.data + y * hx.row + x * hx.pixel + b.channels,
+                   team.avx2, true);
     });
-    barrier.wait();
+    team.barrier.wait();
   }
 
-  for (size_t j = 0; j < blocks.size(); ++j) {
+  for (size_t j = 0; j < first_swept; ++j) {  // whole-map passes, the workers sharing each
     Block& b = blocks[j];
-    const int64_t s = b.size, cp = b.channels;
-    MapView t = t_map(b), hx = hx_map(b), v = v_map(b);
-    // conv1 into HX's first C' channels, at (y+1, x+1); with heads_inputs the skip beside it (it reads x),
-    // both straight into the outputs where they have C' channels
-    const bool to_outputs = b.heads_inputs && b.real_channels == cp;
-    const MapView h_out = to_outputs ? MapView{out, cp, s * cp} : MapView{hx.data + hx.row + hx.pixel, hx.pixel, hx.row};
-    std::vector<ConvJob> skip_jobs;  // the heads inputs' skip, run in conv1's pass
-    if (b.heads_inputs)
-      skip_jobs.push_back({&b.skip, {hx.data + hx.row + hx.pixel + cp, hx.pixel, hx.row},
-                           {to_outputs ? skip : b.skip_map.data(), cp, s * cp}, s, s});
-    // The products of `count` tiles' points: one 1x1 convolution per point (WinogradInput's layouts).
-    const auto products = [&](float* points_in, float* points_out, int64_t count) {
-      std::vector<ConvJob> jobs;
-      for (int64_t k = 0; k < b.points(); ++k)
-        jobs.push_back({&b.conv1_points[k], {points_in + k * b.in_channels, b.points() * b.in_channels, 0},
-                        {points_out + k * count * cp, cp, 0}, 1, count});
-      return jobs;
-    };
-    if (b.winograd_tile) {
-      const int tile = b.winograd_tile;
-      const int64_t per_row = s / tile, tiles = per_row * per_row;
-      const MapView x_in{hx.data + cp, hx.pixel, hx.row};  // t is computed in the input transform
-      const InputActivation act{b.activation.scale.data(), b.activation.shift.data(), b.activation.slope.data(), s};
-      if (b.points_in.empty()) {  // chunks of kChunkTiles tiles, each in its worker's scratch
-        float* points_in = scratch[worker].data();
-        float* points_out = points_in + b.points() * kChunkTiles * b.in_channels;
-        const int64_t chunks = (tiles + kChunkTiles - 1) / kChunkTiles;
-        share(chunks, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t first = begin * kChunkTiles; first < std::min(tiles, end * kChunkTiles); first += kChunkTiles) {
-            const int64_t count = std::min(kChunkTiles, tiles - first);
-            const std::vector<ConvJob> jobs = products(points_in, points_out, count);
-            winograd_input({tile, x_in, act, points_in, per_row, b.in_channels, first}, first, first + count, avx2);
-            run_items(jobs, 0, static_cast<int64_t>(jobs.size()) * jobs[0].items(), avx2);
-            winograd_output({tile, points_out, b.conv1.bias.data(), h_out, per_row, cp, first, count}, first,
-                            first + count, avx2);
-          }
-        });
-        convolve(skip_jobs, chunks);  // the skip's items follow the chunks'; also the pass's barrier
-      } else {  // passes over the whole map's points
-        share(tiles, 1, [&](int64_t begin, int64_t end) {
-          winograd_input({tile, x_in, act, b.points_in.data(), per_row, b.in_channels, 0}, begin, end, avx2);
-        });
-        barrier.wait();
-        std::vector<ConvJob> jobs = products(b.points_in.data(), b.points_out.data(), tiles);
-        jobs.insert(jobs.end(), skip_jobs.begin(), skip_jobs.end());
-        convolve(jobs);
-        share(tiles, 1, [&](int64_t begin, int64_t end) {
-          winograd_output({tile, b.points_out.data(), b.conv1.bias.data(), h_out, per_row, cp, 0, tiles}, begin, end, avx2);
-        });
-        barrier.wait();
-      }
-    } else {
-      std::vector<ConvJob> jobs = skip_jobs;
-      jobs.push_back({&b.conv1, t, h_out, s, s});
-      convolve(jobs);
-    }
+    const int64_t s = b.size;
+    conv1_pass(b, out, skip, team);
     if (b.heads_inputs) {  // h and the skip, less the padding channels
-      if (!to_outputs) {
-        const int64_t C = b.real_channels;
-        each(s * s, [&](int64_t pixel) {
-          const float* h_at = hx.data + (pixel / s + 1) * hx.row + (pixel % s + 1) * hx.pixel;
-          std::copy(h_at, h_at + C, out + pixel * C);
-          std::copy(b.skip_map.data() + pixel * cp, b.skip_map.data() + pixel * cp + C, skip + pixel * C);
-        });
-        barrier.wait();
+      if (!h_to_outputs(b)) {
+        team.each(s, [&](int64_t y) { copy_out_rows(b, y, y + 1, out, skip); });
+        team.barrier.wait();
       }
       return;
     }
-    // The pairs' differences of P (Block::rows_diff etc.), by padded row.
-    const MapView rows_diff{b.rows_diff.data(), cp, (s + 2) * cp}, columns_diff{b.columns_diff.data(), cp, (s + 1) * cp};
-    const MapView both_diff{b.both_diff.data(), cp, (s + 1) * cp};
     if (b.row_pairs) {
-      each(s + 2, [&](int64_t r) {
-        const float* row = hx.data + r * hx.row;
-        for (int64_t x = 0; x <= s && b.column_pairs; ++x)
-          differences(row + x * hx.pixel, row + (x + 1) * hx.pixel, cp, columns_diff.data + r * columns_diff.row + x * cp);
-        if (r > s) return;
-        float* dy = rows_diff.data + r * rows_diff.row;
-        for (int64_t x = 0; x < s + 2; ++x) differences(row + x * hx.pixel, row + hx.row + x * hx.pixel, cp, dy + x * cp);
-        for (int64_t x = 0; x <= s && b.column_pairs; ++x)
-          differences(dy + x * cp, dy + (x + 1) * cp, cp, both_diff.data + r * both_diff.row + x * cp);
-      });
-      barrier.wait();
+      team.each(s + 2, [&](int64_t r) { difference_row(b, r); });
+      team.barrier.wait();
     }
-    // The tap groups: output g reads padded rows/columns g (and g+1). The box reads V[m][n] for m, n in
-    // [1, 2s + 1] only: grid g in [1, s] of the even groups and [0, s] of the odd ones. Where pairs are on,
-    // a group's pairs are a chain of products (the first stores, the others add; ConvJob::chained), and the
-    // rows or columns after the pairs (s even) run directly.
-    std::vector<ConvJob> groups;
-    // map m from (row, column), every `row_step` rows and `column_step` columns
-    const auto at = [](const MapView& m, int64_t row, int64_t column, int64_t row_step, int64_t column_step) {
-      return MapView{m.data + row * m.row + column * m.pixel, column_step * m.pixel, row_step * m.row};
-    };
-    const auto product = [](const PackedConv& conv, MapView in, const std::vector<MapView>& outputs, int64_t height,
-                            int64_t width) {
-      ConvJob job{&conv, in, outputs[0], height, width};
-      for (size_t k = 1; k < outputs.size(); ++k) job.also[k - 1] = outputs[k];
-      return job;
-    };
-    const auto chain = [&](std::vector<ConvJob> products) {
-      products[0].chained = static_cast<int>(products.size()) - 1;
-      for (size_t k = 1; k < products.size(); ++k) products[k].accumulate = true;
-      groups.insert(groups.end(), products.begin(), products.end());
-    };
-    // Along a paired axis, kind k reads P (shared) or D (first, second) at offset kind_offset[k] of the pair
-    // and writes pair outputs kind_outputs[k].
-    const int64_t kind_offset[3] = {1, 0, 1};
-    const std::vector<int64_t> kind_outputs[3] = {{0, 1}, {0}, {1}};
-    const int64_t row_pairs = b.row_pairs ? (s + 1) / 2 : 0, column_pairs = b.column_pairs ? (s + 1) / 2 : 0;
-    for (int g = 0; g < 4; ++g) {
-      const bool odd_rows = g / 2, odd_columns = g % 2;
-      const int64_t oy = odd_rows ? 0 : 1, ox = odd_columns ? 0 : 1, height = s + odd_rows, width = s + odd_columns;
-      const MapView P = at(hx, oy, ox, 1, 1), V = at({v.data + g * cp, v.pixel, v.row}, oy, ox, 1, 1);
-      const bool by_rows = odd_rows && row_pairs > 0, by_columns = odd_columns && column_pairs > 0;
-      const int64_t paired_rows = by_rows ? 2 * row_pairs : 0, paired_columns = by_columns ? 2 * column_pairs : 0;
-      std::vector<ConvJob> products;
-      if (by_rows && by_columns) {  // oo
-        for (int ry = 0; ry < 3; ++ry)
-          for (int cx = 0; cx < 3; ++cx) {
-            const MapView& source = ry == kShared ? (cx == kShared ? hx : columns_diff) : (cx == kShared ? rows_diff : both_diff);
-            std::vector<MapView> outputs;
-            for (int64_t r : kind_outputs[ry])
-              for (int64_t c : kind_outputs[cx]) outputs.push_back(at(V, r, c, 2, 2));
-            products.push_back(product(b.oo_both[ry][cx], at(source, oy + kind_offset[ry], ox + kind_offset[cx], 2, 2),
-                                       outputs, row_pairs, column_pairs));
-          }
-      } else if (by_rows) {  // oe, or oo without column pairs
-        for (int ry = 0; ry < 3; ++ry) {
-          std::vector<MapView> outputs;
-          for (int64_t r : kind_outputs[ry]) outputs.push_back(at(V, r, 0, 2, 1));
-          const MapView source = at(ry == kShared ? hx : rows_diff, oy + kind_offset[ry], ox, 2, 1);
-          products.push_back(product(odd_columns ? b.oo_pairs[ry] : b.oe_pairs[ry], source, outputs, row_pairs, width));
-        }
-      } else if (by_columns) {  // eo
-        for (int cx = 0; cx < 3; ++cx) {
-          std::vector<MapView> outputs;
-          for (int64_t c : kind_outputs[cx]) outputs.push_back(at(V, 0, c, 1, 2));
-          const MapView source = at(cx == kShared ? hx : columns_diff, oy, ox + kind_offset[cx], 1, 2);
-          products.push_back(product(b.eo_pairs[cx], source, outputs, height, column_pairs));
-        }
-      }
-      if (products.empty()) {
-        groups.push_back({&b.groups[g], P, V, height, width});
-        continue;
-      }
-      chain(std::move(products));
-      // directly: the rows after the pairs (every column), and the columns after the pairs (the paired rows)
-      if (by_rows && paired_rows < height)
-        groups.push_back({&b.groups[g], at(P, paired_rows, 0, 1, 1), at(V, paired_rows, 0, 1, 1), height - paired_rows, width});
-      if (by_columns && paired_columns < width)
-        groups.push_back({&b.groups[g], at(P, 0, paired_columns, 1, 1), at(V, 0, paired_columns, 1, 1),
-                          by_rows ? paired_rows : height, width - paired_columns});
-    }
-    convolve(groups);
+    team.convolve(group_jobs(b, 0, s + 1));
     // the box sum: the block's output x, 2s x 2s, into the next block's T and HX, or `out` (NCHW)
-    const bool last = j + 1 == blocks.size();
-    std::vector<float> sums(last ? 2 * s * cp : cp);  // the last block's whole row, for the NCHW output
-    each(2 * s, [&](int64_t y) {
-      for (int64_t xx = 0; xx < 2 * s; ++xx) {
-        float* sum = last ? sums.data() + xx * cp : sums.data();
-        const float* at[4];
-        box_sources(b.v.data(), s + 1, cp, y, xx, at);
-#ifdef PYBILAYER_X86_AVX2
-        if (avx2)
-          box_avx2(at, cp, sum);
-        else
-#endif
-          box(at, cp, sum);
-        if (!last) {
-          Block& next = blocks[j + 1];
-          MapView nt = t_map(next), nhx = hx_map(next);
-          activation(next.activation, sum, cp, next.t.empty() ? nullptr : nt.data + (y + 1) * nt.row + (xx + 1) * nt.pixel,
-                     nhx.data + (y + 1) * nhx.row + (xx + 1) * nhx.pixel + next.channels);
-        }
-      }
-      if (last) {
-        const int64_t size = 2 * s;
-        for (int64_t c = 0; c < b.real_channels; ++c)
-          for (int64_t xx = 0; xx < size; ++xx) out[(c * size + y) * size + xx] = sums[xx * cp + c];
-      }
-    });
-    barrier.wait();
+    std::vector<float> sums(j + 1 == blocks.size() ? 2 * s * b.channels : b.channels);
+    team.each(2 * s, [&](int64_t y) { box_row(j, y, out, sums.data(), team.avx2, true); });
+    team.barrier.wait();
   }
+  if (first_swept == blocks.size()) return;
+  if (!blocks[first_swept].conv1_in_sweep) conv1_pass(blocks[first_swept], out, skip, team);
+  if (!sweep.empty()) run_sweep(out, skip, team);
 }
 
 void LowResStage::run(const float* features, int64_t batch, float* out, float* skip, int num_threads,
@@ -1222,10 +1623,17 @@ void LowResStage::run(const float* features, int64_t batch, float* out, float* s
   if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const int64_t out_values = out_channels() * out_size() * out_size();
   if (static_cast<int>(m.scratch.size()) < num_threads) m.scratch.resize(num_threads, Floats(m.scratch_size));
+  if (m.workers_prepared < num_threads) {
+    m.sweep_ranges = std::make_unique<TwoEndedRange[]>((num_threads + 1) / 2);
+    m.sweep_progress = std::make_unique<std::atomic<int64_t>[]>(num_threads * m.sweep.size());
+    m.seam_taken = std::make_unique<std::atomic<int64_t>[]>(m.sweep.size());
+    m.seam_finished = std::make_unique<std::atomic<int64_t>[]>(m.sweep.size());
+    m.workers_prepared = num_threads;
+  }
   run_team(num_threads, [&](int worker, int workers, SpinBarrier& barrier) {
+    const Team team{worker, workers, barrier, avx2};
     for (int64_t i = 0; i < batch; ++i)
-      m.run_one(features + i * m.in_features, out + i * out_values, skip ? skip + i * out_values : nullptr, worker,
-                workers, barrier, avx2);
+      m.run_one(features + i * m.in_features, out + i * out_values, skip ? skip + i * out_values : nullptr, team);
   });
 }
 

@@ -526,7 +526,7 @@ class LowResWeights:
         from .. import ops
 
         stage = ops.LowResStage(self.mlp, self.blocks, self.input_size, winograd_min_size=WINOGRAD_MIN_SIZE,
-                                heads_inputs=self.heads_inputs)
+                                heads_inputs=self.heads_inputs, sweep_min_size=SWEEP_MIN_SIZE)
         return KeypointStage(stage, self.frequencies)
 
 
@@ -583,6 +583,15 @@ def folded_low_res_stage(weights: FrameWeights, flat_params: dict[str, np.ndarra
 # from 16 px, minimum and p50 faster in four runs of five (by 0.4-0.9 ms), 300 calls each (from 32 px: slower,
 # once); F(2x2, 3x3) rather than F(4x4, 3x3) at 8 px: 0.1-1.0 ms faster in four runs.
 WINOGRAD_MIN_SIZE = 8
+
+# The blocks on maps of at least this size run depth first, a band of rows at a time (lowres_cpu.cpp, run_sweep):
+# at the released size the 64 and 128 px blocks, whose maps (2-7 MB each) outgrow the L2 caches. Released size,
+# 2-core AVX2 machine: the stage alone in turns against whole-map passes, p50 0.36-0.56 ms faster (5 runs of
+# 300 calls in both orders), frames 0.63-0.78 ms (3 runs, two avatars alternating in one process). From 32 px
+# (its conv1 over the whole map first: its 4.7 MB of Winograd weights, re-read for every strip, made it 1.2 ms
+# slower) 0.1-0.3 ms slower than from 64 px: the 32 px groups' 1.2 MB of weights are re-read for every band;
+# from 128 px 0.3-0.5 ms slower: the 64 px maps go through memory again.
+SWEEP_MIN_SIZE = 64
 
 
 class FoldedFrame(NamedTuple):
