@@ -19,22 +19,12 @@
 
 #include <unistd.h>
 
-#include "cpu_features.h"
-
 namespace pybilayer {
 namespace {
 
 // Long enough to span a frame's gaps between kernels (its Python glue, the landmarks): 2.9 sleeps a frame
 // with 200 us, 0.1 with 1 ms, and frames ~1 ms faster at the median (six runs in turns, 2 cores).
 constexpr auto kSpinBeforeSleep = std::chrono::microseconds(1000);
-
-inline void relax() {
-#ifdef PYBILAYER_X86_AVX2
-  _mm_pause();
-#else
-  std::this_thread::yield();
-#endif
-}
 
 struct Worker {
   std::mutex mutex;
@@ -94,8 +84,8 @@ class Pool {
 
   void serve(Worker* w) {
     for (;;) {
-      const auto spin_until = std::chrono::steady_clock::now() + kSpinBeforeSleep;
-      while (!w->has_task.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < spin_until) relax();
+      const auto sleep_at = std::chrono::steady_clock::now() + kSpinBeforeSleep;
+      while (!w->has_task.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < sleep_at) relax();
       std::function<void()> task;
       {
         std::unique_lock<std::mutex> lock(w->mutex);
@@ -151,10 +141,7 @@ void run_concurrently(int requested, const std::function<void(int, int)>& task,
       running.fetch_sub(1, std::memory_order_acq_rel);
     });
   run(0);
-  for (int spins = 0; running.load(std::memory_order_acquire) > 0; ++spins) {
-    if (spins > 4096) std::this_thread::yield();
-    else relax();
-  }
+  spin_until([&] { return running.load(std::memory_order_acquire) == 0; });
   for (const std::exception_ptr& error : errors)
     if (error) std::rethrow_exception(error);
 }

@@ -12,7 +12,29 @@
 #include <memory>
 #include <thread>
 
+#include "cpu_features.h"
+
 namespace pybilayer {
+
+// One step of a busy wait: a pause where the CPU has one, else a yield.
+inline void relax() {
+#ifdef PYBILAYER_X86_AVX2
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Waits for ready(): spins briefly (what it waits for is microseconds away), then yields the core.
+template <typename Ready>
+void spin_until(const Ready& ready) {
+  for (int spins = 0; !ready(); ++spins) {
+    if (spins > 4096)
+      std::this_thread::yield();
+    else
+      relax();
+  }
+}
 
 // Workers for `rows` rows of `row_work` units each: at most `num_threads` (<= 0: all cores), at least
 // `min_work_per_thread` units each, and never more than the rows.

@@ -721,18 +721,7 @@ void winograd_output(const WinogradOutput& p, int64_t begin, int64_t end, bool a
 
 // ------------------------------------------------------------------ workers
 
-// Waits for ready(): spins briefly (what it waits for is microseconds away), then yields.
-template <typename Ready>
-void spin_until(const Ready& ready) {
-  for (int spins = 0; !ready(); ++spins) {
-    if (spins > 4096) std::this_thread::yield();
-#ifdef PYBILAYER_X86_AVX2
-    else _mm_pause();
-#endif
-  }
-}
-
-// Workers wait here between passes (spin_until).
+// Workers wait here between passes (spin_until, parallel.h).
 // Between two waits they share the pass's items through `take`.
 class SpinBarrier {
  public:
