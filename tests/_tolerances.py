@@ -19,7 +19,8 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     # TensorRT fp32 plan (TF32 cleared) vs torch, every output; not yet measured on a GPU: its tactics
     # reorder the sums, so this is looser than onnx_fp32 (tests/test_engines.py, needs_tensorrt)
     "tensorrt_fp32": (0.0, 1e-3),
-    # training: 2-process DDP (gloo, batch 2+2) vs 1 process (batch 4) after 2 steps, float64 (issue 5)
+    # training: 2-process DDP (gloo, batch 2+2) vs 1 process (batch 4), float64: the bi-layer trainer after 2
+    # steps (issue 5), the FSTH gradients of one step
     "ddp_vs_single_fp64": (1e-6, 1e-6),
     # opt-in int8 onnxruntime path (static QDQ) vs its fp32 path: lf and mask probability, max abs
     "int8_cpu_layers": (0.0, 3e-2),

@@ -262,7 +262,9 @@ def test_many_avatars_in_one_call(backend, request, avatar, avatar2):
     assert np.abs(mixed[0] - mixed[1]).max() > 1e-3  # the two avatars really differ
     one_pose = renderer.render([avatar, avatar2], drivers[0])
     assert one_pose.shape == (2, SIZE, SIZE, 3)
-    np.testing.assert_array_equal(one_pose[1], renderer.render(avatar2, drivers[0]))
+    # torch picks its convolution kernels by batch size: the reference's sums may round to the other side of .5
+    lsb = UINT8_MAX_LSB if backend == "reference" else 0
+    assert np.abs(one_pose[1].astype(int) - renderer.render(avatar2, drivers[0])).max() <= lsb
 
 
 def test_background_composites_with_the_mask(reference, avatar):
