@@ -82,14 +82,21 @@ def interleaved_times(fns: list[Callable[[], object]], repeats: int) -> list[np.
 
 
 def _cpu_model() -> str:
+    """The model name, with its family and model numbers (virtual machines may name only the vendor's line:
+    "AMD EPYC" is family 25 for Zen 3 and 4, 26 for Zen 5)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if not key.strip():
+                    break  # the first processor's fields only
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def _git_sha() -> str | None:
@@ -158,6 +165,7 @@ def run_metadata() -> dict:
             "cuda": caps.cuda,
             "cuda_reason": caps.cuda_reason,
             "cuda_architectures": caps.cuda_architectures,
+            "cpu_isas": list(caps.cpu_isas),  # the widest is the CPU kernels' code path
         }
         if caps.cuda and meta["gpu"] is None:
             meta["gpu"] = caps.cuda_device_name

@@ -318,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     names = list(BACKENDS) if args.backends == "auto" else [b.strip() for b in args.backends.split(",")]
 
     meta = _metadata(args.threads)
-    print(f"pybilayer latency: {args.threads} threads, {meta.get('cpu')}, load average "
-          f"{os.getloadavg()[0]:.1f}, gpu {meta.get('gpu')}")
+    isas = meta.get("pybilayer_native", {}).get("cpu_isas") or ["none"]
+    print(f"pybilayer latency: {args.threads} threads, {meta.get('cpu')}, native CPU kernels {isas[-1]}, "
+          f"load average {os.getloadavg()[0]:.1f}, gpu {meta.get('gpu')}")
     payload = {"metadata": meta, "checkpoints": checkpoints, "models": {},
                "args": {k: str(v) for k, v in vars(args).items()}}
     for kind, model in models.items():

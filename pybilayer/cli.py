@@ -807,7 +807,8 @@ def info_lines() -> list[str]:
     if caps is None:
         lines.append("native core: pybilayer.native is missing from this installation")
     else:
-        lines.append(f"native core (pybilayer._C): {'yes' if caps.native else 'no: ' + str(caps.native_reason)}")
+        native = f"yes, CPU kernels {caps.cpu_isas[-1]}" if caps.native else "no: " + str(caps.native_reason)
+        lines.append(f"native core (pybilayer._C): {native}")
         lines.append(f"native CUDA twin: {'yes' if caps.cuda else 'no: ' + str(caps.cuda_reason)}")
     lines.append(f"devices: {_devices()}")
     lines.append("per-frame backends (auto picks tensorrt > cuda > onnxruntime):")

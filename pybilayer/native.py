@@ -6,6 +6,7 @@ Importing this module never fails: a missing extension or a missing GPU is repor
     from pybilayer import native
     caps = native.capabilities()
     caps.native, caps.native_reason     # the compiled extension (CPU compositor and heads kernels)
+    caps.cpu_isas                       # its CPU kernels' code paths this CPU runs, e.g. ("portable", "avx2")
     caps.cuda, caps.cuda_reason         # its CUDA twin and a usable GPU
 
 Native objects for callers that manage GPU memory without torch (e.g. TensorRT bindings); both raise
@@ -39,6 +40,7 @@ class Capabilities:
     native_reason: str | None
     cuda: bool
     cuda_reason: str | None
+    cpu_isas: tuple[str, ...] = ()  # the CPU kernels' code paths this CPU runs, narrowest first ("portable", "avx2", "avx512")
     cuda_built: bool = False  # the extension contains the CUDA twin
     cuda_architectures: str = ""  # as compiled, e.g. "75-real,80-real,...,90"
     cuda_device_count: int = 0
@@ -70,6 +72,7 @@ def capabilities() -> Capabilities:
         native_reason=None,
         cuda=cuda,
         cuda_reason=None if cuda else devices["error"],
+        cpu_isas=tuple(module.cpu_isas()),
         cuda_built=bool(build["cuda"]),
         cuda_architectures=build["cuda_architectures"],
         cuda_device_count=devices["count"],

@@ -194,7 +194,7 @@ def heads(
     bias: np.ndarray,
     *,
     num_threads: int | None = None,
-    vectorized: bool = True,
+    isa: str = "best",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The per-frame network's last steps in one native CPU pass: (delta_uv, lf, mask_logits).
 
@@ -206,7 +206,9 @@ def heads(
     (``weight`` (6, C, 3, 3), ``bias`` (6,), zero padding), and tanh on delta-uv (2) and lf (3).
     float32 numpy arrays in, three new float32 arrays (B, 2|3|1, 2s, 2s) out.
 
-    ``num_threads``: None uses every core. ``vectorized=False`` forces the kernel's portable path.
+    ``num_threads``: None uses every core. ``isa``: the kernel's code path, "best" (this CPU's widest) or one
+    of ``native.capabilities().cpu_isas``; "portable" convolves directly, the others match it within float
+    rounding.
     Falls back to ``heads_reference`` (with a warning) where the native core is not built.
     """
     groups = _groups_arrays(groups)
@@ -217,7 +219,7 @@ def heads(
         return tuple(t.numpy() for t in heads_reference(_as_torch_groups(groups), *map(torch.from_numpy, params)))
     batch, size = _output_batch_size(groups)
     outputs = tuple(np.empty((batch, c, size, size), np.float32) for c in (2, 3, 1))
-    options = _cpu_kernel_options(num_threads, vectorized)
+    options = _cpu_kernel_options(num_threads, isa)
     if isinstance(groups, UpsampleConv):
         native.load().upsample_conv_heads(*groups[:4], *params, *outputs, channels_last=groups.channels_last, **options)
     else:
@@ -241,7 +243,7 @@ def heads_reference(groups: torch.Tensor | UpsampleConv, scale: torch.Tensor, sh
 
 
 def upsample_conv(input: np.ndarray, weight: np.ndarray, bias: np.ndarray, skip: np.ndarray | None = None, *,
-                  num_threads: int | None = None, vectorized: bool = True) -> np.ndarray:
+                  num_threads: int | None = None, isa: str = "best") -> np.ndarray:
     """``conv3x3(up2(input), weight, padding 1) + bias + up2(skip)`` for nearest 2x up-sampling, a block's
     output, in one native CPU pass at the low resolution (see ``UpsampleConv``): (B, Cin, s, s) float32
     -> a new (B, C, 2s, 2s) float32 array.
@@ -253,7 +255,7 @@ def upsample_conv(input: np.ndarray, weight: np.ndarray, bias: np.ndarray, skip:
         return upsample_conv_reference(*_as_torch_groups(groups)[:4]).numpy()
     batch, size = _output_batch_size(groups)
     out = np.empty((batch, groups.weight.shape[0], size, size), np.float32)
-    native.load().upsample_conv(*groups[:4], out, **_cpu_kernel_options(num_threads, vectorized))
+    native.load().upsample_conv(*groups[:4], out, **_cpu_kernel_options(num_threads, isa))
     return out
 
 
@@ -264,7 +266,7 @@ def upsample_conv_reference(input: torch.Tensor, weight: torch.Tensor, bias: tor
     return x if skip is None else x + F.interpolate(skip, scale_factor=2, mode="nearest")
 
 
-def depth_to_space_box(phases: np.ndarray, *, num_threads: int | None = None, vectorized: bool = True) -> np.ndarray:
+def depth_to_space_box(phases: np.ndarray, *, num_threads: int | None = None, isa: str = "best") -> np.ndarray:
     """The end of an up-sampling convolution computed as four tap groups (``heads``' first two steps):
     (B, 4C, s+1, s+1) float32 -> a new (B, C, 2s, 2s) float32 array, in one native CPU pass.
     Falls back to ``depth_to_space_box_reference`` (with a warning) where the native core is not built."""
@@ -275,7 +277,7 @@ def depth_to_space_box(phases: np.ndarray, *, num_threads: int | None = None, ve
         return depth_to_space_box_reference(torch.from_numpy(phases)).numpy()
     batch, groups_channels, side, _ = phases.shape
     out = np.empty((batch, groups_channels // 4, 2 * (side - 1), 2 * (side - 1)), np.float32)
-    native.load().depth_to_space_box(phases, out, **_cpu_kernel_options(num_threads, vectorized))
+    native.load().depth_to_space_box(phases, out, **_cpu_kernel_options(num_threads, isa))
     return out
 
 
@@ -329,17 +331,17 @@ class LowResStage:
         return (size, size, c) if self._stage.heads_inputs else (c, size, size)
 
     def __call__(self, features: np.ndarray, *, num_threads: int | None = None,
-                 vectorized: bool = True) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                 isa: str = "best") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """features (B, F) float32 (the MLP's input) -> a new (B, C, S, S) float32 array, the last block's output;
         with ``heads_inputs`` two (B, S, S, C), its ``h`` and skip channels-last (``UpsampleConv``'s
-        ``channels_last``). ``num_threads``: None uses every core.
-        ``vectorized=False`` forces the kernel's portable path."""
+        ``channels_last``). ``num_threads``: None uses every core. ``isa``: the kernel's code path, "best" (this
+        CPU's widest) or one of ``native.capabilities().cpu_isas``; all but "portable" give the same bits."""
         features = np.ascontiguousarray(features, dtype=np.float32)
         if features.ndim != 2:
             raise ValueError(f"features: expected (B, F), got shape {features.shape}")
         out = np.empty((features.shape[0], *self.output_shape), np.float32)
         skip = np.empty_like(out) if self._stage.heads_inputs else None
-        self._stage.run(features, out, skip, **_cpu_kernel_options(num_threads, vectorized))
+        self._stage.run(features, out, skip, **_cpu_kernel_options(num_threads, isa))
         return out if skip is None else (out, skip)
 
 
@@ -411,9 +413,9 @@ def _groups_arrays(groups: Any) -> np.ndarray | UpsampleConv:
     return phases
 
 
-def _cpu_kernel_options(num_threads: int | None, vectorized: bool) -> dict[str, Any]:
+def _cpu_kernel_options(num_threads: int | None, isa: str) -> dict[str, Any]:
     """The threading and code-path arguments of the native CPU kernels (0 threads: every core)."""
-    return {"num_threads": 0 if num_threads is None else int(num_threads), "vectorized": bool(vectorized)}
+    return {"num_threads": 0 if num_threads is None else int(num_threads), "isa": str(isa)}
 
 
 def _output_batch_size(groups: np.ndarray | UpsampleConv) -> tuple[int, int]:

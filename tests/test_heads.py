@@ -1,8 +1,8 @@
 """The native heads kernel (box sum + activation + heads + tanh) and the block output kernels (tap groups
 given, or computed from the up-sampling convolution's input) against their PyTorch references.
 
-Fresh random inputs every run, shapes whose width is not a multiple of the vector step, both code paths
-(AVX2+FMA where the CPU has it, and the portable one), and outputs poisoned with NaN before the call.
+Fresh random inputs every run, shapes whose width is not a multiple of the vector step, every code path
+the CPU has (the portable one, AVX2+FMA, AVX-512), and outputs poisoned with NaN before the call.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _isas import ISAS, VECTOR_ISAS
 from _tolerances import TOLERANCES
 
 from pybilayer import native, ops
@@ -42,9 +43,9 @@ def run_poisoned(inputs, **kwargs) -> list[np.ndarray]:
     return outputs
 
 
-def heads_tolerance(vectorized: bool) -> tuple[float, float]:
-    """The heads' vectorised path runs its convolution as Winograd F(4, 3) along rows (heads_cpu.cpp)."""
-    return TOLERANCES["heads_winograd_fp32" if vectorized else "heads_fp32"]
+def heads_tolerance(isa: str) -> tuple[float, float]:
+    """The heads' vector paths run their convolution as Winograd F(4, 3) along rows (heads_cpu.cpp)."""
+    return TOLERANCES["heads_fp32" if isa == "portable" else "heads_winograd_fp32"]
 
 
 @pytest.fixture
@@ -52,14 +53,14 @@ def rng():
     return np.random.default_rng(int(torch.randint(1 << 30, ()).item()))
 
 
-@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("batch, channels, low_size", [(1, 32, 64), (2, 5, 13), (3, 8, 24), (1, 3, 1), (2, 1, 9)])
-def test_matches_reference(batch, channels, low_size, vectorized, rng):
+def test_matches_reference(batch, channels, low_size, isa, rng):
     inputs = make_inputs(batch, channels, low_size, rng)
     ref = reference(inputs)
-    rtol, atol = heads_tolerance(vectorized)
+    rtol, atol = heads_tolerance(isa)
     for threads in (1, 3):
-        out = run_poisoned(inputs, num_threads=threads, vectorized=vectorized)
+        out = run_poisoned(inputs, num_threads=threads, isa=isa)
         for o, r in zip(out, ref):
             np.testing.assert_allclose(o, r, rtol=rtol, atol=atol)
     assert all(np.abs(r).max() > 0.1 for r in ref)  # not a comparison of near-zero outputs
@@ -67,24 +68,24 @@ def test_matches_reference(batch, channels, low_size, vectorized, rng):
 
 def test_paths_and_thread_counts_agree(rng):
     inputs = make_inputs(2, 16, 40, rng)
-    base = run_poisoned(inputs, num_threads=1, vectorized=False)
-    rtol, atol = heads_tolerance(True)
-    for kwargs in ({"num_threads": 1}, {"num_threads": 2}, {"num_threads": 7}, {"num_threads": 2, "vectorized": False}):
+    base = run_poisoned(inputs, num_threads=1, isa="portable")
+    rtol, atol = heads_tolerance("best")
+    for kwargs in ({"num_threads": 1}, {"num_threads": 2}, {"num_threads": 7}, {"num_threads": 2, "isa": "portable"}):
         for o, b in zip(run_poisoned(inputs, **kwargs), base):
             np.testing.assert_allclose(o, b, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("batch, channels, low_size", [(1, 16, 32), (2, 5, 13), (3, 1, 1)])
-def test_depth_to_space_box_matches_reference(batch, channels, low_size, vectorized, rng):
+def test_depth_to_space_box_matches_reference(batch, channels, low_size, isa, rng):
     phases = make_inputs(batch, channels, low_size, rng)[0]
     ref = ops.depth_to_space_box_reference(torch.from_numpy(phases).double()).numpy()
     rtol, atol = TOLERANCES["heads_fp32"]
     for threads in (1, 3):
         out = np.full((batch, channels, 2 * low_size, 2 * low_size), np.nan, np.float32)
-        native.load().depth_to_space_box(phases, out, num_threads=threads, vectorized=vectorized)
+        native.load().depth_to_space_box(phases, out, num_threads=threads, isa=isa)
         np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol)
-    np.testing.assert_array_equal(ops.depth_to_space_box(phases, vectorized=False), ops.depth_to_space_box(phases))
+    np.testing.assert_array_equal(ops.depth_to_space_box(phases, isa="portable"), ops.depth_to_space_box(phases))
 
 
 def test_heads_are_the_box_then_activation_and_convolution(rng):
@@ -94,7 +95,7 @@ def test_heads_are_the_box_then_activation_and_convolution(rng):
     v = x * torch.from_numpy(scale).double().view(1, -1, 1, 1) + torch.from_numpy(shift).double().view(1, -1, 1, 1)
     t = torch.where(v < 0, v * torch.from_numpy(slope).double().view(1, -1, 1, 1), v)
     h = torch.nn.functional.conv2d(t, torch.from_numpy(weight).double(), torch.from_numpy(bias).double(), padding=1)
-    rtol, atol = heads_tolerance(True)
+    rtol, atol = heads_tolerance("best")
     for o, r in zip(ops.heads(phases, scale, shift, slope, weight, bias), (h[:, :2].tanh(), h[:, 2:5].tanh(), h[:, 5:])):
         np.testing.assert_allclose(o, r.numpy(), rtol=rtol, atol=atol)
 
@@ -103,21 +104,21 @@ def test_ops_wrapper_allocates_and_matches(rng):
     inputs = make_inputs(1, 4, 10, rng)
     delta_uv, lf, mask_logits = ops.heads(*inputs, num_threads=2)
     assert (delta_uv.shape, lf.shape, mask_logits.shape) == ((1, 2, 20, 20), (1, 3, 20, 20), (1, 1, 20, 20))
-    rtol, atol = heads_tolerance(True)
+    rtol, atol = heads_tolerance("best")
     for o, r in zip((delta_uv, lf, mask_logits), reference(inputs)):
         np.testing.assert_allclose(o, r, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("vectorized", [True, False])
-def test_tanh_saturates_and_nan_propagates(vectorized, rng):
+@pytest.mark.parametrize("isa", ISAS)
+def test_tanh_saturates_and_nan_propagates(isa, rng):
     inputs = list(make_inputs(1, 4, 12, rng))
     inputs[0] = inputs[0] * 1e4  # heads far into tanh's saturation
     inputs[0][0, 5, 6, 6] = np.nan
     ref = reference(inputs)
-    out = run_poisoned(inputs, num_threads=2, vectorized=vectorized)
+    out = run_poisoned(inputs, num_threads=2, isa=isa)
     for o, r in zip(out, ref):
         assert np.isnan(r).any() and not np.isnan(r).all()
-        if not vectorized:
+        if isa == "portable":
             np.testing.assert_array_equal(np.isnan(o), np.isnan(r))
             continue
         # Winograd along rows: a NaN reaches the reference's NaN and at most the rest of their 4-row bands
@@ -217,47 +218,47 @@ def run_conv_poisoned(conv: ops.UpsampleConv, **kwargs) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("batch, in_channels, channels, low_size, with_skip",
                          [(1, 32, 32, 40, True), (2, 5, 3, 13, True), (1, 4, 7, 7, False), (2, 3, 2, 15, True),
                           (1, 2, 1, 1, True), (3, 6, 5, 24, False)])
-def test_upsample_conv_matches_reference(batch, in_channels, channels, low_size, with_skip, vectorized, rng):
+def test_upsample_conv_matches_reference(batch, in_channels, channels, low_size, with_skip, isa, rng):
     """Odd channel counts (a half-used channel pair), s + 1 a multiple of the vector step or not, s = 1."""
     conv = make_conv(batch, in_channels, channels, low_size, rng, with_skip)
     ref = conv_reference(conv)
     rtol, atol = TOLERANCES["heads_fp32"]
     for threads in (1, 3):
-        np.testing.assert_allclose(run_conv_poisoned(conv, num_threads=threads, vectorized=vectorized), ref,
+        np.testing.assert_allclose(run_conv_poisoned(conv, num_threads=threads, isa=isa), ref,
                                    rtol=rtol, atol=atol)
     assert np.abs(ref).max() > 0.5
-    np.testing.assert_allclose(ops.upsample_conv(*conv[:4], num_threads=2, vectorized=vectorized), ref, rtol=rtol,
+    np.testing.assert_allclose(ops.upsample_conv(*conv[:4], num_threads=2, isa=isa), ref, rtol=rtol,
                                atol=atol)
 
 
-@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("batch, in_channels, channels, low_size", [(1, 16, 32, 20), (2, 3, 5, 9), (1, 2, 3, 1)])
-def test_heads_from_upsample_conv_match_reference(batch, in_channels, channels, low_size, vectorized, rng):
+def test_heads_from_upsample_conv_match_reference(batch, in_channels, channels, low_size, isa, rng):
     conv = make_conv(batch, in_channels, channels, low_size, rng)
     params = make_inputs(batch, channels, low_size, rng)[1:]
     ref = ops.heads_reference(conv.arrays(lambda a: torch.from_numpy(a).double()),
                               *(torch.from_numpy(a).double() for a in params))
-    rtol, atol = heads_tolerance(vectorized)
+    rtol, atol = heads_tolerance(isa)
     for threads in (1, 3):
-        out = ops.heads(conv, *params, num_threads=threads, vectorized=vectorized)
+        out = ops.heads(conv, *params, num_threads=threads, isa=isa)
         for o, r in zip(out, ref):
             np.testing.assert_allclose(o, r.numpy(), rtol=rtol, atol=atol)
     # the same frame as from the tap groups that the graph used to compute (phases)
     phases = _phases_of(conv)
-    rtol, atol = heads_tolerance(True)
+    rtol, atol = heads_tolerance("best")
     for o, p in zip(ops.heads(conv, *params, num_threads=2), ops.heads(phases, *params, num_threads=2)):
         np.testing.assert_allclose(o, p, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("batch, in_channels, channels, low_size, with_skip",
                          [(1, 32, 32, 40, True), (2, 3, 5, 9, True), (1, 8, 3, 17, False), (1, 2, 3, 1, True)])
 def test_heads_from_channels_last_inputs_are_the_same(batch, in_channels, channels, low_size, with_skip,
-                                                      vectorized, rng):
+                                                      isa, rng):
     """The native stage's layout (UpsampleConv.channels_last): the same bits as from (B, C, s, s) arrays, and
     the reference takes it too."""
     conv = make_conv(batch, in_channels, channels, low_size, rng, with_skip)
@@ -265,8 +266,8 @@ def test_heads_from_channels_last_inputs_are_the_same(batch, in_channels, channe
                          skip=None if conv.skip is None else np.ascontiguousarray(conv.skip.transpose(0, 2, 3, 1)))
     params = make_inputs(batch, channels, low_size, rng)[1:]
     for threads in (1, 3):
-        for a, b in zip(ops.heads(last, *params, num_threads=threads, vectorized=vectorized),
-                        ops.heads(conv, *params, num_threads=threads, vectorized=vectorized)):
+        for a, b in zip(ops.heads(last, *params, num_threads=threads, isa=isa),
+                        ops.heads(conv, *params, num_threads=threads, isa=isa)):
             assert np.isfinite(b).all() and np.abs(b).max() > 0.1
             np.testing.assert_array_equal(a, b)
     as64 = lambda a: torch.from_numpy(a).double()  # noqa: E731
@@ -293,13 +294,13 @@ def _phases_of(conv: ops.UpsampleConv) -> np.ndarray:
     return torch.cat(groups, 1).float().numpy()
 
 
-@pytest.mark.parametrize("vectorized", [True, False])
-def test_upsample_conv_spreads_nan_as_the_reference(vectorized, rng):
+@pytest.mark.parametrize("isa", ISAS)
+def test_upsample_conv_spreads_nan_as_the_reference(isa, rng):
     conv = make_conv(1, 4, 3, 11, rng)
     conv.input[0, 2, 5, 0] = np.nan  # a border column too
     conv.input[0, 1, 8, 7] = np.nan
     ref = conv_reference(conv)
-    out = run_conv_poisoned(conv, num_threads=2, vectorized=vectorized)
+    out = run_conv_poisoned(conv, num_threads=2, isa=isa)
     np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
     assert 0 < np.isnan(ref).sum() < ref.size / 4
 

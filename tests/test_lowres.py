@@ -2,8 +2,8 @@
 PyTorch reference (``ops.low_res_stage_reference``, float64).
 
 Fresh random weights and inputs every run, channel counts that are not multiples of the kernel's 16-channel
-step, grids that are not multiples of its 6-pixel step, both code paths (AVX2+FMA where the CPU has it, and
-the portable one), several thread counts, and outputs poisoned with NaN before the call. Its agreement with
+step, grids that are not multiples of its 6- or 12-pixel steps, every code path the CPU has (the portable one,
+AVX2+FMA, AVX-512), several thread counts, and outputs poisoned with NaN before the call. Its agreement with
 the whole network, folded from a model, is checked in test_export.py.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _isas import ISAS, VECTOR_ISAS
 from _tolerances import TOLERANCES
 
 from pybilayer import native, ops
@@ -61,7 +62,7 @@ def rng():
 
 @pytest.mark.parametrize("sweep_min_size", [0, 1])  # whole-map passes; every block depth first (run_sweep)
 @pytest.mark.parametrize("winograd_min_size", [0, 4])  # conv1 direct everywhere; Winograd on maps of 4k px
-@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("features, hidden, channels, input_size, batch", [
     (136, (32, 24), (16, 32, 16), 4, 2),  # multiples of 16
     (7, (5,), (5, 7, 3), 3, 3),  # odd channels and grids
@@ -74,7 +75,7 @@ def rng():
     (4, (), (20, 128), 17, 1),  # an odd map with pairs of rows and columns (128 channels and more)
     (4, (), (9, 130), 18, 1),  # the same on an even map (the last row and column directly)
 ])
-def test_matches_reference(features, hidden, channels, input_size, batch, vectorized, winograd_min_size,
+def test_matches_reference(features, hidden, channels, input_size, batch, isa, winograd_min_size,
                            sweep_min_size, rng):
     mlp, blocks = make_stage(rng, features, hidden, channels, input_size)
     stage = ops.LowResStage(mlp, blocks, input_size, winograd_min_size=winograd_min_size, sweep_min_size=sweep_min_size)
@@ -84,7 +85,7 @@ def test_matches_reference(features, hidden, channels, input_size, batch, vector
     ref = reference(x, mlp, blocks, input_size)
     rtol, atol = TOLERANCES["heads_fp32"]
     for threads in (1, 2, 3):
-        out = run_poisoned(stage, x, num_threads=threads, vectorized=vectorized)
+        out = run_poisoned(stage, x, num_threads=threads, isa=isa)
         np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol * max(1.0, float(np.abs(ref).max())))
     assert np.abs(ref).max() > 0.1  # not a comparison of near-zero outputs
     np.testing.assert_allclose(stage(x[:1]), ref[:1], rtol=rtol, atol=atol * max(1.0, float(np.abs(ref).max())))
@@ -93,7 +94,7 @@ def test_matches_reference(features, hidden, channels, input_size, batch, vector
 @pytest.mark.parametrize("sweep_min_size", [0, 8])
 @pytest.mark.parametrize("winograd_min_size", [0, 4])
 def test_paths_and_thread_counts_agree(winograd_min_size, sweep_min_size, rng):
-    """The vector path fuses multiply-adds, the portable one does not: they agree to rounding; one path gives
+    """The vector paths fuse multiply-adds, the portable one does not: they agree to rounding; one path gives
     the same bits on any thread count (each output is summed by one worker, in one order)."""
     mlp, blocks = make_stage(rng, 40, (48,), (32, 32, 16), 4)
     stage = ops.LowResStage(mlp, blocks, 4, winograd_min_size=winograd_min_size, sweep_min_size=sweep_min_size)
@@ -102,7 +103,36 @@ def test_paths_and_thread_counts_agree(winograd_min_size, sweep_min_size, rng):
     np.testing.assert_array_equal(stage(x, num_threads=2), one)
     np.testing.assert_array_equal(stage(x, num_threads=4), one)
     scale = max(1.0, float(np.abs(one).max()))  # Winograd's rounding grows with the outputs (~3e-6 of them here)
-    np.testing.assert_allclose(stage(x, num_threads=2, vectorized=False), one, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(stage(x, num_threads=2, isa="portable"), one, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.skipif("avx512" not in native.capabilities().cpu_isas, reason="this CPU has no avx512 code path")
+@pytest.mark.parametrize("heads_inputs", [False, True])
+@pytest.mark.parametrize("features, channels, input_size, winograd_min_size, sweep_min_size", [
+    (7, (5, 7, 3), 3, 0, 0),  # direct, odd channels and grids
+    (12, (33, 17, 18, 6), 2, 4, 0),  # Winograd F(2x2) then F(4x4), whole-map passes
+    (8, (5, 4, 3), 9, 4, 9),  # odd maps with pairs of rows and columns, swept
+    (4, (20, 130), 17, 0, 17),  # pairs of rows and columns (128 channels and more), direct, swept
+    (10, (16, 24, 8), 16, 16, 0),  # larger maps: 16 and 32 px
+    (8, (256, 256, 8), 2, 0, 2),  # weights past 256 KB: output blocks outer, two a step
+])
+def test_avx512_gives_the_avx2_bits(features, channels, input_size, winograd_min_size, sweep_min_size, heads_inputs,
+                                    rng):
+    """The AVX-512 path (16 channels a register; a step runs two of the AVX2 path's items: 12 pixels of one
+    output block, or 6 pixels of two) sums every output in the AVX2 path's order: the same bits, on any number
+    of workers (whose chunks of items split those pairs anywhere)."""
+    mlp, blocks = make_stage(rng, features, (), channels, input_size)
+    if heads_inputs:
+        del blocks[-1]["conv2_weight"], blocks[-1]["conv2_bias"]
+    stage = ops.LowResStage(mlp, blocks, input_size, winograd_min_size=winograd_min_size, heads_inputs=heads_inputs,
+                            sweep_min_size=sweep_min_size)
+    x = rng.standard_normal((3, features)).astype(np.float32)
+    want = stage(x, num_threads=1, isa="avx2")
+    for threads in (1, 2, 3):
+        got = stage(x, num_threads=threads, isa="avx512")
+        for a, b in (zip(got, want) if heads_inputs else [(got, want)]):
+            assert np.abs(b).max() > 0.1
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("input_size, channels", [(8, (256, 256, 128)), (16, (256, 128, 64))])
@@ -120,10 +150,10 @@ def test_winograd_matches_direct_on_released_widths(input_size, channels, rng):
 
 
 @pytest.mark.parametrize("sweep_min_size", [0, 4])
-@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("winograd_min_size", [0, 4])
 @pytest.mark.parametrize("channels", [9, 16])
-def test_heads_inputs_match_reference(channels, winograd_min_size, vectorized, sweep_min_size, rng):
+def test_heads_inputs_match_reference(channels, winograd_min_size, isa, sweep_min_size, rng):
     """heads_inputs: the last block stops after conv1 and its skip (no conv2 given): h and skip, channels-last
     (9 channels: the stage's 16 less its padding; 16: written straight to the outputs, as at the released
     size)."""
@@ -138,7 +168,7 @@ def test_heads_inputs_match_reference(channels, winograd_min_size, vectorized, s
                                        [{k: as64(v) for k, v in b.items()} for b in blocks], 4, heads_inputs=True)
     rtol, atol = TOLERANCES["heads_fp32"]
     for threads in (1, 2):
-        got = stage(x, num_threads=threads, vectorized=vectorized)
+        got = stage(x, num_threads=threads, isa=isa)
         for a, b in zip(got, want):
             b = b.permute(0, 2, 3, 1).numpy()
             assert a.shape == b.shape == (2, 8, 8, channels) and np.abs(b).max() > 0.1
@@ -170,10 +200,10 @@ def test_sweep_gives_the_same_bits_as_whole_map_passes(features, channels, input
     swept = ops.LowResStage(mlp, blocks, input_size, winograd_min_size=winograd_min_size, heads_inputs=heads_inputs,
                             sweep_min_size=sweep_min_size)
     x = rng.standard_normal((2, features)).astype(np.float32)
-    for vectorized in (True, False):
-        want = whole(x, num_threads=2, vectorized=vectorized)
+    for isa in native.capabilities().cpu_isas:
+        want = whole(x, num_threads=2, isa=isa)
         for threads in (1, 2, 3, 4, 5):
-            got = swept(x, num_threads=threads, vectorized=vectorized)
+            got = swept(x, num_threads=threads, isa=isa)
             for a, b in (zip(got, want) if heads_inputs else [(got, want)]):
                 assert np.abs(b).max() > 0.1
                 np.testing.assert_array_equal(a, b)

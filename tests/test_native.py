@@ -39,6 +39,25 @@ def test_capabilities_report():
 
 
 @pytest.mark.skipif(not CAPS.native, reason=str(CAPS.native_reason))
+@pytest.mark.skipif(not CAPS.native, reason=str(CAPS.native_reason))
+def test_cpu_code_paths_and_a_bad_one_named():
+    """The CPU kernels' paths this CPU runs, narrowest first; one it lacks, or a made-up name, is a ValueError
+    that names it (before any array is read)."""
+    import numpy as np
+
+    from pybilayer import ops
+
+    assert CAPS.cpu_isas[0] == "portable" and CAPS.cpu_isas == ("portable", "avx2", "avx512")[:len(CAPS.cpu_isas)]
+    phases = np.random.default_rng(0).standard_normal((1, 8, 5, 5)).astype(np.float32)
+    with pytest.raises(ValueError, match="isa='sse4': expected 'best', 'avx512', 'avx2' or 'portable'"):
+        ops.depth_to_space_box(phases, isa="sse4")
+    for missing in ("avx2", "avx512")[len(CAPS.cpu_isas) - 1:]:
+        with pytest.raises(ValueError, match=f"isa='{missing}': this CPU's widest code path is '{CAPS.cpu_isas[-1]}'"):
+            ops.depth_to_space_box(phases, isa=missing)
+    for isa in (*CAPS.cpu_isas, "best"):
+        np.testing.assert_array_equal(ops.depth_to_space_box(phases, isa=isa), ops.depth_to_space_box(phases))
+
+
 def test_build_info_agrees_with_capabilities():
     from pybilayer import _C
 

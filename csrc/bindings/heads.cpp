@@ -51,7 +51,7 @@ UpsampleConv read_upsample_conv(py::handle input, py::handle weight, py::handle 
 
 void run_heads(HeadsParams& p, int64_t B, int64_t C, int64_t S, py::handle scale, py::handle shift, py::handle slope,
                py::handle weight, py::handle bias, py::handle delta_uv, py::handle lf, py::handle mask_logits,
-               int num_threads, bool vectorized) {
+               int num_threads, Isa isa) {
   p.scale = host_floats(view_array(scale, "scale"), {C});
   p.shift = host_floats(view_array(shift, "shift"), {C});
   p.slope = host_floats(view_array(slope, "slope"), {C});
@@ -62,49 +62,53 @@ void run_heads(HeadsParams& p, int64_t B, int64_t C, int64_t S, py::handle scale
   p.mask_logits = writable_floats(view_array(mask_logits, "mask_logits"), {B, 1, S, S});
 
   py::gil_scoped_release release;
-  heads_cpu(p, num_threads, vectorized);
+  heads_cpu(p, num_threads, isa);
 }
 
 void heads(py::handle phases, py::handle scale, py::handle shift, py::handle slope, py::handle weight,
            py::handle bias, py::handle delta_uv, py::handle lf, py::handle mask_logits, int num_threads,
-           bool vectorized) {
+           const std::string& isa) {
+  const Isa path = parse_isa(isa);
   HeadsParams p;
   const Phases groups = read_phases(phases);
   p.groups = groups;
   run_heads(p, groups.batch, groups.channels, 2 * groups.low_size, scale, shift, slope, weight, bias, delta_uv, lf,
-            mask_logits, num_threads, vectorized);
+            mask_logits, num_threads, path);
 }
 
 void upsample_conv_heads(py::handle input, py::handle conv_weight, py::handle conv_bias, py::handle skip,
                          py::handle scale, py::handle shift, py::handle slope, py::handle weight, py::handle bias,
                          py::handle delta_uv, py::handle lf, py::handle mask_logits, bool channels_last,
-                         int num_threads, bool vectorized) {
+                         int num_threads, const std::string& isa) {
+  const Isa path = parse_isa(isa);
   HeadsParams p;
   const UpsampleConv conv = read_upsample_conv(input, conv_weight, conv_bias, skip, channels_last);
   p.groups = conv;
   run_heads(p, conv.batch, conv.channels, 2 * conv.low_size, scale, shift, slope, weight, bias, delta_uv, lf,
-            mask_logits, num_threads, vectorized);
+            mask_logits, num_threads, path);
 }
 
 void block_output(const TapGroups& groups, int64_t B, int64_t C, int64_t S, py::handle out, int num_threads,
-                  bool vectorized) {
+                  Isa isa) {
   BlockOutputParams p;
   p.groups = groups;
   p.out = writable_floats(view_array(out, "out"), {B, C, S, S});
 
   py::gil_scoped_release release;
-  block_output_cpu(p, num_threads, vectorized);
+  block_output_cpu(p, num_threads, isa);
 }
 
-void depth_to_space_box(py::handle phases, py::handle out, int num_threads, bool vectorized) {
+void depth_to_space_box(py::handle phases, py::handle out, int num_threads, const std::string& isa) {
+  const Isa path = parse_isa(isa);
   const Phases groups = read_phases(phases);
-  block_output(groups, groups.batch, groups.channels, 2 * groups.low_size, out, num_threads, vectorized);
+  block_output(groups, groups.batch, groups.channels, 2 * groups.low_size, out, num_threads, path);
 }
 
 void upsample_conv(py::handle input, py::handle conv_weight, py::handle conv_bias, py::handle skip, py::handle out,
-                   bool channels_last, int num_threads, bool vectorized) {
+                   bool channels_last, int num_threads, const std::string& isa) {
+  const Isa path = parse_isa(isa);
   const UpsampleConv conv = read_upsample_conv(input, conv_weight, conv_bias, skip, channels_last);
-  block_output(conv, conv.batch, conv.channels, 2 * conv.low_size, out, num_threads, vectorized);
+  block_output(conv, conv.batch, conv.channels, 2 * conv.low_size, out, num_threads, path);
 }
 
 }  // namespace
@@ -112,18 +116,19 @@ void upsample_conv(py::handle input, py::handle conv_weight, py::handle conv_bia
 void register_heads(py::module_& m) {
   m.def("heads", &heads, py::arg("phases"), py::arg("scale"), py::arg("shift"), py::arg("slope"), py::arg("weight"),
         py::arg("bias"), py::arg("delta_uv"), py::arg("lf"), py::arg("mask_logits"), py::kw_only(),
-        py::arg("num_threads") = 0, py::arg("vectorized") = true,
+        py::arg("num_threads") = 0, py::arg("isa") = "best",
         R"pbdoc(
 The per-frame network's last steps on the CPU, written into ``delta_uv``, ``lf`` and ``mask_logits``
 (see pybilayer.ops.heads for the convention).
 
 Host float32 C-contiguous arrays, read and written without a copy. ``num_threads``: 0 uses every core.
-``vectorized=False`` forces the portable code path (the AVX2+FMA one is used where the CPU has it).
+``isa``: the code path, "best" (this CPU's widest), or one of ``pybilayer.native.cpu_isas()`` ("portable"
+forces the direct convolution).
 )pbdoc");
   m.def("upsample_conv_heads", &upsample_conv_heads, py::arg("input"), py::arg("conv_weight"), py::arg("conv_bias"),
         py::arg("skip"), py::arg("scale"), py::arg("shift"), py::arg("slope"), py::arg("weight"), py::arg("bias"),
         py::arg("delta_uv"), py::arg("lf"), py::arg("mask_logits"), py::kw_only(), py::arg("channels_last") = false,
-        py::arg("num_threads") = 0, py::arg("vectorized") = true,
+        py::arg("num_threads") = 0, py::arg("isa") = "best",
         R"pbdoc(
 ``heads`` with the tap groups computed from the last up-sampling convolution's input (B, Cin, s, s),
 ``conv_weight`` (C, Cin, 3, 3), ``conv_bias`` (C,) and ``skip`` (B, C, s, s) or None (see
@@ -131,14 +136,14 @@ pybilayer.ops.heads); with ``channels_last`` input (B, s, s, Cin) and skip (B, s
 as ``heads``.
 )pbdoc");
   m.def("depth_to_space_box", &depth_to_space_box, py::arg("phases"), py::arg("out"), py::kw_only(),
-        py::arg("num_threads") = 0, py::arg("vectorized") = true,
+        py::arg("num_threads") = 0, py::arg("isa") = "best",
         R"pbdoc(
 The depth-to-space and 2x2 box sum that finish an up-sampling convolution computed as four tap groups,
 written into ``out`` (B, C, 2s, 2s) (see pybilayer.ops.depth_to_space_box). Same array rules as ``heads``.
 )pbdoc");
   m.def("upsample_conv", &upsample_conv, py::arg("input"), py::arg("conv_weight"), py::arg("conv_bias"),
         py::arg("skip"), py::arg("out"), py::kw_only(), py::arg("channels_last") = false, py::arg("num_threads") = 0,
-        py::arg("vectorized") = true,
+        py::arg("isa") = "best",
         R"pbdoc(
 conv3x3(up2(input), conv_weight, padding 1) + conv_bias + up2(skip) for nearest 2x up-sampling, written
 into ``out`` (B, C, 2s, 2s), computed at the low resolution as four tap groups (see

@@ -72,7 +72,8 @@ std::unique_ptr<LowResStage> make_stage(const py::list& mlp, const py::list& blo
 }
 
 void run_stage(LowResStage& stage, py::handle features, py::handle out, py::handle skip, int num_threads,
-               bool vectorized) {
+               const std::string& isa) {
+  const Isa path = parse_isa(isa);
   const ArrayView f = view_array(features, "features");
   if (f.shape.size() != 2 || f.shape[0] < 1)
     throw std::invalid_argument("features: expected (B, " + std::to_string(stage.in_features()) + ") with B >= 1, got " +
@@ -87,7 +88,7 @@ void run_stage(LowResStage& stage, py::handle features, py::handle out, py::hand
                                                      : "skip: only a heads_inputs stage writes one");
   float* k = skip.is_none() ? nullptr : writable_floats(view_array(skip, "skip"), shape);
   py::gil_scoped_release release;
-  stage.run(in, B, o, k, num_threads, vectorized);
+  stage.run(in, B, o, k, num_threads, path);
 }
 
 }  // namespace
@@ -109,11 +110,12 @@ blocks on maps of at least ``sweep_min_size`` px (<= 0: none) run depth first ov
       .def_property_readonly("out_size", &LowResStage::out_size)
       .def_property_readonly("heads_inputs", &LowResStage::heads_inputs)
       .def("run", &run_stage, py::arg("features"), py::arg("out"), py::arg("skip") = py::none(), py::kw_only(),
-           py::arg("num_threads") = 0, py::arg("vectorized") = true, R"pbdoc(
+           py::arg("num_threads") = 0, py::arg("isa") = "best", R"pbdoc(
 features (B, in_features) -> ``out`` (B, out_channels, out_size, out_size), written in full (with
 ``heads_inputs``: the last block's h, and its skip into ``skip``, (B, out_size, out_size, out_channels)
 channels-last each). Calls on one stage are serialised. ``num_threads``: 0 uses every core;
-``vectorized=False`` forces the portable path.
+``isa``: the code path, "best" (this CPU's widest), or one of ``pybilayer.native.cpu_isas()``; all but
+"portable" give the same bits.
 )pbdoc");
 }
 

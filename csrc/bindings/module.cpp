@@ -4,9 +4,11 @@
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include "../cpu_features.h"
 #include "../dispatch.h"
 #include "../parallel.h"
 #include "register.h"
@@ -61,6 +63,12 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_architectures"] = PYBILAYER_CUDA_ARCHITECTURES;
     return info;
   }, "How this module was built: {'cuda': bool, 'cuda_architectures': str}.");
+  m.def("cpu_isas", [] {
+    std::vector<std::string> names;
+    for (int isa = 0; isa <= static_cast<int>(pybilayer::best_isa()); ++isa)
+      names.push_back(pybilayer::isa_name(static_cast<pybilayer::Isa>(isa)));
+    return names;
+  }, "The CPU kernels' code paths this CPU runs, narrowest first: 'portable', then 'avx2', 'avx512'.");
   m.def("cuda_devices", [] {
     const pybilayer::cuda::DeviceReport report = pybilayer::cuda::query_devices();
     py::dict devices;

@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <variant>
 
+#include "../cpu_features.h"
+
 namespace pybilayer {
 
 constexpr int kHeadChannels = 6;  // delta_uv (2) + lf (3) + mask logits (1)
@@ -61,10 +63,10 @@ struct HeadsParams {
   float* mask_logits = nullptr;  // (B, 1, S, S)
 };
 
-// `num_threads` <= 0 uses every core (small frames use fewer). `vectorized` = false forces the portable
-// code path (direct convolution); the AVX2+FMA one (Winograd along rows) matches it within float rounding
-// (tests run both).
-void heads_cpu(const HeadsParams& params, int num_threads, bool vectorized = true);
+// `num_threads` <= 0 uses every core (small frames use fewer). `isa`: the code path (cpu_features.h), at most
+// best_isa(); the portable one convolves directly, the others (Winograd along rows, AVX2+FMA) match it
+// within float rounding (tests run both).
+void heads_cpu(const HeadsParams& params, int num_threads, Isa isa);
 
 struct BlockOutputParams {
   TapGroups groups;
@@ -73,6 +75,6 @@ struct BlockOutputParams {
 
 // Same arguments. From `Phases`, the AVX2 path rounds exactly as the portable one (additions only); from
 // an `UpsampleConv`, their sums differ by float rounding (fused multiply-adds or not).
-void block_output_cpu(const BlockOutputParams& params, int num_threads, bool vectorized = true);
+void block_output_cpu(const BlockOutputParams& params, int num_threads, Isa isa);
 
 }  // namespace pybilayer

@@ -791,11 +791,11 @@ int64_t group_work_per_row(const TapGroups& groups) {
 
 }  // namespace
 
-void heads_cpu(const HeadsParams& p, int num_threads, bool vectorized) {
+void heads_cpu(const HeadsParams& p, int num_threads, Isa isa) {
   const GroupsShape shape = shape_of(p.groups);
   const int64_t S = 2 * shape.low_size, C = shape.channels, bands = shape.batch * ((S + RowWinograd::kTile - 1) / RowWinograd::kTile);
   if (bands == 0 || C == 0) return;
-  const bool avx2 = vectorized && has_avx2_fma();
+  const bool avx2 = isa >= Isa::kAvx2;  // no wider path here
   std::vector<float> packed;
 #ifdef PYBILAYER_X86_AVX2
   if (avx2) packed = pack_heads_weights(p, C);
@@ -808,11 +808,11 @@ void heads_cpu(const HeadsParams& p, int num_threads, bool vectorized) {
   });
 }
 
-void block_output_cpu(const BlockOutputParams& p, int num_threads, bool vectorized) {
+void block_output_cpu(const BlockOutputParams& p, int num_threads, Isa isa) {
   const GroupsShape shape = shape_of(p.groups);
   const int64_t S = 2 * shape.low_size, rows = shape.batch * S, C = shape.channels;
   if (rows == 0 || C == 0) return;
-  const bool avx2 = vectorized && has_avx2_fma();
+  const bool avx2 = isa >= Isa::kAvx2;  // no wider path here
   const std::vector<float> packed_conv = packed_conv_weights(p.groups, avx2);
   // From given groups a memory-bound pass: a thread pays off from ~64K output values.
   const int64_t row_work = C * S + group_work_per_row(p.groups) / 8;

@@ -1,8 +1,8 @@
 // The per-frame network on the CPU: the keypoint MLP and the up-sampling blocks (all of them at the released
 // size, up to the inputs of the native heads kernel). Graph runtimes run the first, small and wide maps
 // (4-16 px, 256 channels) far below this CPU's multiply-add rate (few pixels to share between threads, a
-// pass over memory per operator); here every convolution runs on channels-last maps, 6 pixels x 16 output
-// channels per step, conv1 as Winograd F(2x2, 3x3) or F(4x4, 3x3) on larger maps, the up-sampling
+// pass over memory per operator); here every convolution runs on channels-last maps, 12 sums of 16 output
+// channels per step (AVX-512: 12 pixels, or 6 pixels of 32 channels; AVX2: 6 pixels), conv1 as Winograd F(2x2, 3x3) or F(4x4, 3x3) on larger maps, the up-sampling
 // convolution's tap groups by pairs of rows and columns (Winograd F(2, 2)), and each block is a few passes
 // (conv1, the pairs' differences, the tap groups, the box sum with the next activation) between which the
 // workers meet at a barrier; the blocks on the largest maps run those passes depth first instead, each
@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <memory>
 #include <vector>
+
+#include "../cpu_features.h"
 
 namespace pybilayer {
 
@@ -80,8 +82,9 @@ class LowResStage {
   bool heads_inputs() const;
   // features (B, in_features) -> out (B, out_channels, out_size, out_size); with heads_inputs h and the skip,
   // (B, out_size, out_size, out_channels) each (skip null otherwise). num_threads <= 0: every core.
-  // vectorized=false forces the portable code path (AVX2+FMA is used where the CPU has it).
-  void run(const float* features, int64_t batch, float* out, float* skip, int num_threads, bool vectorized);
+  // isa: the code path (cpu_features.h), at most best_isa(); every path gives the same bits but the
+  // portable one, whose sums round differently.
+  void run(const float* features, int64_t batch, float* out, float* skip, int num_threads, Isa isa);
 
  private:
   struct Impl;

@@ -41,8 +41,8 @@
 namespace pybilayer {
 namespace {
 
-constexpr int64_t kLanes = 16;  // output channels per step: two AVX registers
-constexpr int kPixels = 6;      // pixels per step: 12 accumulators
+constexpr int64_t kLanes = 16;  // output channels of an item: two AVX2 registers, one AVX-512 register
+constexpr int kPixels = 6;      // pixels of an item: 12 AVX2 accumulators (an AVX-512 step runs two items)
 constexpr float kSlope = 0.2f;  // LeakyReLU after conv1 and between MLP layers
 // Released size, 2 cores, the whole stage in turns with output-block order everywhere: p50 1.2-2.0 ms faster.
 constexpr size_t kPixelsOuterWeightBytes = 256 * 1024;
@@ -379,6 +379,90 @@ PYBILAYER_AVX2 void step_avx2(const ConvJob& job, int64_t block, int64_t first_p
 }
 #endif
 
+#ifdef PYBILAYER_X86_AVX2
+// Blocks (1 or 2) output blocks x P pixels, one 16-float accumulator each: two of step_avx2's items at once,
+// each output summed in its order (the same bits). Arrays of accumulators are fine here, fully unrolled:
+// GCC keeps all twelve in registers (no stack access in the inner loop, whose multiply-adds take their
+// input broadcast from memory).
+template <int Blocks, int P>
+PYBILAYER_AVX512 __attribute__((noinline)) void step_avx512(const ConvJob& job, int64_t block, int64_t y, int64_t x) {
+  constexpr int N = Blocks * P;
+  static_assert(N <= 12, "12 accumulators at most");
+  const PackedConv& c = *job.conv;
+  const int64_t ntaps = static_cast<int64_t>(c.taps.size()), cin = c.in_channels, block_stride = ntaps * cin * kLanes;
+  int64_t rows[P];
+  for (int64_t p = 0, row = 0, column = x; p < P; ++p) {
+    rows[p] = row;
+    if (++column == job.width) column = 0, ++row;
+  }
+  const auto at = [&](const MapView& m, int64_t p) {
+    return m.data + y * m.row + (x + p) * m.pixel + rows[p] * (m.row - job.width * m.pixel);
+  };
+  __m512 acc[N];
+#pragma GCC unroll 12
+  for (int j = 0; j < N; ++j)
+    acc[j] = job.accumulate ? _mm512_setzero_ps() : _mm512_loadu_ps(c.bias.data() + (block + j / P) * kLanes);
+  const float* w = c.weight.data() + block * block_stride;
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const int64_t offset = c.taps[t].dy * job.in.row + c.taps[t].dx * job.in.pixel;
+    const float* s[P];
+#pragma GCC unroll 12
+    for (int p = 0; p < P; ++p) s[p] = at(job.in, p) + offset;
+#pragma GCC unroll 2
+    for (int64_t i = 0; i < cin; ++i, w += kLanes) {
+      __m512 wv[Blocks];
+      wv[0] = _mm512_loadu_ps(w);
+      if constexpr (Blocks > 1) wv[1] = _mm512_loadu_ps(w + block_stride);
+#pragma GCC unroll 12
+      for (int j = 0; j < N; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(s[j % P][i]), wv[j / P], acc[j]);
+    }
+  }
+  if (c.lrelu) {
+    const __m512 slope = _mm512_set1_ps(kSlope);
+#pragma GCC unroll 12
+    for (int j = 0; j < N; ++j)
+      acc[j] = _mm512_mask_mul_ps(acc[j], _mm512_cmp_ps_mask(acc[j], _mm512_setzero_ps(), _CMP_LT_OQ), acc[j], slope);
+  }
+  for (int k = 0, outputs = job.outputs(); k < outputs; ++k) {
+    const MapView& m = k ? job.also[k - 1] : job.out;
+#pragma GCC unroll 12
+    for (int j = 0; j < N; ++j) {
+      float* out = at(m, j % P) + (block + j / P) * kLanes;
+      _mm512_storeu_ps(out, job.accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), acc[j]) : acc[j]);
+    }
+  }
+}
+
+// P pixels from `first_pixel` on, of output blocks [block, block + blocks): 1 (P <= 12) or 2 (P <= 6).
+PYBILAYER_AVX512 void step_avx512(const ConvJob& job, int64_t block, int blocks, int64_t first_pixel, int P) {
+  const int64_t y = first_pixel / job.width, x = first_pixel % job.width;
+  if (blocks == 2) {
+    switch (P) {
+      case 6: return step_avx512<2, 6>(job, block, y, x);
+      case 5: return step_avx512<2, 5>(job, block, y, x);
+      case 4: return step_avx512<2, 4>(job, block, y, x);
+      case 3: return step_avx512<2, 3>(job, block, y, x);
+      case 2: return step_avx512<2, 2>(job, block, y, x);
+      default: return step_avx512<2, 1>(job, block, y, x);
+    }
+  }
+  switch (P) {
+    case 12: return step_avx512<1, 12>(job, block, y, x);
+    case 11: return step_avx512<1, 11>(job, block, y, x);
+    case 10: return step_avx512<1, 10>(job, block, y, x);
+    case 9: return step_avx512<1, 9>(job, block, y, x);
+    case 8: return step_avx512<1, 8>(job, block, y, x);
+    case 7: return step_avx512<1, 7>(job, block, y, x);
+    case 6: return step_avx512<1, 6>(job, block, y, x);
+    case 5: return step_avx512<1, 5>(job, block, y, x);
+    case 4: return step_avx512<1, 4>(job, block, y, x);
+    case 3: return step_avx512<1, 3>(job, block, y, x);
+    case 2: return step_avx512<1, 2>(job, block, y, x);
+    default: return step_avx512<1, 1>(job, block, y, x);
+  }
+}
+#endif
+
 // The jobs' items as one list: a job and those chained to it count as one job, whose item runs theirs.
 template <typename Fn>
 void for_each_job(const std::vector<ConvJob>& jobs, const Fn& fn) {
@@ -386,29 +470,36 @@ void for_each_job(const std::vector<ConvJob>& jobs, const Fn& fn) {
 }
 
 // Items [begin, end) of the jobs taken as one list (job by job, each chain in its order: pixels_outer).
-void run_items(const std::vector<ConvJob>& jobs, int64_t begin, int64_t end, bool avx2) {
+void run_items(const std::vector<ConvJob>& jobs, int64_t begin, int64_t end, Isa isa) {
   int64_t base = 0;
   for_each_job(jobs, [&](const ConvJob* chain, int length, int64_t n) {
     const ConvJob& job = chain[0];
-    const int64_t pixel_blocks = job.pixel_blocks(), pixels = job.height * job.width;
+    const int64_t pixel_blocks = job.pixel_blocks(), pixels = job.height * job.width, blocks = job.conv->out_blocks;
     const bool outer = pixels_outer(chain, length);
-    for (int64_t item = std::max(begin, base); item < std::min(end, base + n); ++item) {
-      const int64_t i = item - base, blocks = job.conv->out_blocks;
+    for (int64_t item = std::max(begin, base), stop = std::min(end, base + n); item < stop; ++item) {
+      const int64_t i = item - base;
       const int64_t block = outer ? i % blocks : i / pixel_blocks, first = (outer ? i / blocks : i % pixel_blocks) * kPixels;
       const int P = static_cast<int>(std::min<int64_t>(kPixels, pixels - first));
-      for (int k = 0; k < length; ++k) {
 #ifdef PYBILAYER_X86_AVX2
-        if (avx2) {
-          step_avx2(chain[k], block, first, P);
-          continue;
-        }
-#endif
-        step_portable(chain[k], block, first, P);
+      if (isa == Isa::kAvx512) {
+        // With the next item where it is this pixel block's next output block (outer) or this output block's
+        // next pixel block: 12 sums a step, as on the AVX2 path.
+        const bool pair = item + 1 < stop && (outer ? block + 1 < blocks : first + kPixels < pixels);
+        const int pixels_now = pair && !outer ? static_cast<int>(std::min<int64_t>(2 * kPixels, pixels - first)) : P;
+        for (int k = 0; k < length; ++k) step_avx512(chain[k], block, pair && outer ? 2 : 1, first, pixels_now);
+        item += pair;
+        continue;
       }
+      if (isa == Isa::kAvx2) {
+        for (int k = 0; k < length; ++k) step_avx2(chain[k], block, first, P);
+        continue;
+      }
+#endif
+      for (int k = 0; k < length; ++k) step_portable(chain[k], block, first, P);
     }
     base += n;
   });
-  (void)avx2;
+  (void)isa;
 }
 
 int64_t count_items(const std::vector<ConvJob>& jobs) {
@@ -486,19 +577,19 @@ PYBILAYER_AVX2 void box_avx2(const float* const at[4], int64_t channels, float* 
 #endif
 
 // `activate` on the code path chosen; Stream: the copy of x around the caches (activate_avx2).
-void activate_any(const Activation& a, const float* x, int64_t channels, float* t, float* x_copy, bool avx2, bool stream) {
+void activate_any(const Activation& a, const float* x, int64_t channels, float* t, float* x_copy, Isa isa, bool stream) {
 #ifdef PYBILAYER_X86_AVX2
-  if (avx2) return stream ? activate_avx2<true>(a, x, channels, t, x_copy) : activate_avx2<false>(a, x, channels, t, x_copy);
+  if (isa >= Isa::kAvx2) return stream ? activate_avx2<true>(a, x, channels, t, x_copy) : activate_avx2<false>(a, x, channels, t, x_copy);
 #endif
-  (void)avx2, (void)stream;
+  (void)isa, (void)stream;
   activate(a, x, channels, t, x_copy);
 }
 
-void box_any(const float* const at[4], int64_t channels, float* out, bool avx2) {
+void box_any(const float* const at[4], int64_t channels, float* out, Isa isa) {
 #ifdef PYBILAYER_X86_AVX2
-  if (avx2) return box_avx2(at, channels, out);
+  if (isa >= Isa::kAvx2) return box_avx2(at, channels, out);
 #endif
-  (void)avx2;
+  (void)isa;
   box(at, channels, out);
 }
 
@@ -524,8 +615,8 @@ bool points_chunked(int64_t points, int64_t in_channels, int64_t channels) {
   return points * in_channels * channels * int64_t(sizeof(float)) <= kChunkedWeightBytes;
 }
 
-// The lanes the transforms work on: one float (Scalar), or 8 consecutive channels (Vector8, a GCC/Clang vector
-// extension type, which the AVX2 functions below compile to one register).
+// The lanes the transforms work on: one float (Scalar), or 8 or 16 consecutive channels (Vector<8 or 16>, a
+// GCC/Clang vector extension type, which the AVX2 or AVX-512 functions below compile to one register).
 struct Scalar {};
 template <typename L>
 struct Lanes;
@@ -538,14 +629,15 @@ struct Lanes<Scalar> {
   static PYBILAYER_INLINE void store_lrelu(float* p, const type& v) { *p = v < 0.f ? v * kSlope : v; }
 };
 #ifdef PYBILAYER_X86_AVX2
-struct Vector8 {};
-template <>
-struct Lanes<Vector8> {
-  typedef float type __attribute__((vector_size(32)));
+template <int Count>
+struct Vector {};
+template <int Count>
+struct Lanes<Vector<Count>> {
+  typedef float type __attribute__((vector_size(4 * Count)));
   // Loads and stores through a 4-byte aligned alias: one unaligned move each (a memcpy became two 16-byte
   // halves through the stack, stalling every load on store forwarding).
-  typedef float unaligned __attribute__((vector_size(32), aligned(4), may_alias));
-  static constexpr int count = 8;
+  typedef float unaligned __attribute__((vector_size(4 * Count), aligned(4), may_alias));
+  static constexpr int count = Count;
   static PYBILAYER_INLINE void load(const float* p, type& v) { v = *reinterpret_cast<const unaligned*>(p); }
   static PYBILAYER_INLINE void store(float* p, const type& v) { *reinterpret_cast<unaligned*>(p) = v; }
   static PYBILAYER_INLINE void store_lrelu(float* p, const type& v) {
@@ -699,23 +791,27 @@ PYBILAYER_INLINE void winograd_output_lanes(const WinogradOutput& p, int64_t beg
 }
 
 #ifdef PYBILAYER_X86_AVX2
-PYBILAYER_AVX2 void winograd_input_avx2(const WinogradInput& p, int64_t begin, int64_t end) { winograd_input_lanes<Vector8>(p, begin, end); }
-PYBILAYER_AVX2 void winograd_output_avx2(const WinogradOutput& p, int64_t begin, int64_t end) { winograd_output_lanes<Vector8>(p, begin, end); }
+PYBILAYER_AVX2 void winograd_input_avx2(const WinogradInput& p, int64_t begin, int64_t end) { winograd_input_lanes<Vector<8>>(p, begin, end); }
+PYBILAYER_AVX2 void winograd_output_avx2(const WinogradOutput& p, int64_t begin, int64_t end) { winograd_output_lanes<Vector<8>>(p, begin, end); }
+PYBILAYER_AVX512 void winograd_input_avx512(const WinogradInput& p, int64_t begin, int64_t end) { winograd_input_lanes<Vector<16>>(p, begin, end); }
+PYBILAYER_AVX512 void winograd_output_avx512(const WinogradOutput& p, int64_t begin, int64_t end) { winograd_output_lanes<Vector<16>>(p, begin, end); }
 #endif
 
-void winograd_input(const WinogradInput& p, int64_t begin, int64_t end, bool avx2) {
+void winograd_input(const WinogradInput& p, int64_t begin, int64_t end, Isa isa) {
 #ifdef PYBILAYER_X86_AVX2
-  if (avx2) return winograd_input_avx2(p, begin, end);
+  if (isa == Isa::kAvx512) return winograd_input_avx512(p, begin, end);
+  if (isa == Isa::kAvx2) return winograd_input_avx2(p, begin, end);
 #endif
-  (void)avx2;
+  (void)isa;
   winograd_input_lanes<Scalar>(p, begin, end);
 }
 
-void winograd_output(const WinogradOutput& p, int64_t begin, int64_t end, bool avx2) {
+void winograd_output(const WinogradOutput& p, int64_t begin, int64_t end, Isa isa) {
 #ifdef PYBILAYER_X86_AVX2
-  if (avx2) return winograd_output_avx2(p, begin, end);
+  if (isa == Isa::kAvx512) return winograd_output_avx512(p, begin, end);
+  if (isa == Isa::kAvx2) return winograd_output_avx2(p, begin, end);
 #endif
-  (void)avx2;
+  (void)isa;
   winograd_output_lanes<Scalar>(p, begin, end);
 }
 
@@ -776,7 +872,7 @@ void run_team(int requested, const Fn& fn) {
 struct Team {
   int worker, workers;
   SpinBarrier& barrier;
-  bool avx2;
+  Isa isa;
 
   // fn(begin, end) on chunks of this pass's items up to `last` as the workers take them (SpinBarrier::take)
   template <typename Fn>
@@ -794,7 +890,7 @@ struct Team {
   void convolve(const std::vector<ConvJob>& jobs, int64_t base = 0) const {
     const int64_t items = count_items(jobs);
     share(base + items, std::max<int64_t>(1, items / (kMinChunksPerWorker * workers)),
-          [&](int64_t begin, int64_t end) { run_items(jobs, begin - base, end - base, avx2); });
+          [&](int64_t begin, int64_t end) { run_items(jobs, begin - base, end - base, isa); });
     barrier.wait();
   }
 };
@@ -929,14 +1025,14 @@ struct LowResStage::Impl {
   }
 
   std::vector<ConvJob> point_products(Block& b, float* points_in, float* points_out, int64_t count);
-  void winograd_chunk(Block& b, int64_t first, int64_t count, const MapView& h_out, float* scratch, bool avx2);
+  void winograd_chunk(Block& b, int64_t first, int64_t count, const MapView& h_out, float* scratch, Isa isa);
   std::vector<ConvJob> conv1_jobs(Block& b, int64_t r0, int64_t r1, float* out, float* skip);
-  void conv1_rows(Block& b, int64_t r0, int64_t r1, float* out, float* skip, float* scratch, bool avx2);
+  void conv1_rows(Block& b, int64_t r0, int64_t r1, float* out, float* skip, float* scratch, Isa isa);
   void copy_out_rows(Block& b, int64_t r0, int64_t r1, float* out, float* skip);
   void difference_row(Block& b, int64_t r);
   std::vector<ConvJob> group_jobs(Block& b, int64_t m0, int64_t m1);
-  void box_row(size_t j, int64_t y, float* out, float* sums, bool avx2, bool stream);
-  void run_unit(const RowPass& pass, int64_t k, float* out, float* skip, float* scratch, float* sums, bool avx2);
+  void box_row(size_t j, int64_t y, float* out, float* sums, Isa isa, bool stream);
+  void run_unit(const RowPass& pass, int64_t k, float* out, float* skip, float* scratch, float* sums, Isa isa);
 
   void conv1_pass(Block& b, float* out, float* skip, const Team& team);
   void run_one(const float* features, float* out, float* skip, const Team& team);
@@ -944,7 +1040,7 @@ struct LowResStage::Impl {
   void run_sweep(float* out, float* skip, const Team& team);
   int seam_parts(const RowPass& pass, int workers) const;
   void run_piece(const RowPass& pass, const SeamPiece& piece, float* out, float* skip, float* scratch, float* sums,
-                 bool avx2);
+                 Isa isa);
 };
 
 namespace {
@@ -1164,17 +1260,17 @@ std::vector<ConvJob> LowResStage::Impl::point_products(Block& b, float* points_i
 
 // conv1 on tiles [first, first + count), count <= kChunkTiles, their points in the worker's scratch.
 void LowResStage::Impl::winograd_chunk(Block& b, int64_t first, int64_t count, const MapView& h_out, float* scratch,
-                                       bool avx2) {
+                                       Isa isa) {
   const MapView hx = hx_map(b);
   const MapView x_in{hx.data + b.channels, hx.pixel, hx.row};  // t is computed in the input transform
   const InputActivation act{b.activation.scale.data(), b.activation.shift.data(), b.activation.slope.data(), b.size};
   const int64_t per_row = b.size / b.winograd_tile;
   float* points_out = scratch + b.points() * kChunkTiles * b.in_channels;
   const std::vector<ConvJob> jobs = point_products(b, scratch, points_out, count);
-  winograd_input({b.winograd_tile, x_in, act, scratch, per_row, b.in_channels, first}, first, first + count, avx2);
-  run_items(jobs, 0, count_items(jobs), avx2);
+  winograd_input({b.winograd_tile, x_in, act, scratch, per_row, b.in_channels, first}, first, first + count, isa);
+  run_items(jobs, 0, count_items(jobs), isa);
   winograd_output({b.winograd_tile, points_out, b.conv1.bias.data(), h_out, per_row, b.channels, first, count}, first,
-                  first + count, avx2);
+                  first + count, isa);
 }
 
 // The products of conv1's rows [r0, r1) where it is direct, and with heads_inputs the skip's.
@@ -1190,15 +1286,15 @@ std::vector<ConvJob> LowResStage::Impl::conv1_jobs(Block& b, int64_t r0, int64_t
 }
 
 // conv1's rows [r0, r1) (whole Winograd tiles), and with heads_inputs the skip's.
-void LowResStage::Impl::conv1_rows(Block& b, int64_t r0, int64_t r1, float* out, float* skip, float* scratch, bool avx2) {
+void LowResStage::Impl::conv1_rows(Block& b, int64_t r0, int64_t r1, float* out, float* skip, float* scratch, Isa isa) {
   if (b.winograd_tile) {
     const MapView h_out = h_map(b, out);
     const int64_t per_row = b.size / b.winograd_tile, end = r1 / b.winograd_tile * per_row;
     for (int64_t first = r0 / b.winograd_tile * per_row; first < end; first += kChunkTiles)
-      winograd_chunk(b, first, std::min(kChunkTiles, end - first), h_out, scratch, avx2);
+      winograd_chunk(b, first, std::min(kChunkTiles, end - first), h_out, scratch, isa);
   }
   const std::vector<ConvJob> jobs = conv1_jobs(b, r0, r1, out, skip);
-  run_items(jobs, 0, count_items(jobs), avx2);
+  run_items(jobs, 0, count_items(jobs), isa);
 }
 
 // The heads inputs' rows [r0, r1) without the padding channels: h from HX, the skip from its map.
@@ -1307,7 +1403,7 @@ std::vector<ConvJob> LowResStage::Impl::group_jobs(Block& b, int64_t m0, int64_t
 
 // Row y of block j's output, the box sum of its tap groups: activated into the next block's T and HX, or
 // row y of `out` (NCHW, the last block; `sums` holds 2s x C' floats, else C').
-void LowResStage::Impl::box_row(size_t j, int64_t y, float* out, float* sums, bool avx2, bool stream) {
+void LowResStage::Impl::box_row(size_t j, int64_t y, float* out, float* sums, Isa isa, bool stream) {
   Block& b = blocks[j];
   const int64_t s = b.size, cp = b.channels;
   const bool last = j + 1 == blocks.size();
@@ -1315,12 +1411,12 @@ void LowResStage::Impl::box_row(size_t j, int64_t y, float* out, float* sums, bo
     float* sum = last ? sums + xx * cp : sums;
     const float* at[4];
     box_sources(b.v.data(), s + 1, cp, y, xx, at);
-    box_any(at, cp, sum, avx2);
+    box_any(at, cp, sum, isa);
     if (!last) {
       Block& next = blocks[j + 1];
       MapView nt = t_map(next), nhx = hx_map(next);
       activate_any(next.activation, sum, cp, next.t.empty() ? nullptr : nt.data + (y + 1) * nt.row + (xx + 1) * nt.pixel,
-                   nhx.data + (y + 1) * nhx.row + (xx + 1) * nhx.pixel + next.channels, avx2, stream);
+                   nhx.data + (y + 1) * nhx.row + (xx + 1) * nhx.pixel + next.channels, isa, stream);
     }
   }
   if (last) {
@@ -1331,21 +1427,21 @@ void LowResStage::Impl::box_row(size_t j, int64_t y, float* out, float* sums, bo
 }
 
 void LowResStage::Impl::run_unit(const RowPass& pass, int64_t k, float* out, float* skip, float* scratch, float* sums,
-                                 bool avx2) {
+                                 Isa isa) {
   Block& b = blocks[pass.block];
   const int64_t r0 = pass.begin(k), r1 = pass.end(k);
   switch (pass.kind) {
-    case RowPass::kConv1: return conv1_rows(b, r0, r1, out, skip, scratch, avx2);
+    case RowPass::kConv1: return conv1_rows(b, r0, r1, out, skip, scratch, isa);
     case RowPass::kCopyOut: return copy_out_rows(b, r0, r1, out, skip);
     case RowPass::kDifferences:
       for (int64_t r = r0; r < r1; ++r) difference_row(b, r);
       return;
     case RowPass::kGroups: {
       const std::vector<ConvJob> jobs = group_jobs(b, r0, r1);
-      return run_items(jobs, 0, count_items(jobs), avx2);
+      return run_items(jobs, 0, count_items(jobs), isa);
     }
     case RowPass::kBox:
-      for (int64_t y = r0; y < r1; ++y) box_row(pass.block, y, out, sums, avx2, false);
+      for (int64_t y = r0; y < r1; ++y) box_row(pass.block, y, out, sums, isa, false);
       return;
   }
 }
@@ -1390,7 +1486,7 @@ void LowResStage::Impl::run_sweep(float* out, float* skip, const Team& team) {
   // Each pass's units [begin, end) run so far (-1: none yet); published as a count once each unit is done.
   std::vector<std::pair<int64_t, int64_t>> done(passes, {-1, -1});
   const auto run = [&](int p, int64_t k) {
-    run_unit(sweep[p], k, out, skip, own_scratch, sums.data(), team.avx2);
+    run_unit(sweep[p], k, out, skip, own_scratch, sums.data(), team.isa);
     progress(team.worker, p).fetch_add(1, std::memory_order_release);
   };
   const bool from_back = team.worker % 2 == 1;
@@ -1469,7 +1565,7 @@ void LowResStage::Impl::run_sweep(float* out, float* skip, const Team& team) {
       const std::pair<int64_t, int64_t> rows = pass.needs(piece.unit);
       const RowPass& before = sweep[p - 1];
       spin_until([&] { return units_done(p - 1, rows.first / before.unit, rows.second / before.unit); });
-      run_piece(pass, piece, out, skip, own_scratch, sums.data(), team.avx2);
+      run_piece(pass, piece, out, skip, own_scratch, sums.data(), team.isa);
       seam_finished[p].fetch_add(1, std::memory_order_release);
     }
   }
@@ -1488,22 +1584,22 @@ int LowResStage::Impl::seam_parts(const RowPass& pass, int workers) const {
 }
 
 void LowResStage::Impl::run_piece(const RowPass& pass, const SeamPiece& piece, float* out, float* skip, float* scratch,
-                                  float* sums, bool avx2) {
+                                  float* sums, Isa isa) {
   Block& b = blocks[pass.block];
   const int64_t r0 = pass.begin(piece.unit), r1 = pass.end(piece.unit);
   if (pass.kind == RowPass::kConv1 && b.winograd_tile) {
     const int64_t per_row = b.size / b.winograd_tile, first = r0 / b.winograd_tile * per_row + piece.part * kChunkTiles;
     const int64_t end = r1 / b.winograd_tile * per_row;
-    if (first < end) return winograd_chunk(b, first, std::min(kChunkTiles, end - first), h_map(b, out), scratch, avx2);
+    if (first < end) return winograd_chunk(b, first, std::min(kChunkTiles, end - first), h_map(b, out), scratch, isa);
     const std::vector<ConvJob> jobs{skip_job(b, skip, r0, r1)};  // the last part
-    return run_items(jobs, 0, count_items(jobs), avx2);
+    return run_items(jobs, 0, count_items(jobs), isa);
   }
   if (pass.kind == RowPass::kConv1 || pass.kind == RowPass::kGroups) {
     const std::vector<ConvJob> jobs = pass.kind == RowPass::kGroups ? group_jobs(b, r0, r1) : conv1_jobs(b, r0, r1, out, skip);
     const int64_t items = count_items(jobs);
-    return run_items(jobs, items * piece.part / piece.parts, items * (piece.part + 1) / piece.parts, avx2);
+    return run_items(jobs, items * piece.part / piece.parts, items * (piece.part + 1) / piece.parts, isa);
   }
-  run_unit(pass, piece.unit, out, skip, scratch, sums, avx2);
+  run_unit(pass, piece.unit, out, skip, scratch, sums, isa);
 }
 
 // conv1 (and with heads_inputs the skip) as passes over the whole map, the workers sharing each.
@@ -1519,7 +1615,7 @@ void LowResStage::Impl::conv1_pass(Block& b, float* out, float* skip, const Team
       const int64_t chunks = (tiles + kChunkTiles - 1) / kChunkTiles;
       team.share(chunks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t first = begin * kChunkTiles; first < std::min(tiles, end * kChunkTiles); first += kChunkTiles)
-          winograd_chunk(b, first, std::min(kChunkTiles, tiles - first), h_out, scratch[team.worker].data(), team.avx2);
+          winograd_chunk(b, first, std::min(kChunkTiles, tiles - first), h_out, scratch[team.worker].data(), team.isa);
       });
       team.convolve(skip_jobs, chunks);  // the skip's items follow the chunks'; also the pass's barrier
     } else {  // passes over the whole map's points
@@ -1527,7 +1623,7 @@ void LowResStage::Impl::conv1_pass(Block& b, float* out, float* skip, const Team
       const MapView x_in{hx.data + b.channels, hx.pixel, hx.row};  // t is computed in the input transform
       const InputActivation act{b.activation.scale.data(), b.activation.shift.data(), b.activation.slope.data(), s};
       team.share(tiles, 1, [&](int64_t begin, int64_t end) {
-        winograd_input({tile, x_in, act, b.points_in.data(), per_row, b.in_channels, 0}, begin, end, team.avx2);
+        winograd_input({tile, x_in, act, b.points_in.data(), per_row, b.in_channels, 0}, begin, end, team.isa);
       });
       team.barrier.wait();
       std::vector<ConvJob> jobs = point_products(b, b.points_in.data(), b.points_out.data(), tiles);
@@ -1535,7 +1631,7 @@ void LowResStage::Impl::conv1_pass(Block& b, float* out, float* skip, const Team
       team.convolve(jobs);
       team.share(tiles, 1, [&](int64_t begin, int64_t end) {
         winograd_output({tile, b.points_out.data(), b.conv1.bias.data(), h_out, per_row, b.channels, 0, tiles}, begin, end,
-                        team.avx2);
+                        team.isa);
       });
       team.barrier.wait();
     }
@@ -1570,7 +1666,7 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
       const int64_t y = pix / b.size + 1, x = pix % b.size + 1;
       activate_any(b.activation, h + pix * b.in_channels, b.in_channels,
                    b.t.empty() ? nullptr : t.data + y * t.row + x * t.pixel, hx.data + y * hx.row + x * hx.pixel + b.channels,
-                   team.avx2, true);
+                   team.isa, true);
     });
     team.barrier.wait();
   }
@@ -1593,7 +1689,7 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
     team.convolve(group_jobs(b, 0, s + 1));
     // the box sum: the block's output x, 2s x 2s, into the next block's T and HX, or `out` (NCHW)
     std::vector<float> sums(j + 1 == blocks.size() ? 2 * s * b.channels : b.channels);
-    team.each(2 * s, [&](int64_t y) { box_row(j, y, out, sums.data(), team.avx2, true); });
+    team.each(2 * s, [&](int64_t y) { box_row(j, y, out, sums.data(), team.isa, true); });
     team.barrier.wait();
   }
   if (first_swept == blocks.size()) return;
@@ -1601,14 +1697,13 @@ void LowResStage::Impl::run_one(const float* features, float* out, float* skip, 
   if (!sweep.empty()) run_sweep(out, skip, team);
 }
 
-void LowResStage::run(const float* features, int64_t batch, float* out, float* skip, int num_threads,
-                      bool vectorized) {
+void LowResStage::run(const float* features, int64_t batch, float* out, float* skip, int num_threads, Isa isa) {
   Impl& m = *impl_;
   if (m.heads_inputs != (skip != nullptr))
     throw std::invalid_argument(m.heads_inputs ? "LowResStage: heads_inputs needs a skip output"
                                                : "LowResStage: a skip output without heads_inputs");
   std::lock_guard<std::mutex> lock(m.mutex);
-  const bool avx2 = vectorized && has_avx2_fma();
+
   if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const int64_t out_values = out_channels() * out_size() * out_size();
   if (static_cast<int>(m.scratch.size()) < num_threads) m.scratch.resize(num_threads, Floats(m.scratch_size));
@@ -1620,7 +1715,7 @@ void LowResStage::run(const float* features, int64_t batch, float* out, float* s
     m.workers_prepared = num_threads;
   }
   run_team(num_threads, [&](int worker, int workers, SpinBarrier& barrier) {
-    const Team team{worker, workers, barrier, avx2};
+    const Team team{worker, workers, barrier, isa};
     for (int64_t i = 0; i < batch; ++i)
       m.run_one(features + i * m.in_features, out + i * out_values, skip ? skip + i * out_values : nullptr, team);
   });
