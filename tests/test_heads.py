@@ -281,6 +281,27 @@ def test_heads_from_channels_last_inputs_are_the_same(batch, in_channels, channe
             ops.heads(last._replace(skip=conv.skip), *params)
 
 
+@pytest.mark.skipif("avx512" not in native.capabilities().cpu_isas, reason="this CPU has no avx512 code path")
+@pytest.mark.parametrize("batch, in_channels, channels, low_size",
+                         [(1, 16, 32, 40), (2, 5, 3, 13), (1, 8, 7, 24), (1, 3, 2, 1), (1, 4, 5, 8)])
+def test_avx512_gives_the_avx2_bits(batch, in_channels, channels, low_size, rng):
+    """The AVX-512 heads and group rows run the AVX2 kernels' sums 16 lanes a register (steps of 32 pixels, a
+    last 16 alone, the same columns vectorised): the same bits, from tap groups given or computed."""
+    conv = make_conv(batch, in_channels, channels, low_size, rng)
+    last = conv._replace(input=np.ascontiguousarray(conv.input.transpose(0, 2, 3, 1)), channels_last=True,
+                         skip=np.ascontiguousarray(conv.skip.transpose(0, 2, 3, 1)))
+    phases, *params = make_inputs(batch, channels, low_size, rng)
+    for groups in (conv, last, phases):
+        for threads in (1, 3):
+            wide = ops.heads(groups, *params, num_threads=threads, isa="avx512")
+            for a, b in zip(wide, ops.heads(groups, *params, num_threads=threads, isa="avx2")):
+                assert np.abs(b).max() > 0.1
+                np.testing.assert_array_equal(a, b)
+    want = ops.upsample_conv(*conv[:4], isa="avx2")
+    assert np.abs(want).max() > 0.5
+    np.testing.assert_array_equal(ops.upsample_conv(*conv[:4], num_threads=3, isa="avx512"), want)
+
+
 def _phases_of(conv: ops.UpsampleConv) -> np.ndarray:
     """The four tap groups of frame_graph.upsample_conv_taps, computed in float64 torch."""
     from pybilayer.backends.frame_graph import upsample_conv_taps

@@ -64,8 +64,8 @@ struct HeadsParams {
 };
 
 // `num_threads` <= 0 uses every core (small frames use fewer). `isa`: the code path (cpu_features.h), at most
-// best_isa(); the portable one convolves directly, the others (Winograd along rows, AVX2+FMA) match it
-// within float rounding (tests run both).
+// best_isa(); the portable one convolves directly, the others (Winograd along rows; AVX-512 gives AVX2's
+// bits) match it within float rounding (tests run every path).
 void heads_cpu(const HeadsParams& params, int num_threads, Isa isa);
 
 struct BlockOutputParams {
@@ -73,7 +73,7 @@ struct BlockOutputParams {
   float* out = nullptr;  // (B, C, 2s, 2s): x of the convention
 };
 
-// Same arguments. From `Phases`, the AVX2 path rounds exactly as the portable one (additions only); from
+// Same arguments. From `Phases`, the vector paths round exactly as the portable one (additions only); from
 // an `UpsampleConv`, their sums differ by float rounding (fused multiply-adds or not).
 void block_output_cpu(const BlockOutputParams& params, int num_threads, Isa isa);
 

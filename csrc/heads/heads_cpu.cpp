@@ -9,19 +9,20 @@
 // 256: 210 KiB), instead of the full-resolution activation that a graph would write out and read back.
 //
 // Tap groups given as an UpsampleConv are computed a row at a time (GroupRows): row g of the groups of
-// one row parity needs input rows g-1 and g only, kept zero-padded per worker (the AVX2 version computes
-// odd rows by pairs, which read row g+1 too: GroupRows::compute_pair). The AVX2 version computes
-// 2 output channels x 16 pixels per step, pixels along the vector; the odd-column group's two taps,
-// w0 * in[k-1] + w2 * in[k], are accumulated as U[k] = w0 * in[k-1] and T[k] = w2 * in[k-1] and added as
-// U[k] + T[k+1] afterwards, so every accumulator takes one multiply-add per input channel (no chain of
-// two dependent ones) and each step loads one input vector per 16 pixels' half.
+// one row parity needs input rows g-1 and g only, kept zero-padded per worker (the vector versions compute
+// odd rows by pairs, which read row g+1 too: GroupRows::compute_pair). A vector step computes 2 output
+// channels x 2 registers of pixels (16 with AVX2, 32 with AVX-512), pixels along the vector; the odd-column
+// group's two taps, w0 * in[k-1] + w2 * in[k], are accumulated as U[k] = w0 * in[k-1] and T[k] = w2 *
+// in[k-1] and added as U[k] + T[k+1] afterwards, so every accumulator takes one multiply-add per input
+// channel (no chain of two dependent ones) and each step loads one input register per half.
 //
-// Each row kernel has an AVX2+FMA version and a portable one (plain loops), picked at run time. The AVX2
-// heads compute a band's 3x3 convolution as Winograd F(4, 3) along y (half the multiply-adds of a direct
-// one; 16 pixels x 6 outputs per step in 12 registers, pixels along the vector, weights broadcast), the
-// portable heads directly, a row at a time. Both round the box sum and the activation identically; the
-// heads differ by float rounding (up to ~3e-6 of the heads' magnitude) and a NaN reaches the rest of its
-// band in the Winograd path.
+// Each row kernel has vector versions (AVX2+FMA; the convolutions also AVX-512, the same sums 16 lanes a
+// register: the same bits) and a portable one (plain loops), picked at run time. The vector heads compute a
+// band's 3x3 convolution as Winograd F(4, 3) along y (half the multiply-adds of a direct one; 2 registers of
+// pixels x 6 outputs per step in 12 registers, pixels along the vector, weights broadcast), the portable
+// heads directly, a row at a time. Both round the box sum and the activation identically; the heads differ
+// by float rounding (up to ~3e-6 of the heads' magnitude) and a NaN reaches the rest of its band in the
+// Winograd path.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -39,8 +40,10 @@ namespace pybilayer {
 namespace {
 
 constexpr int64_t kMinPixelsPerThread = 8 * 1024;  // ~0.25 ms of work at C = 32, against ~10 us per thread
-constexpr int64_t kBlock = 16;                     // pixels per vector step of the heads
-constexpr int64_t kPointColumns = kBlock + 8;      // row points a step reads: its pixels, +-1, a vector's rounding
+// The heads' vector steps: 2 registers of pixels (16 with AVX2, 32 with AVX-512; a last 16 alone), over the
+// columns [0, S - S % kBlock) on both paths (the rest directly), and the row points a step reads: its pixels,
+// +-1, rounded up to whole registers (3 registers' worth at the most).
+constexpr int64_t kBlock = 16, kPointColumns = 48;
 constexpr int kTanhChannels = 5;                   // delta_uv and lf; the mask stays logits
 
 #ifdef PYBILAYER_X86_AVX2
@@ -69,6 +72,63 @@ PYBILAYER_AVX2 inline __m256 tanh_avx2(__m256 x) {
   const __m256 e = exp_avx2(_mm256_add_ps(x, x));
   return _mm256_sub_ps(_mm256_set1_ps(1.f), _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, _mm256_set1_ps(1.f))));
 }
+
+// The same two, 16 lanes at a time (every lane computed as above: the same bits).
+PYBILAYER_AVX512 inline __m512 exp_avx512(__m512 x) {
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.f));
+  const __m512i exponent = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(exponent));
+}
+
+PYBILAYER_AVX512 inline __m512 tanh_avx512(__m512 x) {
+  const __m512 limit = _mm512_set1_ps(44.f);
+  x = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), limit), _mm512_min_ps(limit, x));
+  const __m512 e = exp_avx512(_mm512_add_ps(x, x));
+  return _mm512_sub_ps(_mm512_set1_ps(1.f), _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, _mm512_set1_ps(1.f))));
+}
+
+// The vector operations of the convolution kernels below, W floats a register: 8 (AVX2+FMA) or 16 (AVX-512).
+// Each kernel is written once over them and compiled per width (its _avx2 and _avx512 entry points); every
+// lane takes the same operations at both widths, so the two give the same bits.
+// Those kernels are always inlined into their entry points, so no vector crosses a call between code of
+// different targets: GCC's note that such calls would change the ABI does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <int W>
+struct Simd;
+template <>
+struct Simd<8> {
+  using T = __m256;
+  static PYBILAYER_AVX2 T load(const float* p) { return _mm256_loadu_ps(p); }
+  static PYBILAYER_AVX2 T load_or(const float* base, int64_t offset) { return base ? load(base + offset) : zero(); }
+  static PYBILAYER_AVX2 void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static PYBILAYER_AVX2 T set1(float v) { return _mm256_set1_ps(v); }
+  static PYBILAYER_AVX2 T zero() { return _mm256_setzero_ps(); }
+  static PYBILAYER_AVX2 T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static PYBILAYER_AVX2 T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static PYBILAYER_AVX2 T tanh(T v) { return tanh_avx2(v); }
+};
+template <>
+struct Simd<16> {
+  using T = __m512;
+  static PYBILAYER_AVX512 T load(const float* p) { return _mm512_loadu_ps(p); }
+  static PYBILAYER_AVX512 T load_or(const float* base, int64_t offset) { return base ? load(base + offset) : zero(); }
+  static PYBILAYER_AVX512 void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static PYBILAYER_AVX512 T set1(float v) { return _mm512_set1_ps(v); }
+  static PYBILAYER_AVX512 T zero() { return _mm512_setzero_ps(); }
+  static PYBILAYER_AVX512 T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static PYBILAYER_AVX512 T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static PYBILAYER_AVX512 T tanh(T v) { return tanh_avx512(v); }
+};
 #endif
 
 // Row kernels of the box sum and the activation (portable; AVX2 twins below). Column 2k of a box row
@@ -167,8 +227,8 @@ PYBILAYER_AVX2 void add_avx2(float* u, const float* t, int64_t n) {
 }
 #endif
 
-// std::vector's allocator whose element kAligned sits on a 32-byte boundary, where the AVX2 loops' vectors
-// start. The heads at p50 (2 threads, released size): 0.23-0.32 ms faster with the group rows' buffers
+// std::vector's allocator whose element kAligned sits on a 64-byte boundary (a cache line: an AVX-512 load
+// from there reads one), where the vector loops' registers start. The heads at p50 (2 threads, released size): 0.23-0.32 ms faster with the group rows' buffers
 // aligned at column 1 (8 runs), ~0.1 ms more with the activation ring and points aligned (4 runs).
 template <typename T, size_t kAligned>
 struct AlignedAt {
@@ -177,16 +237,16 @@ struct AlignedAt {
   struct rebind {
     using other = AlignedAt<U, kAligned>;
   };
-  static constexpr size_t kShift = (32 - kAligned * sizeof(T) % 32) % 32;  // bytes before the data
+  static constexpr size_t kShift = (64 - kAligned * sizeof(T) % 64) % 64;  // bytes before the data
   AlignedAt() = default;
   template <typename U>
   AlignedAt(const AlignedAt<U, kAligned>&) {}
 
   T* allocate(size_t n) {
-    char* block = static_cast<char*>(::operator new(kShift + n * sizeof(T), std::align_val_t(32)));
+    char* block = static_cast<char*>(::operator new(kShift + n * sizeof(T), std::align_val_t(64)));
     return reinterpret_cast<T*>(block + kShift);
   }
-  void deallocate(T* p, size_t) { ::operator delete(reinterpret_cast<char*>(p) - kShift, std::align_val_t(32)); }
+  void deallocate(T* p, size_t) { ::operator delete(reinterpret_cast<char*>(p) - kShift, std::align_val_t(64)); }
   template <typename U>
   bool operator==(const AlignedAt<U, kAligned>&) const { return true; }
   template <typename U>
@@ -209,7 +269,7 @@ GroupsShape shape_of(const TapGroups& groups) {
 // pairs (GroupRows::compute_pair).
 constexpr int64_t kPackedKernelRows = 5, kSharedRow = 3, kFirstRow = 4;
 
-// An UpsampleConv's weights in the order the AVX2 group rows read them: per kernel row (kPackedKernelRows),
+// An UpsampleConv's weights in the order the vector group rows read them: per kernel row (kPackedKernelRows),
 // output channel pair and input channel, {w[1], w[0], w[2]} of the row for the pair's first channel, then
 // for its second (zeros for the missing second channel of an odd C). Built once per call, shared by the
 // workers.
@@ -244,15 +304,16 @@ struct GroupRowSet {
 
 #ifdef PYBILAYER_X86_AVX2
 // One weight times one or two vectors of input columns (a, b), into their accumulators.
-template <int NV>
-PYBILAYER_AVX2 inline void accumulate_columns_avx2(float weight, __m256 a, __m256 b, __m256& into_a, __m256& into_b) {
-  const __m256 x = _mm256_set1_ps(weight);
-  into_a = _mm256_fmadd_ps(a, x, into_a);
-  if (NV == 2) into_b = _mm256_fmadd_ps(b, x, into_b);
+template <int W, int NV>
+PYBILAYER_INLINE void accumulate_columns(float weight, const typename Simd<W>::T& a, const typename Simd<W>::T& b,
+                                         typename Simd<W>::T& into_a, typename Simd<W>::T& into_b) {
+  const typename Simd<W>::T x = Simd<W>::set1(weight);
+  into_a = Simd<W>::fmadd(a, x, into_a);
+  if (NV == 2) into_b = Simd<W>::fmadd(b, x, into_b);
 }
 
-// Where a group_columns_avx2 step starts and ends: its accumulators start from `init` (E's starting values,
-// or null for zeros) or, with `accumulate`, from the rows of `out`; the sums go to `out` and, where set, to
+// Where a group_columns step starts and ends: its accumulators start from `init` (E's starting values, or
+// null for zeros) or, with `accumulate`, from the rows of `out`; the sums go to `out` and, where set, to
 // `also` too. Row pointers at channel c0 = 2 * pair; channel c0 + 1 at + width.
 struct GroupStep {
   const float* init;
@@ -262,55 +323,51 @@ struct GroupStep {
   int64_t width;
 };
 
-// base[offset .. offset + 8), or `otherwise` where there is no base.
-PYBILAYER_AVX2 inline __m256 load_or(const float* base, int64_t offset, __m256 otherwise) {
-  return base ? _mm256_loadu_ps(base + offset) : otherwise;
-}
-
-// Columns [k, k + 8 NV), NV = 1 or 2, of the group rows E, U, T of output channels c0 = 2 * pair and c0 + 1.
+// Columns [k, k + W NV), NV = 1 or 2, of the group rows E, U, T of output channels c0 = 2 * pair and c0 + 1.
 // Padded index k holds input column k - 1. Named accumulators, not arrays: GCC kept arrays of them in
 // memory, storing all twelve in every step.
-template <int NV>
-PYBILAYER_AVX2 inline void group_columns_avx2(const GroupTap* taps, int ntaps, const float* packed, int64_t pairs,
-                                              int64_t pair, int64_t cin, int64_t stride, int64_t k,
-                                              const GroupStep& step) {
+template <int W, int NV>
+PYBILAYER_INLINE void group_columns(const GroupTap* taps, int ntaps, const float* packed, int64_t pairs, int64_t pair,
+                                    int64_t cin, int64_t stride, int64_t k, const GroupStep& step) {
   static_assert(NV == 1 || NV == 2, "one or two vectors of pixels");
-  const __m256 zero = _mm256_setzero_ps();
-  const int64_t W = step.width;
+  using V = Simd<W>;
+  using T = typename V::T;
+  const T zero = V::zero();
+  const int64_t Wd = step.width;
   const float* e_start = step.accumulate ? step.even : step.init;  // where each accumulator starts (null: zero)
   const float* u_start = step.accumulate ? step.odd : nullptr;
   const float* t_start = step.accumulate ? step.odd_shift : nullptr;
-  __m256 e0a = load_or(e_start, k, zero), e1a = load_or(e_start, W + k, zero);
-  __m256 u0a = load_or(u_start, k, zero), u1a = load_or(u_start, W + k, zero);
-  __m256 t0a = load_or(t_start, k, zero), t1a = load_or(t_start, W + k, zero);
-  __m256 e0b = zero, e1b = zero, u0b = zero, u1b = zero, t0b = zero, t1b = zero;
+  T e0a = V::load_or(e_start, k), e1a = V::load_or(e_start, Wd + k);
+  T u0a = V::load_or(u_start, k), u1a = V::load_or(u_start, Wd + k);
+  T t0a = V::load_or(t_start, k), t1a = V::load_or(t_start, Wd + k);
+  T e0b = zero, e1b = zero, u0b = zero, u1b = zero, t0b = zero, t1b = zero;
   if (NV == 2) {
-    e0b = load_or(e_start, k + 8, zero), e1b = load_or(e_start, W + k + 8, zero);
-    u0b = load_or(u_start, k + 8, zero), u1b = load_or(u_start, W + k + 8, zero);
-    t0b = load_or(t_start, k + 8, zero), t1b = load_or(t_start, W + k + 8, zero);
+    e0b = V::load_or(e_start, k + W), e1b = V::load_or(e_start, Wd + k + W);
+    u0b = V::load_or(u_start, k + W), u1b = V::load_or(u_start, Wd + k + W);
+    t0b = V::load_or(t_start, k + W), t1b = V::load_or(t_start, Wd + k + W);
   }
   for (int t = 0; t < ntaps; ++t) {
     const float* in = taps[t].row + k;
     const float* w = packed + (taps[t].ky * pairs + pair) * cin * 6;
 #pragma GCC unroll 4  // the heads 0.05-0.13 ms faster at p50 (2 threads, released size)
     for (int64_t ci = 0; ci < cin; ++ci, in += stride, w += 6) {
-      const __m256 a = _mm256_loadu_ps(in), b = NV == 2 ? _mm256_loadu_ps(in + 8) : zero;
-      accumulate_columns_avx2<NV>(w[0], a, b, e0a, e0b);
-      accumulate_columns_avx2<NV>(w[1], a, b, u0a, u0b);
-      accumulate_columns_avx2<NV>(w[2], a, b, t0a, t0b);
-      accumulate_columns_avx2<NV>(w[3], a, b, e1a, e1b);
-      accumulate_columns_avx2<NV>(w[4], a, b, u1a, u1b);
-      accumulate_columns_avx2<NV>(w[5], a, b, t1a, t1b);
+      const T a = V::load(in), b = NV == 2 ? V::load(in + W) : zero;
+      accumulate_columns<W, NV>(w[0], a, b, e0a, e0b);
+      accumulate_columns<W, NV>(w[1], a, b, u0a, u0b);
+      accumulate_columns<W, NV>(w[2], a, b, t0a, t0b);
+      accumulate_columns<W, NV>(w[3], a, b, e1a, e1b);
+      accumulate_columns<W, NV>(w[4], a, b, u1a, u1b);
+      accumulate_columns<W, NV>(w[5], a, b, t1a, t1b);
     }
   }
   for (int copy = 0; copy < (step.also_even ? 2 : 1); ++copy) {
     float *e = copy ? step.also_even : step.even, *u = copy ? step.also_odd : step.odd;
     float* t = copy ? step.also_odd_shift : step.odd_shift;
-    _mm256_storeu_ps(e + k, e0a), _mm256_storeu_ps(u + k, u0a), _mm256_storeu_ps(t + k, t0a);
-    _mm256_storeu_ps(e + W + k, e1a), _mm256_storeu_ps(u + W + k, u1a), _mm256_storeu_ps(t + W + k, t1a);
+    V::store(e + k, e0a), V::store(u + k, u0a), V::store(t + k, t0a);
+    V::store(e + Wd + k, e1a), V::store(u + Wd + k, u1a), V::store(t + Wd + k, t1a);
     if (NV == 2) {
-      _mm256_storeu_ps(e + k + 8, e0b), _mm256_storeu_ps(u + k + 8, u0b), _mm256_storeu_ps(t + k + 8, t0b);
-      _mm256_storeu_ps(e + W + k + 8, e1b), _mm256_storeu_ps(u + W + k + 8, u1b), _mm256_storeu_ps(t + W + k + 8, t1b);
+      V::store(e + k + W, e0b), V::store(u + k + W, u0b), V::store(t + k + W, t0b);
+      V::store(e + Wd + k + W, e1b), V::store(u + Wd + k + W, u1b), V::store(t + Wd + k + W, t1b);
     }
   }
 }
@@ -319,15 +376,15 @@ PYBILAYER_AVX2 inline void group_columns_avx2(const GroupTap* taps, int ntaps, c
 // A worker's rows of the four tap groups: views into `phases`, or computed from an UpsampleConv.
 class GroupRows {
  public:
-  GroupRows(const TapGroups& groups, const float* packed, bool avx2)
-      : groups_(groups), packed_(packed), avx2_(avx2), shape_(shape_of(groups)), P_(shape_.low_size + 1) {
+  GroupRows(const TapGroups& groups, const float* packed, Isa isa)
+      : groups_(groups), packed_(packed), isa_(isa), shape_(shape_of(groups)), P_(shape_.low_size + 1) {
     if (const UpsampleConv* conv = std::get_if<UpsampleConv>(&groups_)) {
       conv_ = conv;
       const int64_t padded_channels = 2 * ((conv->channels + 1) / 2);
-      // Group columns 0 .. s, and room for the AVX2 steps' last vector past s (its extra columns cost less
-      // than finishing one at a time); a multiple of 8, so that every channel's column 1 is aligned. Input
-      // columns -1 .. s and beyond, zero outside 0 .. s-1.
-      width_ = (shape_.low_size + 15) / 8 * 8;
+      // Group columns 0 .. s, and room for the vector steps' last register past s (its extra columns cost
+      // less than finishing one at a time); a multiple of 16, so that every channel's column 1 is aligned.
+      // Input columns -1 .. s and beyond, zero outside 0 .. s-1.
+      width_ = (shape_.low_size + 31) / 16 * 16;
       input_.assign(kInputSlots * conv->in_channels * width_, 0.f);
       diff_.assign(2 * conv->in_channels * width_, 0.f);
       init_.assign(padded_channels * width_, 0.f);
@@ -373,7 +430,7 @@ class GroupRows {
   // to_planes, vectorized where allowed.
   void planes(const float* in, int64_t pixel, int64_t pixels, int64_t channels, float* out, int64_t plane) const {
 #ifdef PYBILAYER_X86_AVX2
-    if (avx2_) return to_planes_avx2(in, pixel, pixels, channels, out, plane);
+    if (isa_ >= Isa::kAvx2) return to_planes_avx2(in, pixel, pixels, channels, out, plane);
 #endif
     to_planes(in, pixel, pixels, channels, out, plane);
   }
@@ -383,8 +440,8 @@ class GroupRows {
     const int64_t C = conv.channels, s = shape_.low_size;
     if (parity == 1 && paired_item_ == b && paired_row_ == g) return rows_[1];
 #ifdef PYBILAYER_X86_AVX2
-    if (avx2_ && parity == 1 && g % 2 == 0 && g < s) return compute_pair(b, g);
-    if (avx2_ && parity == 1 && g % 2 == 1) {  // a worker's first row: as the pair computes it, for the same bits
+    if (isa_ != Isa::kPortable && parity == 1 && g % 2 == 0 && g < s) return compute_pair(b, g);
+    if (isa_ != Isa::kPortable && parity == 1 && g % 2 == 1) {  // a worker's first row: as the pair computes it
       compute_pair(b, g - 1);
       return rows_[1];
     }
@@ -416,8 +473,12 @@ class GroupRows {
       }
     }
 #ifdef PYBILAYER_X86_AVX2
-    if (avx2_) {
-      compute_avx2(taps, ntaps, {with_init ? init_.data() : nullptr, false}, nullptr);
+    if (isa_ != Isa::kPortable) {
+      const Start start{with_init ? init_.data() : nullptr, false};
+      if (isa_ == Isa::kAvx512)
+        compute_avx512(taps, ntaps, start, nullptr);
+      else
+        compute_avx2(taps, ntaps, start, nullptr);
       return finish_odd(rows_[0]);
     }
 #endif
@@ -426,10 +487,28 @@ class GroupRows {
   }
 
 #ifdef PYBILAYER_X86_AVX2
+  struct Start {
+    const float* init;  // E's starting values (channel 0), or null
+    bool accumulate;    // or every row's own values
+  };
+
+  const GroupRowSet& compute_pair(int64_t b, int64_t g) {
+    return isa_ == Isa::kAvx512 ? compute_pair_avx512(b, g) : compute_pair_avx2(b, g);
+  }
+  PYBILAYER_AVX2 const GroupRowSet& compute_pair_avx2(int64_t b, int64_t g) { return compute_pair_lanes<8>(b, g); }
+  PYBILAYER_AVX512 const GroupRowSet& compute_pair_avx512(int64_t b, int64_t g) { return compute_pair_lanes<16>(b, g); }
+  PYBILAYER_AVX2 void compute_avx2(const GroupTap* taps, int ntaps, Start start, GroupRowSet* also) {
+    compute_lanes<8>(taps, ntaps, start, also);
+  }
+  PYBILAYER_AVX512 void compute_avx512(const GroupTap* taps, int ntaps, Start start, GroupRowSet* also) {
+    compute_lanes<16>(taps, ntaps, start, also);
+  }
+
   // Odd rows g and g + 1 (g even) as Winograd F(2, 2) along y, as the stage's odd-row groups: with D(r) =
   // in(r + 1) - in(r), row g = (w0 + w2) in(g) - w0 D(g - 1) and row g + 1 = (w0 + w2) in(g) + w2 D(g): 3
   // products per two rows, not 4. Row g + 1 waits in rows_[1].
-  PYBILAYER_AVX2 const GroupRowSet& compute_pair(int64_t b, int64_t g) {
+  template <int W>
+  PYBILAYER_INLINE const GroupRowSet& compute_pair_lanes(int64_t b, int64_t g) {
     const int64_t cin = conv_->in_channels, n = cin * width_;
     const float *above = input_row(b, g - 1), *here = input_row(b, g), *below = input_row(b, g + 1);
     float *diff_above = diff_.data(), *diff_below = diff_.data() + n;
@@ -438,41 +517,37 @@ class GroupRows {
       diff_below[i] = (below ? below[i] : 0.f) - here[i];
     }
     const GroupTap shared{here, kSharedRow}, first{diff_above, kFirstRow}, second{diff_below, 2};
-    compute_avx2(&shared, 1, {nullptr, false}, &rows_[1]);
-    compute_avx2(&first, 1, {nullptr, true}, nullptr);
-    std::swap(rows_[0], rows_[1]);  // compute_avx2 writes rows_[0]
-    compute_avx2(&second, 1, {nullptr, true}, nullptr);
+    compute_lanes<W>(&shared, 1, {nullptr, false}, &rows_[1]);
+    compute_lanes<W>(&first, 1, {nullptr, true}, nullptr);
+    std::swap(rows_[0], rows_[1]);  // compute_lanes writes rows_[0]
+    compute_lanes<W>(&second, 1, {nullptr, true}, nullptr);
     std::swap(rows_[0], rows_[1]);
     finish_odd(rows_[1]);
     paired_item_ = b, paired_row_ = g + 1;
     return finish_odd(rows_[0]);
   }
 
-  struct Start {
-    const float* init;  // E's starting values (channel 0), or null
-    bool accumulate;    // or every row's own values
-  };
-
-  // The group rows into rows_[0] (and `also`, where set).
-  PYBILAYER_AVX2 void compute_avx2(const GroupTap* taps, int ntaps, Start start, GroupRowSet* also) {
-    const int64_t C = conv_->channels, cin = conv_->in_channels, pairs = (C + 1) / 2, W = width_;
+  // The group rows into rows_[0] (and `also`, where set), W floats a register.
+  template <int W>
+  PYBILAYER_INLINE void compute_lanes(const GroupTap* taps, int ntaps, Start start, GroupRowSet* also) {
+    const int64_t C = conv_->channels, cin = conv_->in_channels, pairs = (C + 1) / 2, Wd = width_;
     GroupRowSet& out = rows_[0];
     for (int64_t pair = 0; pair < pairs; ++pair) {
       const int64_t c0 = 2 * pair;
-      const GroupStep step{start.init ? start.init + c0 * W : nullptr,
+      const GroupStep step{start.init ? start.init + c0 * Wd : nullptr,
                            start.accumulate,
-                           out.even.data() + c0 * W,
-                           out.odd.data() + c0 * W,
-                           out.odd_shift.data() + c0 * W,
-                           also ? also->even.data() + c0 * W : nullptr,
-                           also ? also->odd.data() + c0 * W : nullptr,
-                           also ? also->odd_shift.data() + c0 * W : nullptr,
-                           W};
+                           out.even.data() + c0 * Wd,
+                           out.odd.data() + c0 * Wd,
+                           out.odd_shift.data() + c0 * Wd,
+                           also ? also->even.data() + c0 * Wd : nullptr,
+                           also ? also->odd.data() + c0 * Wd : nullptr,
+                           also ? also->odd_shift.data() + c0 * Wd : nullptr,
+                           Wd};
       // Columns 1 .. s: column 0 reads input column -1 only, a zero (finish_odd).
       const int64_t s = shape_.low_size;
       int64_t k = 1;
-      for (; k + 16 <= s + 1; k += 16) group_columns_avx2<2>(taps, ntaps, packed_, pairs, pair, cin, W, k, step);
-      for (; k <= s; k += 8) group_columns_avx2<1>(taps, ntaps, packed_, pairs, pair, cin, W, k, step);
+      for (; k + 2 * W <= s + 1; k += 2 * W) group_columns<W, 2>(taps, ntaps, packed_, pairs, pair, cin, Wd, k, step);
+      for (; k <= s; k += W) group_columns<W, 1>(taps, ntaps, packed_, pairs, pair, cin, Wd, k, step);
     }
   }
 #endif
@@ -503,7 +578,7 @@ class GroupRows {
       float* u = rows.odd.data() + c * width_;
       const float* t = rows.odd_shift.data() + c * width_ + 1;
 #ifdef PYBILAYER_X86_AVX2
-      if (avx2_) {  // U[0] = w0 * (input column -1) = 0: compute_avx2 leaves column 0 unwritten
+      if (isa_ >= Isa::kAvx2) {  // U[0] = w0 * (input column -1) = 0: compute_avx2 leaves column 0 unwritten
         u[0] = 0.f + t[0];
         add_avx2(u + 1, t + 1, P_ - 2);
         continue;
@@ -516,7 +591,7 @@ class GroupRows {
 
   const TapGroups& groups_;
   const float* packed_;
-  const bool avx2_;
+  const Isa isa_;
   const GroupsShape shape_;
   const int64_t P_;
   const UpsampleConv* conv_ = nullptr;
@@ -531,8 +606,8 @@ class GroupRows {
 // group rows of their parity as the worker's rows advance (each row of the groups is then used once).
 class BoxRows {
  public:
-  BoxRows(const TapGroups& groups, const float* packed_conv, bool avx2)
-      : groups_(groups, packed_conv, avx2), avx2_(avx2), C_(shape_of(groups).channels), s_(shape_of(groups).low_size),
+  BoxRows(const TapGroups& groups, const float* packed_conv, Isa isa)
+      : groups_(groups, packed_conv, isa), isa_(isa), C_(shape_of(groups).channels), s_(shape_of(groups).low_size),
         box_(2 * C_ * 2 * s_) {}
 
   // Makes R(y+1) and R(y+2) of item b available: only R(y+2) is new when row y-1 of b came last.
@@ -543,7 +618,7 @@ class BoxRows {
       for (int64_t c = 0; c < C_; ++c) {
         float* out = box_.data() + (c * 2 + m % 2) * 2 * s_;
 #ifdef PYBILAYER_X86_AVX2
-        if (avx2_) {
+        if (isa_ >= Isa::kAvx2) {
           box_row_avx2(even + c * stride, odd + c * stride, out, s_);
           continue;
         }
@@ -559,7 +634,7 @@ class BoxRows {
 
  private:
   GroupRows groups_;
-  const bool avx2_;
+  const Isa isa_;
   const int64_t C_, s_;
   std::vector<float> box_;          // R(m) of channel c at (c * 2 + m % 2) * 2s
   int64_t item_ = -1, last_ = -1;  // the rows hold R(last_ - 1) and R(last_) of item_
@@ -574,9 +649,9 @@ constexpr int64_t kRingRows = RowWinograd::kWindow;
 
 class Rows {
  public:
-  Rows(const HeadsParams& p, bool avx2, const float* packed_conv)
-      : p_(p), avx2_(avx2), box_rows_(p.groups, packed_conv, avx2), C_(shape_of(p.groups).channels),
-        S_(2 * shape_of(p.groups).low_size), stride_((S_ + 2 + kBlock + 7) / 8 * 8), act_(kRingRows * C_ * stride_, 0.f) {}
+  Rows(const HeadsParams& p, Isa isa, const float* packed_conv)
+      : p_(p), isa_(isa), box_rows_(p.groups, packed_conv, isa), C_(shape_of(p.groups).channels),
+        S_(2 * shape_of(p.groups).low_size), stride_((S_ + 2 + kBlock + 15) / 16 * 16), act_(kRingRows * C_ * stride_, 0.f) {}
 
   // Activation row t(y) of channel c, with t(y)[-1] and t(y)[S] zero; valid after fill(b, y).
   const float* act(int64_t c, int64_t y) const { return act_.data() + (c * kRingRows + slot(y)) * stride_ + 1; }
@@ -593,7 +668,7 @@ class Rows {
       float* t = act_.data() + (c * kRingRows + slot(y)) * stride_ + 1;
       const float *r0 = box_rows_.row(c, y + 1), *r1 = box_rows_.row(c, y + 2);
 #ifdef PYBILAYER_X86_AVX2
-      if (avx2_)
+      if (isa_ >= Isa::kAvx2)
         activate_avx2(r0, r1, p_.scale[c], p_.shift[c], p_.slope[c], t, S_);
       else
 #endif
@@ -607,7 +682,7 @@ class Rows {
   static int64_t slot(int64_t y) { return (y % kRingRows + kRingRows) % kRingRows; }
 
   const HeadsParams& p_;
-  const bool avx2_;
+  const Isa isa_;
   BoxRows box_rows_;
   const int64_t C_, S_, stride_;  // stride_: floats per row, S + 2 and room for a vector read beyond, rounded
                                   // up to whole vectors so that every row starts aligned
@@ -646,79 +721,112 @@ void heads_row_portable(const HeadsParams& p, const Rows& rows, int64_t y, int64
 }
 
 #ifdef PYBILAYER_X86_AVX2
-// Output rows y0 .. y0 + nrows - 1 (nrows <= 4) of one item: the 3x3 convolution as Winograd F(4, 3) along y
-// (winograd.h). Each channel's activation rows y0 - 1 .. y0 + 4 become 6 row points; point i is convolved
-// along x with its 3 transformed taps (16 pixels x 6 outputs per step, as a direct row would be, but 18
-// multiply-adds per channel and 4 rows against 36), and A^T of the 6 products gives the 4 rows. The points
-// are made a block of 16 pixels at a time (columns x - 1 .. x + 16 and a vector's rounding), so that the
-// step reads them from L1 (from a band-wide buffer in L2, the heads took 0.15-0.2 ms longer). `packed`: the
-// transformed weights as (6 points, C, 3 taps, 6 outputs); `points`: 6 x C x kPointColumns floats.
-PYBILAYER_AVX2 void heads_band_avx2(const HeadsParams& p, const Rows& rows, int64_t y0, int64_t nrows,
-                                    const float* packed, float* points, const OutputRows out[RowWinograd::kTile]) {
+// Pixels [x, x + NV W) of output rows y0 .. y0 + nrows - 1 (nrows <= 4) of one item, W floats a register: the
+// 3x3 convolution as Winograd F(4, 3) along y (winograd.h). Each channel's activation rows y0 - 1 .. y0 + 4
+// become 6 row points; point i is convolved along x with its 3 transformed taps (NV W pixels x 6 outputs per
+// step, as a direct row would be, but 18 multiply-adds per channel and 4 rows against 36), and A^T of the 6
+// products gives the 4 rows. The points are made a step's pixels at a time (columns x - 1 .. x + NV W and a
+// register's rounding), so that the step reads them from L1 (from a band-wide buffer in L2, the heads took
+// 0.15-0.2 ms longer). `packed`: the transformed weights as (6 points, C, 3 taps, 6 outputs); `points`: 6 x C
+// x kPointColumns floats.
+template <int W, int NV>
+PYBILAYER_INLINE void heads_step(const HeadsParams& p, const Rows& rows, int64_t y0, int64_t nrows, const float* packed,
+                                 float* points, const OutputRows out[RowWinograd::kTile], int64_t x) {
+  using V = Simd<W>;
+  using T = typename V::T;
   constexpr int kWindow = RowWinograd::kWindow;
-  const GroupsShape shape = shape_of(p.groups);
-  const int64_t C = shape.channels, S = 2 * shape.low_size, vector_end = S - S % kBlock;
-  alignas(32) float products[kWindow][kHeadChannels][kBlock];
-  for (int64_t x = 0; x < vector_end; x += kBlock) {
-    for (int64_t c = 0; c < C; ++c) {  // B^T of the 6 rows, columns x - 1 .. x + kPointColumns - 2
-      const float* in[kWindow];
-      for (int r = 0; r < kWindow; ++r) in[r] = rows.act(c, y0 - 1 + r) - 1 + x;
-      for (int64_t k = 0; k < kPointColumns; k += 8) {
-        __m256 d[kWindow], q[kWindow];
-        for (int r = 0; r < kWindow; ++r) d[r] = _mm256_loadu_ps(in[r] + k);
-        RowWinograd::input(d, q);
-        for (int i = 0; i < kWindow; ++i) _mm256_storeu_ps(points + (i * C + c) * kPointColumns + k, q[i]);
-      }
+  constexpr int64_t kColumns = (NV + 1) * W;
+  static_assert(kColumns <= kPointColumns, "the points of a step");
+  const int64_t C = shape_of(p.groups).channels;
+  alignas(64) float products[kWindow][kHeadChannels][NV * W];
+  for (int64_t c = 0; c < C; ++c) {  // B^T of the 6 rows, columns x - 1 .. x + kColumns - 2
+    const float* in[kWindow];
+    for (int r = 0; r < kWindow; ++r) in[r] = rows.act(c, y0 - 1 + r) - 1 + x;
+    for (int64_t k = 0; k < kColumns; k += W) {
+      T d[kWindow], q[kWindow];
+      for (int r = 0; r < kWindow; ++r) d[r] = V::load(in[r] + k);
+      RowWinograd::input(d, q);
+      for (int i = 0; i < kWindow; ++i) V::store(points + (i * C + c) * kPointColumns + k, q[i]);
     }
-    for (int i = 0; i < kWindow; ++i) {
-      __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0;
-      __m256 a3 = a0, b3 = a0, a4 = a0, b4 = a0, a5 = a0, b5 = a0;
-      const float* w = packed + i * C * 3 * kHeadChannels;
-      for (int64_t c = 0; c < C; ++c) {
-        const float* t = points + (i * C + c) * kPointColumns;
-        // Not unrolled: unrolling let GCC hoist the next taps' loads and spill an accumulator to the stack,
-        // which made the direct kernel ~1.4x slower (3.0 against 2.2 ms at 256 px, C = 32, 2 threads).
+  }
+  for (int i = 0; i < kWindow; ++i) {
+    const T zero = V::zero();
+    T a0 = zero, b0 = zero, a1 = zero, b1 = zero, a2 = zero, b2 = zero;
+    T a3 = zero, b3 = zero, a4 = zero, b4 = zero, a5 = zero, b5 = zero;
+    const float* w = packed + i * C * 3 * kHeadChannels;
+    for (int64_t c = 0; c < C; ++c) {
+      const float* t = points + (i * C + c) * kPointColumns;
+      // Not unrolled: unrolling let GCC hoist the next taps' loads and spill an accumulator to the stack,
+      // which made the direct kernel ~1.4x slower (3.0 against 2.2 ms at 256 px, C = 32, 2 threads).
 #pragma GCC unroll 1
-        for (int j = 0; j < 3; ++j, w += kHeadChannels) {
-          const __m256 lo = _mm256_loadu_ps(t + j), hi = _mm256_loadu_ps(t + j + 8);
-          __m256 v = _mm256_broadcast_ss(w + 0);
-          a0 = _mm256_fmadd_ps(lo, v, a0), b0 = _mm256_fmadd_ps(hi, v, b0);
-          v = _mm256_broadcast_ss(w + 1);
-          a1 = _mm256_fmadd_ps(lo, v, a1), b1 = _mm256_fmadd_ps(hi, v, b1);
-          v = _mm256_broadcast_ss(w + 2);
-          a2 = _mm256_fmadd_ps(lo, v, a2), b2 = _mm256_fmadd_ps(hi, v, b2);
-          v = _mm256_broadcast_ss(w + 3);
-          a3 = _mm256_fmadd_ps(lo, v, a3), b3 = _mm256_fmadd_ps(hi, v, b3);
-          v = _mm256_broadcast_ss(w + 4);
-          a4 = _mm256_fmadd_ps(lo, v, a4), b4 = _mm256_fmadd_ps(hi, v, b4);
-          v = _mm256_broadcast_ss(w + 5);
-          a5 = _mm256_fmadd_ps(lo, v, a5), b5 = _mm256_fmadd_ps(hi, v, b5);
-        }
-      }
-      const __m256 sums[kHeadChannels][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}, {a4, b4}, {a5, b5}};
-      for (int o = 0; o < kHeadChannels; ++o) {
-        _mm256_store_ps(products[i][o], sums[o][0]);
-        _mm256_store_ps(products[i][o] + 8, sums[o][1]);
+      for (int j = 0; j < 3; ++j, w += kHeadChannels) {
+        const T lo = V::load(t + j), hi = NV == 2 ? V::load(t + j + W) : zero;
+        T v = V::set1(w[0]);
+        a0 = V::fmadd(lo, v, a0);
+        if (NV == 2) b0 = V::fmadd(hi, v, b0);
+        v = V::set1(w[1]);
+        a1 = V::fmadd(lo, v, a1);
+        if (NV == 2) b1 = V::fmadd(hi, v, b1);
+        v = V::set1(w[2]);
+        a2 = V::fmadd(lo, v, a2);
+        if (NV == 2) b2 = V::fmadd(hi, v, b2);
+        v = V::set1(w[3]);
+        a3 = V::fmadd(lo, v, a3);
+        if (NV == 2) b3 = V::fmadd(hi, v, b3);
+        v = V::set1(w[4]);
+        a4 = V::fmadd(lo, v, a4);
+        if (NV == 2) b4 = V::fmadd(hi, v, b4);
+        v = V::set1(w[5]);
+        a5 = V::fmadd(lo, v, a5);
+        if (NV == 2) b5 = V::fmadd(hi, v, b5);
       }
     }
-    for (int o = 0; o < kHeadChannels; ++o) {
-      const __m256 bias = _mm256_set1_ps(p.bias[o]);
-      for (int half = 0; half < kBlock; half += 8) {
-        __m256 m[kWindow], r[RowWinograd::kTile];
-        for (int i = 0; i < kWindow; ++i) m[i] = _mm256_load_ps(products[i][o] + half);
-        RowWinograd::output(m, r);
-        for (int64_t k = 0; k < nrows; ++k) {
-          const __m256 h = _mm256_add_ps(r[k], bias);
-          _mm256_storeu_ps(out[k].row[o] + x + half, o < kTanhChannels ? tanh_avx2(h) : h);
-        }
+    const T sums[kHeadChannels][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}, {a4, b4}, {a5, b5}};
+    for (int o = 0; o < kHeadChannels; ++o)
+      for (int r = 0; r < NV; ++r) V::store(products[i][o] + r * W, sums[o][r]);
+  }
+  for (int o = 0; o < kHeadChannels; ++o) {
+    const T bias = V::set1(p.bias[o]);
+    for (int r = 0; r < NV; ++r) {
+      T m[kWindow], rows_out[RowWinograd::kTile];
+      for (int i = 0; i < kWindow; ++i) m[i] = V::load(products[i][o] + r * W);
+      RowWinograd::output(m, rows_out);
+      for (int64_t k = 0; k < nrows; ++k) {
+        const T h = V::add(rows_out[k], bias);
+        V::store(out[k].row[o] + x + r * W, o < kTanhChannels ? V::tanh(h) : h);
       }
     }
   }
+}
+
+// Output rows y0 .. y0 + nrows - 1 of one item: heads_step over the vector columns, the rest directly.
+template <int W>
+PYBILAYER_INLINE void heads_band_lanes(const HeadsParams& p, const Rows& rows, int64_t y0, int64_t nrows,
+                                       const float* packed, float* points, const OutputRows out[RowWinograd::kTile]) {
+  const int64_t S = 2 * shape_of(p.groups).low_size, vector_end = S - S % kBlock;
+  int64_t x = 0;
+  for (; x + 2 * W <= vector_end; x += 2 * W) heads_step<W, 2>(p, rows, y0, nrows, packed, points, out, x);
+  for (; x < vector_end; x += W) heads_step<W, 1>(p, rows, y0, nrows, packed, points, out, x);
   if (vector_end < S)
     for (int64_t k = 0; k < nrows; ++k) heads_row_portable(p, rows, y0 + k, vector_end, out[k]);
 }
 
-// The transformed weights of heads_band_avx2: point i of kernel column j's 3 taps, as (6, C, 3, 6).
+PYBILAYER_AVX2 void heads_band_avx2(const HeadsParams& p, const Rows& rows, int64_t y0, int64_t nrows,
+                                    const float* packed, float* points, const OutputRows out[RowWinograd::kTile]) {
+  heads_band_lanes<8>(p, rows, y0, nrows, packed, points, out);
+}
+
+// GCC 12's AVX-512 intrinsics (min, max, round, convert) pass their builtins an undefined register, which
+// -Wmaybe-uninitialized reports once inlined here (GCC bug 105593): a false alarm.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+PYBILAYER_AVX512 void heads_band_avx512(const HeadsParams& p, const Rows& rows, int64_t y0, int64_t nrows,
+                                        const float* packed, float* points, const OutputRows out[RowWinograd::kTile]) {
+  heads_band_lanes<16>(p, rows, y0, nrows, packed, points, out);
+}
+#pragma GCC diagnostic pop
+
+// The transformed weights of heads_step: point i of kernel column j's 3 taps, as (6, C, 3, 6).
 std::vector<float> pack_heads_weights(const HeadsParams& p, int64_t C) {
   constexpr int kWindow = RowWinograd::kWindow;
   std::vector<float> packed(kWindow * C * 3 * kHeadChannels);
@@ -736,11 +844,11 @@ std::vector<float> pack_heads_weights(const HeadsParams& p, int64_t C) {
 #endif
 
 // Output rows [row_begin, row_end) of B x S of every channel: x(y) = R(y+1) + R(y+2).
-void block_output_rows(const BlockOutputParams& p, int64_t row_begin, int64_t row_end, bool avx2,
+void block_output_rows(const BlockOutputParams& p, int64_t row_begin, int64_t row_end, Isa isa,
                        const float* packed_conv) {
   const GroupsShape shape = shape_of(p.groups);
   const int64_t C = shape.channels, S = 2 * shape.low_size;
-  BoxRows box_rows(p.groups, packed_conv, avx2);
+  BoxRows box_rows(p.groups, packed_conv, isa);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t b = r / S, y = r % S;
     box_rows.advance(b, y);
@@ -753,13 +861,13 @@ void block_output_rows(const BlockOutputParams& p, int64_t row_begin, int64_t ro
 }
 
 // The bands that next_band() returns, until -1, of B x ceil(S / 4): band k of an item is its output rows
-// 4k .. 4k + 3 (< S). `packed` (heads_band_avx2's weights) or null for the portable path, one row at a time.
+// 4k .. 4k + 3 (< S). `packed`: heads_step's weights (null on the portable path, one row at a time).
 template <typename NextBand>
-void heads_bands(const HeadsParams& p, const NextBand& next_band, const float* packed, const float* packed_conv) {
+void heads_bands(const HeadsParams& p, const NextBand& next_band, Isa isa, const float* packed, const float* packed_conv) {
   constexpr int64_t kTile = RowWinograd::kTile;
   const int64_t S = 2 * shape_of(p.groups).low_size, C = shape_of(p.groups).channels, per_item = (S + kTile - 1) / kTile;
-  Rows rows(p, packed != nullptr, packed_conv);
-  AlignedFloats points(packed != nullptr ? RowWinograd::kWindow * C * kPointColumns : 0, 0.f);
+  Rows rows(p, isa, packed_conv);
+  AlignedFloats points(isa != Isa::kPortable ? RowWinograd::kWindow * C * kPointColumns : 0, 0.f);
   int64_t item = -1, next = 0;  // t rows of `item` are filled up to, not including, row `next`
   for (int64_t band; (band = next_band()) >= 0;) {
     const int64_t b = band / per_item, y0 = band % per_item * kTile, nrows = std::min(kTile, S - y0);
@@ -768,7 +876,11 @@ void heads_bands(const HeadsParams& p, const NextBand& next_band, const float* p
     const auto row = [&](int64_t k) { return OutputRows(p, b, std::min(y0 + k, S - 1)); };  // rows < nrows used
     const OutputRows out[kTile] = {row(0), row(1), row(2), row(3)};
 #ifdef PYBILAYER_X86_AVX2
-    if (packed != nullptr) {
+    if (isa == Isa::kAvx512) {
+      heads_band_avx512(p, rows, y0, nrows, packed, points.data(), out);
+      continue;
+    }
+    if (isa == Isa::kAvx2) {
       heads_band_avx2(p, rows, y0, nrows, packed, points.data(), out);
       continue;
     }
@@ -777,10 +889,10 @@ void heads_bands(const HeadsParams& p, const NextBand& next_band, const float* p
   }
 }
 
-// The AVX2 group rows' weights for an UpsampleConv (else empty).
-std::vector<float> packed_conv_weights(const TapGroups& groups, bool avx2) {
+// The vector group rows' weights for an UpsampleConv (else empty).
+std::vector<float> packed_conv_weights(const TapGroups& groups, Isa isa) {
   const UpsampleConv* conv = std::get_if<UpsampleConv>(&groups);
-  return conv != nullptr && avx2 ? pack_upsample_weights(*conv) : std::vector<float>();
+  return conv != nullptr && isa != Isa::kPortable ? pack_upsample_weights(*conv) : std::vector<float>();
 }
 
 // Multiply-adds per output row spent on the tap groups (0 for given ones).
@@ -795,16 +907,14 @@ void heads_cpu(const HeadsParams& p, int num_threads, Isa isa) {
   const GroupsShape shape = shape_of(p.groups);
   const int64_t S = 2 * shape.low_size, C = shape.channels, bands = shape.batch * ((S + RowWinograd::kTile - 1) / RowWinograd::kTile);
   if (bands == 0 || C == 0) return;
-  const bool avx2 = isa >= Isa::kAvx2;  // no wider path here
   std::vector<float> packed;
 #ifdef PYBILAYER_X86_AVX2
-  if (avx2) packed = pack_heads_weights(p, C);
+  if (isa != Isa::kPortable) packed = pack_heads_weights(p, C);
 #endif
-  const std::vector<float> packed_conv = packed_conv_weights(p.groups, avx2);
-  // A null `packed` selects the portable path.
+  const std::vector<float> packed_conv = packed_conv_weights(p.groups, isa);
   const int64_t band_work = RowWinograd::kTile * (S + group_work_per_row(p.groups) / (C * 9 * kHeadChannels));  // in pixels of the heads
   parallel_stealing(bands, worker_count(bands, band_work, kMinPixelsPerThread, num_threads), [&](const auto& next_band) {
-    heads_bands(p, next_band, avx2 ? packed.data() : nullptr, packed_conv.data());
+    heads_bands(p, next_band, isa, packed.data(), packed_conv.data());
   });
 }
 
@@ -812,12 +922,11 @@ void block_output_cpu(const BlockOutputParams& p, int num_threads, Isa isa) {
   const GroupsShape shape = shape_of(p.groups);
   const int64_t S = 2 * shape.low_size, rows = shape.batch * S, C = shape.channels;
   if (rows == 0 || C == 0) return;
-  const bool avx2 = isa >= Isa::kAvx2;  // no wider path here
-  const std::vector<float> packed_conv = packed_conv_weights(p.groups, avx2);
+  const std::vector<float> packed_conv = packed_conv_weights(p.groups, isa);
   // From given groups a memory-bound pass: a thread pays off from ~64K output values.
   const int64_t row_work = C * S + group_work_per_row(p.groups) / 8;
   parallel_rows(rows, worker_count(rows, row_work, 8 * kMinPixelsPerThread, num_threads),
-                [&](int64_t begin, int64_t end) { block_output_rows(p, begin, end, avx2, packed_conv.data()); });
+                [&](int64_t begin, int64_t end) { block_output_rows(p, begin, end, isa, packed_conv.data()); });
 }
 
 }  // namespace pybilayer
