@@ -40,10 +40,10 @@ namespace pybilayer {
 namespace {
 
 constexpr int64_t kMinPixelsPerThread = 8 * 1024;  // ~0.25 ms of work at C = 32, against ~10 us per thread
-// The heads' vector steps: 2 registers of pixels (16 with AVX2, 32 with AVX-512; a last 16 alone), over the
-// columns [0, S - S % kBlock) on both paths (the rest directly), and the row points a step reads: its pixels,
-// +-1, rounded up to whole registers (3 registers' worth at the most).
-constexpr int64_t kBlock = 16, kPointColumns = 48;
+// The heads' vector steps take 2 registers of pixels (16 with AVX2, 32 with AVX-512; a last 16 alone) over
+// the columns [0, S - S % kBlock) on both paths (the rest directly), and read the row points of those pixels,
+// +-1, rounded up to whole registers: 3 registers' worth a row, kMaxPointColumns at the most.
+constexpr int64_t kBlock = 16, kMaxPointColumns = 48;
 constexpr int kTanhChannels = 5;                   // delta_uv and lf; the mask stays logits
 
 #ifdef PYBILAYER_X86_AVX2
@@ -728,15 +728,15 @@ void heads_row_portable(const HeadsParams& p, const Rows& rows, int64_t y, int64
 // products gives the 4 rows. The points are made a step's pixels at a time (columns x - 1 .. x + NV W and a
 // register's rounding), so that the step reads them from L1 (from a band-wide buffer in L2, the heads took
 // 0.15-0.2 ms longer). `packed`: the transformed weights as (6 points, C, 3 taps, 6 outputs); `points`: 6 x C
-// x kPointColumns floats.
+// x 3 W floats.
 template <int W, int NV>
 PYBILAYER_INLINE void heads_step(const HeadsParams& p, const Rows& rows, int64_t y0, int64_t nrows, const float* packed,
                                  float* points, const OutputRows out[RowWinograd::kTile], int64_t x) {
   using V = Simd<W>;
   using T = typename V::T;
   constexpr int kWindow = RowWinograd::kWindow;
-  constexpr int64_t kColumns = (NV + 1) * W;
-  static_assert(kColumns <= kPointColumns, "the points of a step");
+  constexpr int64_t kColumns = (NV + 1) * W, kPointColumns = 3 * W;
+  static_assert(kPointColumns <= kMaxPointColumns, "the points of a step");
   const int64_t C = shape_of(p.groups).channels;
   alignas(64) float products[kWindow][kHeadChannels][NV * W];
   for (int64_t c = 0; c < C; ++c) {  // B^T of the 6 rows, columns x - 1 .. x + kColumns - 2
@@ -867,7 +867,7 @@ void heads_bands(const HeadsParams& p, const NextBand& next_band, Isa isa, const
   constexpr int64_t kTile = RowWinograd::kTile;
   const int64_t S = 2 * shape_of(p.groups).low_size, C = shape_of(p.groups).channels, per_item = (S + kTile - 1) / kTile;
   Rows rows(p, isa, packed_conv);
-  AlignedFloats points(isa != Isa::kPortable ? RowWinograd::kWindow * C * kPointColumns : 0, 0.f);
+  AlignedFloats points(isa != Isa::kPortable ? RowWinograd::kWindow * C * kMaxPointColumns : 0, 0.f);
   int64_t item = -1, next = 0;  // t rows of `item` are filled up to, not including, row `next`
   for (int64_t band; (band = next_band()) >= 0;) {
     const int64_t b = band / per_item, y0 = band % per_item * kTile, nrows = std::min(kTile, S - y0);
