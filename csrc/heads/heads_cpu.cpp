@@ -228,8 +228,9 @@ PYBILAYER_AVX2 void add_avx2(float* u, const float* t, int64_t n) {
 #endif
 
 // std::vector's allocator whose element kAligned sits on a 64-byte boundary (a cache line: an AVX-512 load
-// from there reads one), where the vector loops' registers start. The heads at p50 (2 threads, released size): 0.23-0.32 ms faster with the group rows' buffers
-// aligned at column 1 (8 runs), ~0.1 ms more with the activation ring and points aligned (4 runs).
+// from there reads one), where the vector loops' registers start. The heads at p50 (2 threads, released
+// size, AVX2): 0.23-0.32 ms faster with the group rows' buffers aligned at column 1 (8 runs), ~0.1 ms more
+// with the activation ring and points aligned (4 runs).
 template <typename T, size_t kAligned>
 struct AlignedAt {
   using value_type = T;
@@ -333,18 +334,18 @@ PYBILAYER_INLINE void group_columns(const GroupTap* taps, int ntaps, const float
   using V = Simd<W>;
   using T = typename V::T;
   const T zero = V::zero();
-  const int64_t Wd = step.width;
+  const int64_t row_width = step.width;
   const float* e_start = step.accumulate ? step.even : step.init;  // where each accumulator starts (null: zero)
   const float* u_start = step.accumulate ? step.odd : nullptr;
   const float* t_start = step.accumulate ? step.odd_shift : nullptr;
-  T e0a = V::load_or(e_start, k), e1a = V::load_or(e_start, Wd + k);
-  T u0a = V::load_or(u_start, k), u1a = V::load_or(u_start, Wd + k);
-  T t0a = V::load_or(t_start, k), t1a = V::load_or(t_start, Wd + k);
+  T e0a = V::load_or(e_start, k), e1a = V::load_or(e_start, row_width + k);
+  T u0a = V::load_or(u_start, k), u1a = V::load_or(u_start, row_width + k);
+  T t0a = V::load_or(t_start, k), t1a = V::load_or(t_start, row_width + k);
   T e0b = zero, e1b = zero, u0b = zero, u1b = zero, t0b = zero, t1b = zero;
   if (NV == 2) {
-    e0b = V::load_or(e_start, k + W), e1b = V::load_or(e_start, Wd + k + W);
-    u0b = V::load_or(u_start, k + W), u1b = V::load_or(u_start, Wd + k + W);
-    t0b = V::load_or(t_start, k + W), t1b = V::load_or(t_start, Wd + k + W);
+    e0b = V::load_or(e_start, k + W), e1b = V::load_or(e_start, row_width + k + W);
+    u0b = V::load_or(u_start, k + W), u1b = V::load_or(u_start, row_width + k + W);
+    t0b = V::load_or(t_start, k + W), t1b = V::load_or(t_start, row_width + k + W);
   }
   for (int t = 0; t < ntaps; ++t) {
     const float* in = taps[t].row + k;
@@ -364,10 +365,10 @@ PYBILAYER_INLINE void group_columns(const GroupTap* taps, int ntaps, const float
     float *e = copy ? step.also_even : step.even, *u = copy ? step.also_odd : step.odd;
     float* t = copy ? step.also_odd_shift : step.odd_shift;
     V::store(e + k, e0a), V::store(u + k, u0a), V::store(t + k, t0a);
-    V::store(e + Wd + k, e1a), V::store(u + Wd + k, u1a), V::store(t + Wd + k, t1a);
+    V::store(e + row_width + k, e1a), V::store(u + row_width + k, u1a), V::store(t + row_width + k, t1a);
     if (NV == 2) {
       V::store(e + k + W, e0b), V::store(u + k + W, u0b), V::store(t + k + W, t0b);
-      V::store(e + Wd + k + W, e1b), V::store(u + Wd + k + W, u1b), V::store(t + Wd + k + W, t1b);
+      V::store(e + row_width + k + W, e1b), V::store(u + row_width + k + W, u1b), V::store(t + row_width + k + W, t1b);
     }
   }
 }
@@ -530,24 +531,25 @@ class GroupRows {
   // The group rows into rows_[0] (and `also`, where set), W floats a register.
   template <int W>
   PYBILAYER_INLINE void compute_lanes(const GroupTap* taps, int ntaps, Start start, GroupRowSet* also) {
-    const int64_t C = conv_->channels, cin = conv_->in_channels, pairs = (C + 1) / 2, Wd = width_;
+    const int64_t C = conv_->channels, cin = conv_->in_channels, pairs = (C + 1) / 2, row_width = width_;
     GroupRowSet& out = rows_[0];
     for (int64_t pair = 0; pair < pairs; ++pair) {
       const int64_t c0 = 2 * pair;
-      const GroupStep step{start.init ? start.init + c0 * Wd : nullptr,
+      const GroupStep step{start.init ? start.init + c0 * row_width : nullptr,
                            start.accumulate,
-                           out.even.data() + c0 * Wd,
-                           out.odd.data() + c0 * Wd,
-                           out.odd_shift.data() + c0 * Wd,
-                           also ? also->even.data() + c0 * Wd : nullptr,
-                           also ? also->odd.data() + c0 * Wd : nullptr,
-                           also ? also->odd_shift.data() + c0 * Wd : nullptr,
-                           Wd};
+                           out.even.data() + c0 * row_width,
+                           out.odd.data() + c0 * row_width,
+                           out.odd_shift.data() + c0 * row_width,
+                           also ? also->even.data() + c0 * row_width : nullptr,
+                           also ? also->odd.data() + c0 * row_width : nullptr,
+                           also ? also->odd_shift.data() + c0 * row_width : nullptr,
+                           row_width};
       // Columns 1 .. s: column 0 reads input column -1 only, a zero (finish_odd).
       const int64_t s = shape_.low_size;
       int64_t k = 1;
-      for (; k + 2 * W <= s + 1; k += 2 * W) group_columns<W, 2>(taps, ntaps, packed_, pairs, pair, cin, Wd, k, step);
-      for (; k <= s; k += W) group_columns<W, 1>(taps, ntaps, packed_, pairs, pair, cin, Wd, k, step);
+      for (; k + 2 * W <= s + 1; k += 2 * W)
+        group_columns<W, 2>(taps, ntaps, packed_, pairs, pair, cin, row_width, k, step);
+      for (; k <= s; k += W) group_columns<W, 1>(taps, ntaps, packed_, pairs, pair, cin, row_width, k, step);
     }
   }
 #endif
@@ -578,7 +580,7 @@ class GroupRows {
       float* u = rows.odd.data() + c * width_;
       const float* t = rows.odd_shift.data() + c * width_ + 1;
 #ifdef PYBILAYER_X86_AVX2
-      if (isa_ >= Isa::kAvx2) {  // U[0] = w0 * (input column -1) = 0: compute_avx2 leaves column 0 unwritten
+      if (isa_ >= Isa::kAvx2) {  // U[0] = w0 * (input column -1) = 0: the vector steps leave column 0 unwritten
         u[0] = 0.f + t[0];
         add_avx2(u + 1, t + 1, P_ - 2);
         continue;
@@ -651,7 +653,8 @@ class Rows {
  public:
   Rows(const HeadsParams& p, Isa isa, const float* packed_conv)
       : p_(p), isa_(isa), box_rows_(p.groups, packed_conv, isa), C_(shape_of(p.groups).channels),
-        S_(2 * shape_of(p.groups).low_size), stride_((S_ + 2 + kBlock + 15) / 16 * 16), act_(kRingRows * C_ * stride_, 0.f) {}
+        S_(2 * shape_of(p.groups).low_size), stride_((S_ + 2 + kBlock + 15) / 16 * 16),
+        act_(kRingRows * C_ * stride_, 0.f) {}
 
   // Activation row t(y) of channel c, with t(y)[-1] and t(y)[S] zero; valid after fill(b, y).
   const float* act(int64_t c, int64_t y) const { return act_.data() + (c * kRingRows + slot(y)) * stride_ + 1; }
@@ -863,7 +866,8 @@ void block_output_rows(const BlockOutputParams& p, int64_t row_begin, int64_t ro
 // The bands that next_band() returns, until -1, of B x ceil(S / 4): band k of an item is its output rows
 // 4k .. 4k + 3 (< S). `packed`: heads_step's weights (null on the portable path, one row at a time).
 template <typename NextBand>
-void heads_bands(const HeadsParams& p, const NextBand& next_band, Isa isa, const float* packed, const float* packed_conv) {
+void heads_bands(const HeadsParams& p, const NextBand& next_band, Isa isa, const float* packed,
+                 const float* packed_conv) {
   constexpr int64_t kTile = RowWinograd::kTile;
   const int64_t S = 2 * shape_of(p.groups).low_size, C = shape_of(p.groups).channels, per_item = (S + kTile - 1) / kTile;
   Rows rows(p, isa, packed_conv);
