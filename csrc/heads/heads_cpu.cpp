@@ -48,55 +48,6 @@ constexpr int kTanhChannels = 5;                   // delta_uv and lf; the mask 
 
 #ifdef PYBILAYER_X86_AVX2
 
-// exp(x) for |x| <= 88.38: Cody-Waite reduction by ln 2 and a degree-6 polynomial (Cephes expf), ~1 ulp.
-PYBILAYER_AVX2 inline __m256 exp_avx2(__m256 x) {
-  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
-  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
-}
-
-// tanh(x) = 1 - 2 / (exp(2x) + 1): absolute error ~1e-7. The clamp keeps exp finite and lets NaN through
-// (min/max return their second operand when either is NaN).
-PYBILAYER_AVX2 inline __m256 tanh_avx2(__m256 x) {
-  const __m256 limit = _mm256_set1_ps(44.f);  // tanh(44) == 1 in float
-  x = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), limit), _mm256_min_ps(limit, x));
-  const __m256 e = exp_avx2(_mm256_add_ps(x, x));
-  return _mm256_sub_ps(_mm256_set1_ps(1.f), _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, _mm256_set1_ps(1.f))));
-}
-
-// The same two, 16 lanes at a time (every lane computed as above: the same bits).
-PYBILAYER_AVX512 inline __m512 exp_avx512(__m512 x) {
-  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.f));
-  const __m512i exponent = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(exponent));
-}
-
-PYBILAYER_AVX512 inline __m512 tanh_avx512(__m512 x) {
-  const __m512 limit = _mm512_set1_ps(44.f);
-  x = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), limit), _mm512_min_ps(limit, x));
-  const __m512 e = exp_avx512(_mm512_add_ps(x, x));
-  return _mm512_sub_ps(_mm512_set1_ps(1.f), _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, _mm512_set1_ps(1.f))));
-}
-
 // The vector operations of the convolution kernels below, W floats a register: 8 (AVX2+FMA) or 16 (AVX-512).
 // Each kernel is written once over them and compiled per width (its _avx2 and _avx512 entry points); every
 // lane takes the same operations at both widths, so the two give the same bits.
@@ -113,9 +64,19 @@ struct Simd<8> {
   static PYBILAYER_AVX2 void store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static PYBILAYER_AVX2 T set1(float v) { return _mm256_set1_ps(v); }
   static PYBILAYER_AVX2 T zero() { return _mm256_setzero_ps(); }
-  static PYBILAYER_AVX2 T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static PYBILAYER_AVX2 T add(T a, T b) { return _mm256_add_ps(a, b); }
-  static PYBILAYER_AVX2 T tanh(T v) { return tanh_avx2(v); }
+  static PYBILAYER_AVX2 T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static PYBILAYER_AVX2 T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static PYBILAYER_AVX2 T div(T a, T b) { return _mm256_div_ps(a, b); }
+  static PYBILAYER_AVX2 T min(T a, T b) { return _mm256_min_ps(a, b); }
+  static PYBILAYER_AVX2 T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static PYBILAYER_AVX2 T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static PYBILAYER_AVX2 T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
+  static PYBILAYER_AVX2 T floor(T a) { return _mm256_floor_ps(a); }
+  // 2^n for whole n (|n| < 127), through the exponent field
+  static PYBILAYER_AVX2 T pow2(T n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
 };
 template <>
 struct Simd<16> {
@@ -125,10 +86,47 @@ struct Simd<16> {
   static PYBILAYER_AVX512 void store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static PYBILAYER_AVX512 T set1(float v) { return _mm512_set1_ps(v); }
   static PYBILAYER_AVX512 T zero() { return _mm512_setzero_ps(); }
-  static PYBILAYER_AVX512 T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static PYBILAYER_AVX512 T add(T a, T b) { return _mm512_add_ps(a, b); }
-  static PYBILAYER_AVX512 T tanh(T v) { return tanh_avx512(v); }
+  static PYBILAYER_AVX512 T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static PYBILAYER_AVX512 T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static PYBILAYER_AVX512 T div(T a, T b) { return _mm512_div_ps(a, b); }
+  static PYBILAYER_AVX512 T min(T a, T b) { return _mm512_min_ps(a, b); }
+  static PYBILAYER_AVX512 T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static PYBILAYER_AVX512 T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static PYBILAYER_AVX512 T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
+  static PYBILAYER_AVX512 T floor(T a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+  static PYBILAYER_AVX512 T pow2(T n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
 };
+
+// exp(x) for |x| <= 88.38: Cody-Waite reduction by ln 2 and a degree-6 polynomial (Cephes expf), ~1 ulp.
+template <int W>
+PYBILAYER_INLINE typename Simd<W>::T exp_lanes(typename Simd<W>::T x) {
+  using V = Simd<W>;
+  const typename V::T fx = V::floor(V::fmadd(x, V::set1(1.44269504088896341f), V::set1(0.5f)));
+  x = V::fnmadd(fx, V::set1(0.693359375f), x);
+  x = V::fnmadd(fx, V::set1(-2.12194440e-4f), x);
+  typename V::T y = V::set1(1.9875691500e-4f);
+  y = V::fmadd(y, x, V::set1(1.3981999507e-3f));
+  y = V::fmadd(y, x, V::set1(8.3334519073e-3f));
+  y = V::fmadd(y, x, V::set1(4.1665795894e-2f));
+  y = V::fmadd(y, x, V::set1(1.6666665459e-1f));
+  y = V::fmadd(y, x, V::set1(5.0000001201e-1f));
+  y = V::add(V::fmadd(y, V::mul(x, x), x), V::set1(1.f));
+  return V::mul(y, V::pow2(fx));
+}
+
+// tanh(x) = 1 - 2 / (exp(2x) + 1): absolute error ~1e-7. The clamp keeps exp finite and lets NaN through
+// (min/max return their second operand when either is NaN).
+template <int W>
+PYBILAYER_INLINE typename Simd<W>::T tanh_lanes(typename Simd<W>::T x) {
+  using V = Simd<W>;
+  const typename V::T limit = V::set1(44.f);  // tanh(44) == 1 in float
+  x = V::max(V::sub(V::zero(), limit), V::min(limit, x));
+  const typename V::T e = exp_lanes<W>(V::add(x, x));
+  return V::sub(V::set1(1.f), V::div(V::set1(2.f), V::add(e, V::set1(1.f))));
+}
 #endif
 
 // Row kernels of the box sum and the activation (portable; AVX2 twins below). Column 2k of a box row
@@ -796,7 +794,7 @@ PYBILAYER_INLINE void heads_step(const HeadsParams& p, const Rows& rows, int64_t
       RowWinograd::output(m, rows_out);
       for (int64_t k = 0; k < nrows; ++k) {
         const T h = V::add(rows_out[k], bias);
-        V::store(out[k].row[o] + x + r * W, o < kTanhChannels ? V::tanh(h) : h);
+        V::store(out[k].row[o] + x + r * W, o < kTanhChannels ? tanh_lanes<W>(h) : h);
       }
     }
   }

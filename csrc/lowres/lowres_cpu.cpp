@@ -297,25 +297,33 @@ PYBILAYER_AVX2 inline void accumulate_avx2(const float* input, __m256 w_lo, __m2
   hi = _mm256_fmadd_ps(v, w_hi, hi);
 }
 
-// Named accumulators, not arrays: GCC keeps arrays of vectors in memory and stores them every step. The
-// pixels are addressed alike in every map from the first one's (y, x): pixel p lies rows[p] rows lower, at
-// first + p * pixel + rows[p] * (row - width * pixel). Against tables of each pixel's input and output
-// pointers, and inlined into the switch below: a step at 64 input channels (data in L1) ~8% more
-// multiply-adds per tick; the stage alone in turns 0.5-0.7 ms faster at p50 (4 runs), within frames 0.13-0.49
-// ms (block medians, 4 runs).
+// A step's P pixels from output (y, x) on, along the rows of the job's grid, addressed alike in every map from
+// the first one's (y, x): pixel p lies rows[p] rows lower, at first + p * pixel + rows[p] * (row - width *
+// pixel). Against tables of each pixel's input and output pointers, and inlined into the switch below: a step
+// at 64 input channels (data in L1) ~8% more multiply-adds per tick; the stage alone in turns 0.5-0.7 ms
+// faster at p50 (4 runs), within frames 0.13-0.49 ms (block medians, 4 runs).
+template <int P>
+struct StepPixels {
+  int64_t y, x, width, rows[P];
+  PYBILAYER_INLINE StepPixels(int64_t y0, int64_t x0, int64_t grid_width) : y(y0), x(x0), width(grid_width) {
+    for (int64_t p = 0, row = 0, column = x; p < P; ++p) {
+      rows[p] = row;
+      if (++column == width) column = 0, ++row;
+    }
+  }
+  PYBILAYER_INLINE float* at(const MapView& m, int64_t p) const {
+    return m.data + y * m.row + (x + p) * m.pixel + rows[p] * (m.row - width * m.pixel);
+  }
+};
+
+// Named accumulators, not arrays: GCC keeps arrays of vectors in memory and stores them every step.
 template <int P>
 PYBILAYER_AVX2 __attribute__((noinline)) void step_avx2(const ConvJob& job, int64_t block, int64_t y, int64_t x) {
   static_assert(1 <= P && P <= kPixels, "6 pixels at most");
   const PackedConv& c = *job.conv;
   const int64_t ntaps = static_cast<int64_t>(c.taps.size()), cin = c.in_channels;
-  int64_t rows[P];
-  for (int64_t p = 0, row = 0, column = x; p < P; ++p) {
-    rows[p] = row;
-    if (++column == job.width) column = 0, ++row;
-  }
-  const auto at = [&](const MapView& m, int64_t p) {
-    return m.data + y * m.row + (x + p) * m.pixel + rows[p] * (m.row - job.width * m.pixel);
-  };
+  const StepPixels<P> pixels(y, x, job.width);
+  const auto at = [&](const MapView& m, int64_t p) { return pixels.at(m, p); };
   const __m256 bias_lo = job.accumulate ? _mm256_setzero_ps() : _mm256_loadu_ps(c.bias.data() + block * kLanes);
   const __m256 bias_hi = job.accumulate ? _mm256_setzero_ps() : _mm256_loadu_ps(c.bias.data() + block * kLanes + 8);
   __m256 l0 = bias_lo, h0 = bias_hi, l1 = bias_lo, h1 = bias_hi, l2 = bias_lo, h2 = bias_hi;
@@ -390,14 +398,8 @@ PYBILAYER_AVX512 __attribute__((noinline)) void step_avx512(const ConvJob& job, 
   static_assert(N <= 12, "12 accumulators at most");
   const PackedConv& c = *job.conv;
   const int64_t ntaps = static_cast<int64_t>(c.taps.size()), cin = c.in_channels, block_stride = ntaps * cin * kLanes;
-  int64_t rows[P];
-  for (int64_t p = 0, row = 0, column = x; p < P; ++p) {
-    rows[p] = row;
-    if (++column == job.width) column = 0, ++row;
-  }
-  const auto at = [&](const MapView& m, int64_t p) {
-    return m.data + y * m.row + (x + p) * m.pixel + rows[p] * (m.row - job.width * m.pixel);
-  };
+  const StepPixels<P> pixels(y, x, job.width);
+  const auto at = [&](const MapView& m, int64_t p) { return pixels.at(m, p); };
   __m512 acc[N];
 #pragma GCC unroll 12
   for (int j = 0; j < N; ++j)
