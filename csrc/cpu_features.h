@@ -20,12 +20,13 @@ namespace pybilayer {
 // AVX-512F (16). A kernel without a path of some width takes its next narrower one.
 enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// The widest path this CPU runs.
+// The widest path this CPU runs (the AVX-512 path is compiled with AVX2 and FMA too: it needs all three).
 inline Isa best_isa() {
 #ifdef PYBILAYER_X86_AVX2
-  static const Isa best = __builtin_cpu_supports("avx512f")                                   ? Isa::kAvx512
-                          : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
-                                                                                              : Isa::kPortable;
+  static const bool avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const Isa best = !avx2_fma                            ? Isa::kPortable
+                          : __builtin_cpu_supports("avx512f") ? Isa::kAvx512
+                                                              : Isa::kAvx2;
   return best;
 #else
   return Isa::kPortable;

@@ -122,8 +122,8 @@ The per-frame network's last steps on the CPU, written into ``delta_uv``, ``lf``
 (see pybilayer.ops.heads for the convention).
 
 Host float32 C-contiguous arrays, read and written without a copy. ``num_threads``: 0 uses every core.
-``isa``: the code path, "best" (this CPU's widest), or one of ``pybilayer.native.cpu_isas()`` ("portable"
-forces the direct convolution).
+``isa``: the code path, "best" (this CPU's widest), or one of
+``pybilayer.native.capabilities().cpu_isas`` ("portable" forces the direct convolution).
 )pbdoc");
   m.def("upsample_conv_heads", &upsample_conv_heads, py::arg("input"), py::arg("conv_weight"), py::arg("conv_bias"),
         py::arg("skip"), py::arg("scale"), py::arg("shift"), py::arg("slope"), py::arg("weight"), py::arg("bias"),

@@ -114,8 +114,8 @@ blocks on maps of at least ``sweep_min_size`` px (<= 0: none) run depth first ov
 features (B, in_features) -> ``out`` (B, out_channels, out_size, out_size), written in full (with
 ``heads_inputs``: the last block's h, and its skip into ``skip``, (B, out_size, out_size, out_channels)
 channels-last each). Calls on one stage are serialised. ``num_threads``: 0 uses every core;
-``isa``: the code path, "best" (this CPU's widest), or one of ``pybilayer.native.cpu_isas()``; all but
-"portable" give the same bits.
+``isa``: the code path, "best" (this CPU's widest), or one of
+``pybilayer.native.capabilities().cpu_isas``; all but "portable" give the same bits.
 )pbdoc");
 }
 
